@@ -1,0 +1,51 @@
+"""`python -m internlm2_jax.convert SRC DST --layout llama|internlm2 [--dtype bfloat16]`.
+
+Converts a model directory between the InternLM2 layout (fused wqkv; LMDeploy, trust_remote_code users) and the
+Llama layout (current transformers, vLLM). Tokenizer files in SRC are carried over.
+"""
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m internlm2_jax.convert", description=__doc__.split("\n\n")[1])
+    parser.add_argument("src", help="source model directory (config.json + *.safetensors)")
+    parser.add_argument("dst", help="destination directory")
+    parser.add_argument("--layout", choices=("internlm2", "llama"), required=True)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="weight dtype to write (default: keep the source dtype)")
+    parser.add_argument("--max-shard-gb", type=float, default=4.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from internlm2_jax.convert import CheckpointError, load_pretrained, save_pretrained
+    from internlm2_jax.convert.safetensors_io import CheckpointReader
+
+    src, dst = Path(args.src), Path(args.dst)
+    if src.resolve() == dst.resolve():
+        print("error: SRC and DST must differ", file=sys.stderr)
+        return 2
+    try:
+        reader = CheckpointReader(src)
+        source_dtype = reader.dtype(reader.keys()[0]).name
+        cfg, model = load_pretrained(src, param_dtype=args.dtype or source_dtype)
+        save_pretrained(model, dst, layout=args.layout, dtype=args.dtype or source_dtype,
+                        max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+    print(f"wrote {dst} ({args.layout} layout, {cfg.num_params():,} parameters)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Building blocks of the InternLM2 decoder: parameters with logical axes, RMSNorm, rotary embedding, SwiGLU.
+
+Every parameter carries `logical_axes` metadata (names like `embed`, `mlp`, `kv_heads`); the sharding rules table
+in `internlm2_jax.parallel` maps them to mesh axes, so the model itself never names a mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from internlm2_jax.config import ModelConfig
+
+
+def normal_param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+def constant_param(value: float, shape, axes, dtype) -> nnx.Param:
+    return nnx.Param(jnp.full(shape, value, dtype), logical_axes=axes)
+
+
+def dense(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """A matmul with `dtype` operands and fp32 accumulation (conventions: bf16 compute)."""
+    out = jnp.einsum(equation, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return out.astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """y = w * (x / sqrt(mean(x^2) + eps)); statistics in fp32, then cast back before the weight (as HF does)."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.eps = cfg.rms_norm_eps
+        self.weight = constant_param(1.0, (cfg.hidden_size,), ("embed",), jnp.dtype(cfg.param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return y.astype(x.dtype) * self.weight[...].astype(x.dtype)
+
+
+# ---- rotary position embedding ---------------------------------------------------------------------------------
+
+def dynamic_ntk_base(theta: float, factor: float, max_positions: int, head_dim: int, length):
+    """Dynamic-NTK base for a sequence of total length L (spec §1.3); unchanged for L <= max_positions."""
+    length = jnp.asarray(length, jnp.float32)
+    scaled = theta * ((factor * length / max_positions) - (factor - 1.0)) ** (head_dim / (head_dim - 2))
+    return jnp.where(length > max_positions, scaled, jnp.float32(theta))
+
+
+def _run_max(values: jax.Array, starts: jax.Array) -> jax.Array:
+    """Running max along axis 1 that restarts wherever `starts` is true."""
+
+    def combine(a, b):
+        (a_val, a_start), (b_val, b_start) = a, b
+        return jnp.where(b_start, b_val, jnp.maximum(a_val, b_val)), a_start | b_start
+
+    out, _ = jax.lax.associative_scan(combine, (values, starts), axis=1)
+    return out
+
+
+def document_lengths(positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Per token, the length L of its own document: the largest position in its contiguous segment run, plus one.
+
+    Dynamic NTK must follow each packed document's own length, not the row's, or packing would change the logits.
+    """
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = jnp.ones_like(segment_ids[:, :1], dtype=bool)
+    starts = jnp.concatenate([first, change], axis=1)
+    ends = jnp.concatenate([change, first], axis=1)
+    forward = _run_max(positions, starts)
+    backward = _run_max(positions[:, ::-1], ends[:, ::-1])[:, ::-1]
+    return jnp.maximum(forward, backward) + 1
+
+
+def rotary_tables(cfg: ModelConfig, positions: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [batch, seq, head_dim] in fp32 for rotate-half RoPE (spec §1.3)."""
+    d = cfg.head_dim
+    exponents = jnp.arange(0, d, 2, dtype=jnp.float32) / d
+    pos = positions.astype(jnp.float32)
+    scaling = cfg.rope_scaling
+    if scaling is not None and scaling.type == "dynamic":
+        base = dynamic_ntk_base(cfg.rope_theta, scaling.factor, cfg.max_position_embeddings, d,
+                                document_lengths(positions, segment_ids))
+        inv_freq = 1.0 / base[..., None] ** exponents  # [B, T, D/2]: the base differs per document
+    else:
+        inv_freq = 1.0 / jnp.float32(cfg.rope_theta) ** exponents
+        if scaling is not None:  # linear: positions are divided by the factor
+            pos = pos / scaling.factor
+    freqs = pos[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, heads, D] rotated in fp32 (rotate-half layout), returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+# ---- feed-forward ----------------------------------------------------------------------------------------------
+
+class FeedForward(nnx.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 = gate, w3 = up, w2 = down. Never biased (HF hard-codes bias=False)."""
+
+    def __init__(self, cfg: ModelConfig, *, out_std: float, rngs: nnx.Rngs):
+        h, i, pdt = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.param_dtype)
+        std = cfg.initializer_range
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.w1 = normal_param(rngs, (h, i), ("embed", "mlp"), std, pdt)
+        self.w3 = normal_param(rngs, (h, i), ("embed", "mlp"), std, pdt)
+        self.w2 = normal_param(rngs, (i, h), ("mlp", "embed"), out_std, pdt)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = dense("bte,ei->bti", x, self.w1[...], self.dtype)
+        up = dense("bte,ei->bti", x, self.w3[...], self.dtype)
+        return dense("bti,ie->bte", jax.nn.silu(gate) * up, self.w2[...], self.dtype)

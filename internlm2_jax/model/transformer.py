@@ -1,0 +1,206 @@
+"""The InternLM2 decoder (spec §1): attention with the fused wqkv, decoder layers, the trunk and its two heads.
+
+Attribute names mirror the HF InternLM2 module tree (`tok_embeddings`, `attention.wqkv`, `feed_forward.w1`, ...), so
+the checkpoint converter is a table, not a puzzle. Kernels are stored input-major (`x @ w`), the JAX convention.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from internlm2_jax.config import ModelConfig
+from internlm2_jax.model.attention import attention
+from internlm2_jax.model.layers import (FeedForward, RMSNorm, apply_rotary, constant_param, dense, normal_param,
+                                        rotary_tables)
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Attention(nnx.Module):
+    """GQA with the fused `wqkv` stored as [embed, kv_heads, q_per_kv + 2, head_dim].
+
+    That is HF's grouped row layout (spec §1.5) reshaped: for KV group g the slots hold its q_per_kv query heads,
+    then its k head, then its v head. Tensor parallelism shards `kv_heads`, so each shard owns whole groups.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, out_std: float, rngs: nnx.Rngs):
+        h, kv, g, d = cfg.hidden_size, cfg.num_key_value_heads, cfg.q_per_kv, cfg.head_dim
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.wqkv = normal_param(rngs, (h, kv, g + 2, d), ("embed", "kv_heads", "qkv_group", "head_dim"),
+                                 cfg.initializer_range, pdt)
+        self.wo = normal_param(rngs, (kv * g, d, h), ("heads", "head_dim", "embed"), out_std, pdt)
+        if cfg.bias:
+            self.wqkv_bias = constant_param(0.0, (kv, g + 2, d), ("kv_heads", "qkv_group", "head_dim"), pdt)
+            self.wo_bias = constant_param(0.0, (h,), ("embed",), pdt)
+
+    def __call__(self, x, cos, sin, positions, segment_ids):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        qkv = dense("bte,ekgd->btkgd", x, self.wqkv[...], dtype)
+        if cfg.bias:
+            qkv = qkv + self.wqkv_bias[...].astype(dtype)
+        batch, seq = x.shape[:2]
+        q = qkv[:, :, :, : cfg.q_per_kv].reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
+        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attention(q, k, v, q_positions=positions, kv_positions=positions, q_segment_ids=segment_ids,
+                        kv_segment_ids=segment_ids, causal=True, impl=cfg.attention_impl)
+        out = dense("bthd,hde->bte", out, self.wo[...], dtype)
+        if cfg.bias:
+            out = out + self.wo_bias[...].astype(dtype)
+        return out
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, layer_index: int, rngs: nnx.Rngs):
+        # InternEvo's scaled init for the output projections: std / sqrt(2 * (layer_index + 1)), 1-based (spec §1.8).
+        out_std = cfg.initializer_range / (2.0 * (layer_index + 1)) ** 0.5
+        self.attention_norm = RMSNorm(cfg)
+        self.attention = Attention(cfg, out_std=out_std, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg)
+        self.feed_forward = FeedForward(cfg, out_std=out_std, rngs=rngs)
+
+    def __call__(self, x, cos, sin, positions, segment_ids):
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, segment_ids)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+    """All layers as one module whose parameters have a leading `layers` axis, for `jax.lax.scan`."""
+    keys = jax.random.split(rngs.params(), cfg.num_hidden_layers)
+    layers = nnx.vmap(lambda key: DecoderLayer(cfg, layer_index=0, rngs=nnx.Rngs(params=key)))(keys)
+    # vmap created every layer with layer 0's output std; rescale to each layer's own (spec §1.8).
+    scale = (1.0 / jnp.arange(1, cfg.num_hidden_layers + 1, dtype=jnp.float32)) ** 0.5
+    for proj in (layers.attention.wo, layers.feed_forward.w2):
+        proj[...] = proj[...] * scale.astype(proj.dtype).reshape(-1, *([1] * (proj.ndim - 1)))
+    for _, var in nnx.iter_graph(layers):
+        if isinstance(var, nnx.Param):
+            var.set_metadata("logical_axes", ("layers", *var.get_metadata()["logical_axes"]))
+    return layers
+
+
+class InternLM2Model(nnx.Module):
+    """Embedding, decoder layers, final norm: returns final hidden states [batch, seq, hidden] in compute dtype."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.tok_embeddings = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                                           cfg.initializer_range, jnp.dtype(cfg.param_dtype))
+        if cfg.scan_layers:
+            self.layers = _stacked_layers(cfg, rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, layer_index=i, rngs=rngs)
+                                    for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
+        cfg = self.cfg
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(input_ids)
+        positions, segment_ids = jnp.asarray(positions, jnp.int32), jnp.asarray(segment_ids, jnp.int32)
+        x = jnp.take(self.tok_embeddings[...], input_ids, axis=0).astype(cfg.dtype)
+        cos, sin = rotary_tables(cfg, positions, segment_ids)
+
+        def run_layer(graphdef, state, x):
+            return nnx.merge(graphdef, state)(x, cos, sin, positions, segment_ids)
+
+        if cfg.remat != "none":
+            run_layer = jax.checkpoint(run_layer, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(0,))
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+            x, _ = jax.lax.scan(lambda h, layer_state: (run_layer(graphdef, layer_state, h), None), x, state)
+        else:
+            for layer in self.layers:
+                x = run_layer(*nnx.split(layer), x)
+        return self.norm(x)
+
+
+def token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
+    """log p(targets) [batch, seq] in fp32 from final hidden states and the [embed, vocab] head.
+
+    Computed chunk by chunk over the sequence (each chunk rematerialised in the backward pass), so a
+    [batch, seq, vocab] fp32 logits tensor never exists: one 32K row of 92,544 logits is 12 GB. Training, evaluation
+    and serving all call this one function.
+    """
+    batch, seq, embed = hidden.shape
+    chunk = min(chunk_size, seq)
+    pad = (-seq) % chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(jnp.asarray(targets, jnp.int32), ((0, 0), (0, pad)))
+    n = (seq + pad) // chunk
+    hidden_chunks = hidden.reshape(batch, n, chunk, embed).swapaxes(0, 1)
+    target_chunks = targets.reshape(batch, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(args):
+        h, t = args
+        logits = jnp.einsum("bce,ev->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+        picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+
+    out = jax.lax.map(one_chunk, (hidden_chunks, target_chunks))
+    return out.swapaxes(0, 1).reshape(batch, seq + pad)[:, :seq]
+
+
+class InternLM2ForCausalLM(nnx.Module):
+    """The causal LM: fp32 logits, or final hidden states for the chunked loss (`return_hidden=True`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.model = InternLM2Model(cfg, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.output = normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                                       cfg.initializer_range, jnp.dtype(cfg.param_dtype))
+
+    def head_weight(self) -> jax.Array:
+        """The [embed, vocab] output matrix (the transposed embedding when tied)."""
+        if self.cfg.tie_word_embeddings:
+            return self.model.tok_embeddings[...].T
+        return self.output[...]
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden: bool = False) -> jax.Array:
+        hidden = self.model(input_ids, positions, segment_ids)
+        if return_hidden:
+            return hidden
+        head = self.head_weight().astype(hidden.dtype)
+        return jnp.einsum("bte,ev->btv", hidden, head, preferred_element_type=jnp.float32)
+
+    def token_logprobs(self, hidden: jax.Array, targets: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
+        return token_logprobs(hidden, self.head_weight(), targets, chunk_size=chunk_size)
+
+
+class InternLM2ForRewardModel(nnx.Module):
+    """The same trunk with `v_head` (hidden -> 1, no bias): per-token scores [batch, seq] in fp32.
+
+    The reward of a sample is the score at its last real token (`last_token_scores`), where the reward token
+    (92527 in the released tokenizer) is appended by the data pipeline.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.model = InternLM2Model(cfg, rngs=rngs)
+        self.v_head = normal_param(rngs, (cfg.hidden_size, 1), ("embed", None), cfg.initializer_range,
+                                   jnp.dtype(cfg.param_dtype))
+
+    def __call__(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
+        hidden = self.model(input_ids, positions, segment_ids)
+        scores = jnp.einsum("bte,eo->bto", hidden, self.v_head[...].astype(hidden.dtype),
+                            preferred_element_type=jnp.float32)
+        return scores[..., 0]
+
+
+def last_token_scores(scores: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """[batch] score at each row's last non-padding token (segment id != 0), for right-padded rows."""
+    real = jnp.asarray(segment_ids) != 0
+    last = jnp.max(jnp.where(real, jnp.arange(real.shape[1]), -1), axis=1)
+    return jnp.take_along_axis(scores, jnp.maximum(last, 0)[:, None], axis=1)[:, 0]
