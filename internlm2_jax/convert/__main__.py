@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from internlm2_jax.convert import CheckpointError, load_pretrained, save_pretrained
+    from internlm2_jax.convert import CheckpointError, load_pretrained, read_hf_config, save_pretrained
     from internlm2_jax.convert.safetensors_io import CheckpointReader
 
     src, dst = Path(args.src), Path(args.dst)
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
         print("error: SRC and DST must differ", file=sys.stderr)
         return 2
     try:
+        read_hf_config(src)  # a clear error for a wrong SRC before anything else
         reader = CheckpointReader(src)
         source_dtype = reader.dtype(reader.keys()[0]).name
         cfg, model = load_pretrained(src, param_dtype=args.dtype or source_dtype)

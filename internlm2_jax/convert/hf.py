@@ -38,6 +38,8 @@ ARCHITECTURES = {
 
 def read_hf_config(path: str | os.PathLike) -> tuple[dict[str, Any], str, bool]:
     """config.json of a model directory, with its layout and whether it is a reward model."""
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{path}: the model directory does not exist")
     config_path = Path(path) / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{path}: no config.json; expected a HF model directory")
