@@ -81,7 +81,8 @@ def main(workdir: Path) -> None:
     hidden = model(ids, return_hidden=True)
     logprobs = np.asarray(model.token_logprobs(hidden[:, :-1], ids[:, 1:]))
     nll = -logprobs[mask[:, 1:]].mean()
-    print(f"\nuntrained model, assistant-token NLL {nll:.3f} nats (uniform guess: ln V = {math.log(cfg.vocab_size):.3f})")
+    uniform = math.log(cfg.vocab_size)
+    print(f"\nuntrained model, assistant-token NLL {nll:.3f} nats (uniform guess: ln V = {uniform:.3f})")
 
     if RELEASED.exists():
         released = Tokenizer.from_file(RELEASED)

@@ -123,7 +123,7 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules=
 def _read_param(cfg: ModelConfig, reader: CheckpointReader, mapping: Mapping, names, conversions) -> np.ndarray:
     expected = mapping.hf_shapes(cfg)
     arrays = []
-    for name, shape in zip(names, expected):
+    for name, shape in zip(names, expected, strict=True):
         found = reader.shape(name)
         if found != tuple(shape):
             raise CheckpointError(f"tensor '{name}' has shape {list(found)} in the checkpoint, but config.json "
@@ -132,7 +132,7 @@ def _read_param(cfg: ModelConfig, reader: CheckpointReader, mapping: Mapping, na
                                   f"vocab_size={cfg.vocab_size})")
         arrays.append(reader.read(name))
     target = np.dtype(cfg.param_dtype)
-    for name, a in zip(names, arrays):
+    for a in arrays:
         if a.dtype != target:
             key = (str(a.dtype), str(target))
             conversions[key] = conversions.get(key, 0) + 1
@@ -180,7 +180,7 @@ def save_pretrained(model, path: str | os.PathLike, *, layout: str = "internlm2"
 
     specs = []
     for ours, names, mapping, layer in iter_mappings(cfg, layout, reward=reward):
-        for j, (name, shape) in enumerate(zip(names, mapping.hf_shapes(cfg))):
+        for j, (name, shape) in enumerate(zip(names, mapping.hf_shapes(cfg), strict=True)):
             # Each HF tensor is produced only when the writer reaches it (a layer's q/k/v re-read the fused kernel).
             produce = (lambda ours=ours, layer=layer, mapping=mapping, j=j:
                        mapping.to_hf(cfg, param(ours, layer))[j].astype(out_dtype))

@@ -148,7 +148,7 @@ def write_checkpoint(directory: str | os.PathLike, tensors: Iterable[TensorSpec]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, total = {}, 0
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=True):
         total += _write_file(directory / name, shard, metadata or {"format": "pt"})
         weight_map.update({spec[0]: name for spec in shard})
     if len(shards) > 1:

@@ -1,8 +1,13 @@
 """The InternLM2 model in Flax NNX."""
 
 from internlm2_jax.model.attention import attention
-from internlm2_jax.model.transformer import (InternLM2ForCausalLM, InternLM2ForRewardModel, InternLM2Model,
-                                             last_token_scores, token_logprobs)
+from internlm2_jax.model.transformer import (
+                                             InternLM2ForCausalLM,
+                                             InternLM2ForRewardModel,
+                                             InternLM2Model,
+                                             last_token_scores,
+                                             token_logprobs,
+)
 
 __all__ = ["attention", "InternLM2ForCausalLM", "InternLM2ForRewardModel", "InternLM2Model", "last_token_scores",
            "token_logprobs"]

@@ -12,8 +12,15 @@ from flax import nnx
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.model.attention import attention
-from internlm2_jax.model.layers import (FeedForward, RMSNorm, apply_rotary, constant_param, dense, normal_param,
-                                        rotary_tables)
+from internlm2_jax.model.layers import (
+    FeedForward,
+    RMSNorm,
+    apply_rotary,
+    constant_param,
+    dense,
+    normal_param,
+    rotary_tables,
+)
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,

@@ -30,7 +30,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
     table = dict(rules)
     used: set[str] = set()
     spec = []
-    for name, size in zip(axes, shape):
+    for name, size in zip(axes, shape, strict=True):
         mesh_axis = table.get(name) if name is not None else None
         if (mesh_axis is None or mesh_axis not in mesh.shape or mesh_axis in used
                 or size % mesh.shape[mesh_axis] != 0):
