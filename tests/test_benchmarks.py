@@ -1,0 +1,18 @@
+"""The benchmark scripts stay runnable (a quick shape; no assertion on timing)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_forward_throughput_quick_run_prints_its_table():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "forward_throughput.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch Llama fp32 (baseline)" in done.stdout and "ours bf16, hidden states" in done.stdout
