@@ -3,6 +3,7 @@ text strategies. (A plain module, not conftest.py, so it stays out of other test
 
 from __future__ import annotations
 
+import functools
 import sysconfig
 from pathlib import Path
 
@@ -23,7 +24,8 @@ _MULTILINGUAL = ("中文文本，测试一下分词器。你好，世界！\n" *
 # the released model), special-token and reserved strings, U+2581-free so that round trips are exact.
 TRICKY_FRAGMENTS = (
     " ", "  ", "    ", "\t", "\n", "\n\n", "\r\n", "    return x\n", "def f(a, b):\n", "12345", " 2024-01-02",
-    "3.14159", "你好，世界", "书生·浦语", "😀", "🎉👍🏽", "é", "Größe", "Привет", "مرحبا", "こんにちは", "ＥＦＧ", "ａｂｃ",
+    "3.14159", "你好，世界", "书生·浦语", "😀", "🎉👍🏽", "é", "Größe", "Привет", "مرحبا", "こんにちは",
+    "ＥＦＧ", "ａｂｃ",
     "——", "……", "———", "<|im_start|>", "<|im_end|>", "<|action_start|>", "<|plugin|>", "<s>", "</s>", "<unk>",
     "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_130]", "[UNUSED_TOKEN_3]", "[UNUSED_TOKEN_1", "\x00", "\u200b", "\u3000",
 )
@@ -49,6 +51,7 @@ text_strategy = st.lists(st.one_of(st.text(NO_SURROGATES_OR_U2581, max_size=6), 
                          max_size=10).map("".join)
 
 
+@functools.cache
 def released_tokenizer() -> Tokenizer:
     if not RELEASED_MODEL.is_file():
         pytest.skip(f"released InternLM2 tokenizer not found at {RELEASED_MODEL} (the shared fixtures are not "

@@ -128,14 +128,15 @@ def read_spm_model(path: str | Path) -> SpmModel:
     return parse_spm_model(Path(path).read_bytes(), source=str(path))
 
 
-def with_pieces_as_control(serialized: bytes, piece_ids: set[int]) -> bytes:
-    """Returns the model with the given pieces turned into CONTROL pieces (ids and everything else unchanged).
+def with_piece_types(serialized: bytes, types: dict[int, PieceType]) -> bytes:
+    """Returns the model with the pieces `types` names retyped (ids, strings and everything else unchanged).
 
-    SentencePiece never matches a control piece in raw text and never builds one by merging, so the edited model
-    encodes a reserved string such as `[UNUSED_TOKEN_146]` as the ordinary characters it is made of.
+    Turning a piece into CONTROL hides it from text: SentencePiece never matches a control piece in raw text and
+    never builds one by merging, so the edited model encodes a reserved string such as `[UNUSED_TOKEN_146]` as the
+    ordinary characters it is made of.
     """
     proto = _ModelProto()
     proto.ParseFromString(serialized)
-    for i in piece_ids:
-        proto.pieces[i].type = PieceType.CONTROL
+    for i, piece_type in types.items():
+        proto.pieces[i].type = piece_type
     return proto.SerializeToString()

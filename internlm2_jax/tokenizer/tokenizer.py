@@ -31,13 +31,13 @@ from internlm2_jax.tokenizer.special_tokens import (
     BOS,
     EOS,
     IM_END,
-    REWARD,
     RESERVED_PIECE_PATTERN,
+    REWARD,
     UNK,
     SpecialToken,
     resolve_special_tokens,
 )
-from internlm2_jax.tokenizer.spm_model import PieceType, SpmModel, parse_spm_model, with_pieces_as_control
+from internlm2_jax.tokenizer.spm_model import PieceType, SpmModel, parse_spm_model, with_piece_types
 
 TOKENIZER_MODEL_FILE = "tokenizer.model"
 
@@ -58,9 +58,9 @@ class Tokenizer:
                              f"tokenizers need both False because text is encoded in separate pieces")
         pieces = self.spm_model.pieces
         piece_to_id = {p.piece: i for i, p in enumerate(pieces)}
-        raw = spm.SentencePieceProcessor(model_proto=model_bytes)
+        base = spm.SentencePieceProcessor(model_proto=model_bytes)
         self._special: dict[str, SpecialToken] = resolve_special_tokens(
-            piece_to_id, bos_id=raw.bos_id(), eos_id=raw.eos_id(), unk_id=raw.unk_id(), source=source)
+            piece_to_id, bos_id=base.bos_id(), eos_id=base.eos_id(), unk_id=base.unk_id(), source=source)
         self._name_by_id = {t.id: t.name for t in self._special.values()}
         # Longest first, so that a name that is a prefix of another never wins the match.
         names = sorted(self._special, key=len, reverse=True)
@@ -71,13 +71,13 @@ class Tokenizer:
         renamed = {t.id for t in self._special.values() if t.piece != t.name} & user_defined
         special_pieces = {t.id for t in self._special.values()} & user_defined
         reserved = {i for i in user_defined if RESERVED_PIECE_PATTERN.fullmatch(pieces[i].piece)}
-        self._sp_text = self._processor(raw, renamed)
-        self._sp_plain = self._processor(raw, renamed | special_pieces | reserved)
+        self._sp_text = self._processor(renamed) if renamed else base
+        self._sp_plain = self._processor(renamed | special_pieces | reserved)
 
-    def _processor(self, raw: spm.SentencePieceProcessor, hidden: set[int]) -> spm.SentencePieceProcessor:
-        if not hidden:
-            return raw
-        return spm.SentencePieceProcessor(model_proto=with_pieces_as_control(self._model_bytes, hidden))
+    def _processor(self, hidden: set[int]) -> spm.SentencePieceProcessor:
+        """A SentencePiece processor for this model with the `hidden` pieces made CONTROL (see module docstring)."""
+        model = with_piece_types(self._model_bytes, dict.fromkeys(hidden, PieceType.CONTROL))
+        return spm.SentencePieceProcessor(model_proto=model)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:

@@ -60,8 +60,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, output_path: str |
                     character_coverage: float = 1.0) -> Tokenizer:
     """Trains a SentencePiece BPE on `texts`, writes it to `output_path` (a `.model` file) and loads it.
 
-    `texts` may be any iterable of documents (a generator is consumed once). `character_coverage=1.0` gives every
-    character seen its own piece; rarer characters than that are encoded as bytes in any case.
+    `texts` may be any iterable of documents (a generator is consumed once). `character_coverage` is
+    SentencePiece's: the share of the corpus's characters that get a piece of their own (1.0: every character seen);
+    the others are encoded as bytes.
     """
     if vocab_size < min_vocab_size():
         raise ValueError(f"vocab_size={vocab_size} is too small: it must hold <unk>, <s>, </s>, the 256 byte-fallback "
@@ -70,10 +71,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, output_path: str |
     if max_sentence_length < 64:
         raise ValueError(f"max_sentence_length={max_sentence_length} bytes is too small to cut text into sentences")
     output_path = Path(output_path)
+    input_errors: list[Exception] = []
+
+    def sentences() -> Iterator[str]:
+        # SentencePiece turns an exception raised by the iterator into an opaque RuntimeError; keep the original.
+        try:
+            yield from _chunks(texts, max_sentence_length)
+        except Exception as e:  # any error of the caller's iterator, re-raised unchanged below
+            input_errors.append(e)
+
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_chunks(texts, max_sentence_length),
+            sentence_iterator=sentences(),
             model_writer=model,
             model_type="bpe",
             vocab_size=vocab_size,
@@ -95,7 +105,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, output_path: str |
             minloglevel=2,
         )
     except RuntimeError as e:  # e.g. "Vocabulary size is too high" for a corpus with too few distinct merges
+        if input_errors:
+            raise input_errors[0] from None
         raise ValueError(f"SentencePiece training with vocab_size={vocab_size} failed: {e}") from e
+    if input_errors:
+        raise input_errors[0]
     output_path.parent.mkdir(parents=True, exist_ok=True)
     output_path.write_bytes(model.getvalue())
     return Tokenizer.from_file(output_path)
