@@ -21,6 +21,7 @@ from internlm2_jax.model.layers import (
     normal_param,
     rotary_tables,
 )
+from internlm2_jax.parallel.sharding import constrain
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -116,10 +117,12 @@ class InternLM2Model(nnx.Module):
             segment_ids = jnp.ones_like(input_ids)
         positions, segment_ids = jnp.asarray(positions, jnp.int32), jnp.asarray(segment_ids, jnp.int32)
         x = jnp.take(self.tok_embeddings[...], input_ids, axis=0).astype(cfg.dtype)
+        x = constrain(x, ("batch", "length", "embed"))
         cos, sin = rotary_tables(cfg, positions, segment_ids)
 
         def run_layer(graphdef, state, x):
-            return nnx.merge(graphdef, state)(x, cos, sin, positions, segment_ids)
+            x = nnx.merge(graphdef, state)(x, cos, sin, positions, segment_ids)
+            return constrain(x, ("batch", "length", "embed"))
 
         if cfg.remat != "none":
             run_layer = jax.checkpoint(run_layer, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(0,))

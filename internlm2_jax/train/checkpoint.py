@@ -1,0 +1,119 @@
+"""Orbax checkpoints of the training state, the data iterator's state and the run's provenance, in one step folder.
+
+Saving is asynchronous (the step returns while the bytes are written). Restoring goes to the newest complete step;
+if that step cannot be read (a crash mid-write on a file system without atomic renames, a deleted file) the previous
+one is used, with a warning. A checkpoint whose model shape or schema differs from the run is refused with the
+differing fields named: that is a configuration mistake, not a corrupt file, so no older step is tried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import logging
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from internlm2_jax.config import ModelConfig
+
+SCHEMA_VERSION = 1
+# Fields that decide parameter shapes or the parameter tree; the rest (rope_theta, dtype, remat, ...) may change
+# between a run and its continuation, as in the 4K -> 32K long-context phase.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "bias", "tie_word_embeddings", "scan_layers", "param_dtype")
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "sentencepiece", "internlm2-jax")
+
+log = logging.getLogger("internlm2_jax.checkpoint")
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint belongs to a different model or schema; the message names what differs."""
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).parent, check=False)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def provenance(**extra: Any) -> dict[str, Any]:
+    """What every checkpoint records beside the state: schema version, git commit, package versions, plus `extra`
+    (the resolved config, seeds, tokenizer hash, data-manifest hash)."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"schema_version": SCHEMA_VERSION, "git_commit": git_commit(), "packages": versions, **extra}
+
+
+def check_compatible(saved: dict[str, Any], model: ModelConfig, where: str) -> None:
+    if saved.get("schema_version") != SCHEMA_VERSION:
+        raise CheckpointMismatch(f"{where}: checkpoint schema version {saved.get('schema_version')} cannot be read "
+                                 f"by this code (schema {SCHEMA_VERSION})")
+    saved_model = saved.get("model") or {}
+    current = dataclasses.asdict(model)
+    differ = [f"{k}: checkpoint {saved_model.get(k)!r} vs run {current[k]!r}" for k in SHAPE_FIELDS
+              if k in saved_model and saved_model[k] != current[k]]
+    if differ:
+        raise CheckpointMismatch(f"{where}: the checkpoint's model does not fit this run ({'; '.join(differ)})")
+
+
+class Checkpointer:
+    """Save every `save_every` steps (and when forced), keep the newest `keep`, restore the newest readable one."""
+
+    def __init__(self, directory: str | Path, *, save_every: int = 1000, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
+                                               enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, *, data_state: dict, metadata: dict, force: bool = False) -> bool:
+        """Starts saving (returns at once when async); False when `step` is not a save step and not forced."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                                  meta=ocp.args.JsonSave(metadata))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore_latest(self, abstract_state, model: ModelConfig):
+        """(step, state, data_state, metadata) of the newest readable checkpoint, or None if there is none.
+
+        `abstract_state` holds ShapeDtypeStructs with shardings: the state lands directly on this run's mesh,
+        whatever mesh it was saved from.
+        """
+        for step in reversed(self.steps()):
+            where = f"{self.directory}/{step}"
+            try:
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            except Exception as e:  # noqa: BLE001 - any unreadable step falls back to the previous one
+                warnings.warn(f"checkpoint {where} is unreadable ({type(e).__name__}: {e}); trying the previous one",
+                              stacklevel=2)
+                continue
+            check_compatible(meta, model, where)
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+            except Exception as e:  # noqa: BLE001
+                warnings.warn(f"checkpoint {where} is unreadable ({type(e).__name__}: {e}); trying the previous one",
+                              stacklevel=2)
+                continue
+            log.info("restored %s", where)
+            return step, restored["state"], restored["data"], meta
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
