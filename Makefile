@@ -7,7 +7,8 @@ export JAX_PLATFORMS ?= cpu
 
 demo:
 	@bash scripts/make_venv.sh requirements.txt
-	$(PY) experiments/foundation_demo.py
+	rm -rf runs/tiny_chain
+	$(PY) -m internlm2_jax.launch experiments/tiny_chain.py
 
 test:
 	@bash scripts/make_venv.sh requirements-test.txt

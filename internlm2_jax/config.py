@@ -96,6 +96,17 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> ModelConfig:
+        """The inverse of `dataclasses.asdict` (what checkpoints record)."""
+        fields = dict(fields)
+        if fields.get("rope_scaling") is not None:
+            fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown model config fields {sorted(unknown)}")
+        return cls(**fields)
+
     # ---- parameter count (closed form; the model test checks it against the built module) ----------------------
     def num_params(self, *, reward_head: bool = False) -> int:
         h, d = self.hidden_size, self.head_dim

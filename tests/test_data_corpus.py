@@ -84,3 +84,16 @@ def test_corpus_to_shards_and_manifest_to_iterator(tmp_path, corpus):
     it = PretrainDataIterator(tmp_path / "data" / "manifest.json", tok, seq_len=512, batch_size=4, repeat=False)
     texts = [tok.decode(d) for d in documents_from_rows(list(it))]
     assert sorted(texts) == sorted([d.text for d in docs] * 2)  # epochs=2: every document twice
+
+
+def test_split_source_cuts_at_top_level_boundaries_and_loses_nothing():
+    from internlm2_jax.data.corpus import CorpusDocument, split_source
+
+    body = "".join(f"def f{i}():\n    x = {i}\n\n    return x\n\n\n" for i in range(50))
+    doc = CorpusDocument("m.py", "import os\n\n" + body)
+    pieces = split_source(doc, max_chars=200)
+    assert len(pieces) > 5 and all(p.name.startswith("m.py#") for p in pieces)
+    assert all(p.text.startswith(("def ", "import")) for p in pieces)  # never cut inside a function
+    joined = "".join(p.text for p in pieces)
+    assert joined.replace("\n", "") == doc.text.replace("\n", "")
+    assert split_source(CorpusDocument("s.py", "x = 1\n"), max_chars=200)[0].text == "x = 1"

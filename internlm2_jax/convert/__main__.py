@@ -1,7 +1,8 @@
 """`python -m internlm2_jax.convert SRC DST --layout llama|internlm2 [--dtype bfloat16]`.
 
-Converts a model directory between the InternLM2 layout (fused wqkv; LMDeploy, trust_remote_code users) and the
-Llama layout (current transformers, vLLM). Tokenizer files in SRC are carried over.
+SRC is a model directory (config.json + *.safetensors) or an orbax run directory (its latest complete checkpoint is
+exported, with the run's tokenizer when its metadata names one). Converts between the InternLM2 layout (fused wqkv;
+LMDeploy, trust_remote_code users) and the Llama layout (current transformers, vLLM). Tokenizer files are carried.
 """
 
 import argparse
@@ -15,8 +16,8 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m internlm2_jax.convert", description=__doc__.split("\n\n")[1])
-    parser.add_argument("src", help="source model directory (config.json + *.safetensors)")
-    parser.add_argument("dst", help="destination directory")
+    parser.add_argument("src", help="model directory, or a run directory with checkpoints/")
+    parser.add_argument("dst", help="destination model directory")
     parser.add_argument("--layout", choices=("internlm2", "llama"), required=True)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="weight dtype to write (default: keep the source dtype)")
@@ -26,26 +27,46 @@ def main(argv=None) -> int:
 
     from internlm2_jax.convert import CheckpointError, load_pretrained, read_hf_config, save_pretrained
     from internlm2_jax.convert.safetensors_io import CheckpointReader
+    from internlm2_jax.train.checkpoint import CheckpointMismatch, is_run_directory, load_run
 
     src, dst = Path(args.src), Path(args.dst)
     if src.resolve() == dst.resolve():
         print("error: SRC and DST must differ", file=sys.stderr)
         return 2
+    tokenizer = None
     try:
-        read_hf_config(src)  # a clear error for a wrong SRC before anything else
-        reader = CheckpointReader(src)
-        source_dtype = reader.dtype(reader.keys()[0]).name
-        cfg, model = load_pretrained(src, param_dtype=args.dtype or source_dtype)
-        save_pretrained(model, dst, layout=args.layout, dtype=args.dtype or source_dtype,
+        if is_run_directory(src):
+            cfg, model, meta = load_run(src)
+            tokenizer = _run_tokenizer(meta)
+            dtype = args.dtype or cfg.param_dtype
+        else:
+            read_hf_config(src)  # a clear error for a wrong SRC before anything else
+            reader = CheckpointReader(src)
+            dtype = args.dtype or reader.dtype(reader.keys()[0]).name
+            cfg, model = load_pretrained(src, param_dtype=dtype)
+        save_pretrained(model, dst, layout=args.layout, dtype=dtype, tokenizer=tokenizer,
                         max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, CheckpointMismatch, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copy2(src / name, dst / name)
+    if tokenizer is None:
+        for name in TOKENIZER_FILES:
+            if (src / name).exists():
+                shutil.copy2(src / name, dst / name)
     print(f"wrote {dst} ({args.layout} layout, {cfg.num_params():,} parameters)")
     return 0
+
+
+def _run_tokenizer(meta: dict):
+    """The tokenizer a run was trained with, if its metadata names a file that still exists."""
+    from internlm2_jax.tokenizer import Tokenizer
+
+    path = Path(meta.get("tokenizer_path") or "")
+    if path.is_file():
+        return Tokenizer.from_file(path)
+    if path.is_dir():
+        return Tokenizer.from_pretrained(path)
+    return None
 
 
 if __name__ == "__main__":

@@ -111,3 +111,45 @@ def stdlib_corpus(split: str = "train", max_bytes: int | None = None, *, heldout
         documents.append(CorpusDocument(name, text))
         total += size
     return documents
+
+
+def split_source(doc: CorpusDocument, max_chars: int = 2000) -> list[CorpusDocument]:
+    """Cuts a source file into pieces of at most about `max_chars` at top-level boundaries (a blank line followed
+    by an unindented line), so a small batch mixes many files instead of holding one long file.
+
+    A single top-level block longer than `max_chars` stays whole; the packer cuts it at row ends.
+    """
+    pieces, current, size = [], [], 0
+    lines = doc.text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        at_boundary = i > 0 and not lines[i - 1].strip() and line[:1] not in (" ", "\t", "\n", "")
+        if at_boundary and current and size + len(line) > max_chars:
+            pieces.append("".join(current).strip("\n"))
+            current, size = [], 0
+        current.append(line)
+        size += len(line)
+    if current:
+        pieces.append("".join(current).strip("\n"))
+    return [CorpusDocument(f"{doc.name}#{k}", text) for k, text in enumerate(pieces) if text]
+
+
+def prepare_stdlib_dataset(out_dir: str | Path, vocab_size: int, *, train_bytes: int = 6_000_000,
+                           heldout_bytes: int = 400_000, num_shards: int = 4, tokenizer_docs: int = 3000):
+    """The embedded default dataset: stdlib source cut into pieces, our own tokenizer, JSONL shards + manifests.
+
+    Writes `out_dir/tokenizer.model`, `out_dir/train/manifest.json` and `out_dir/heldout/manifest.json`; returns
+    (tokenizer, train documents, heldout documents).
+    """
+    from internlm2_jax.data.writers import write_jsonl_shards, write_manifest
+    from internlm2_jax.tokenizer import train_tokenizer
+
+    out_dir = Path(out_dir)
+    train_docs = [p for d in stdlib_corpus("train", max_bytes=train_bytes) for p in split_source(d)]
+    heldout_docs = [p for d in stdlib_corpus("heldout", max_bytes=heldout_bytes) for p in split_source(d)]
+    tokenizer = train_tokenizer((d.text for d in train_docs[:tokenizer_docs]), vocab_size,
+                                output_path=out_dir / "tokenizer.model")
+    for split, docs in (("train", train_docs), ("heldout", heldout_docs)):
+        shards = write_jsonl_shards(docs, out_dir / split, name=split, source="python-stdlib", num_shards=num_shards,
+                                    tokenizer=tokenizer)
+        write_manifest(shards, out_dir / split)
+    return tokenizer, train_docs, heldout_docs

@@ -35,3 +35,33 @@ def xla_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segme
     probs = jnp.where(mask, probs, 0.0).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, vt, preferred_element_type=jnp.float32)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+
+
+def paged_query_positions(lengths, q_lengths, chunk: int):
+    """[batch, chunk] positions of a chunk's queries: the last q_lengths[b] tokens of a sequence of lengths[b]
+    tokens, right-padded to `chunk`; padded queries get -1, which no key position satisfies."""
+    offsets = jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    positions = lengths[:, None] - q_lengths[:, None] + offsets
+    return jnp.where(offsets < q_lengths[:, None], positions, -1).astype(jnp.int32)
+
+
+def paged_attention_reference(q, k_pages, v_pages, page_table, lengths, *, q_lengths=None, scale=None):
+    """Attention of a chunk of queries over the paged KV cache, by gathering the pages and calling xla_attention.
+
+    q [batch, chunk, heads, head_dim]; k_pages, v_pages [kv_heads, num_pages, page_size, head_dim]; page_table
+    [batch, max_pages] int32; lengths [batch] int32 tokens in the cache (the chunk's own keys included); q_lengths
+    [batch] int32 valid queries per row (default: the whole chunk). Query i of row b sits at position
+    lengths[b] - q_lengths[b] + i and attends causally to cache positions up to its own.
+    """
+    batch, chunk = q.shape[:2]
+    kv_heads, _, page_size, head_dim = k_pages.shape
+    lengths = jnp.asarray(lengths, jnp.int32)
+    q_lengths = jnp.full((batch,), chunk, jnp.int32) if q_lengths is None else jnp.asarray(q_lengths, jnp.int32)
+    gather = lambda pages: pages[:, page_table].reshape(kv_heads, batch, -1, head_dim).transpose(1, 2, 0, 3)
+    k, v = gather(k_pages), gather(v_pages)
+    kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (batch, k.shape[1]))
+    q_positions = paged_query_positions(lengths, q_lengths, chunk)
+    return xla_attention(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
+                         q_segment_ids=(q_positions >= 0).astype(jnp.int32),
+                         kv_segment_ids=(kv_positions < lengths[:, None]).astype(jnp.int32), causal=True,
+                         scale=scale)

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from internlm2_jax.config import ModelConfig
@@ -117,3 +118,36 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def is_run_directory(path: str | Path) -> bool:
+    return (Path(path) / "checkpoints").is_dir()
+
+
+def load_run(run_dir: str | Path, *, mesh=None):
+    """(model config, model, metadata) from the latest complete checkpoint of a run directory.
+
+    The optimizer state is restored too (the state is one tree) and dropped; the model config and optimizer come
+    from the checkpoint's own metadata, so nothing about the run needs to be known.
+    """
+    from flax import nnx
+
+    from internlm2_jax.parallel import MeshConfig, make_mesh
+    from internlm2_jax.train.optim import OptimizerConfig, make_optimizer
+    from internlm2_jax.train.state import abstract_train_state, model_graphdef
+
+    checkpointer = Checkpointer(Path(run_dir) / "checkpoints")
+    steps = checkpointer.steps()
+    if not steps:
+        checkpointer.close()
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint in {run_dir}/checkpoints")
+    meta = checkpointer.manager.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    model = ModelConfig.from_dict(meta["model"])
+    optimizer = OptimizerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["optimizer"].items()})
+    mesh = mesh if mesh is not None else make_mesh(MeshConfig(), jax.devices()[:1])
+    found = checkpointer.restore_latest(abstract_train_state(model, make_optimizer(optimizer), mesh), model)
+    checkpointer.close()
+    if found is None:
+        raise FileNotFoundError(f"{run_dir}: no readable checkpoint")
+    graphdef, _ = model_graphdef(model)
+    return model, nnx.merge(graphdef, found[1].params), found[3]

@@ -114,6 +114,14 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
     return out_path
 
 
+def window_summary(window: list[dict]) -> dict[str, float]:
+    """One log line for the steps since the last: token-weighted loss, mean grad norm, last lr, skipped count."""
+    tokens = sum(float(m["tokens"]) for m in window)
+    return {"loss": sum(float(m["loss"]) * float(m["tokens"]) for m in window) / max(tokens, 1.0),
+            "grad_norm": sum(float(m["grad_norm"]) for m in window) / len(window),
+            "lr": float(window[-1]["lr"]), "tokens": tokens, "skipped": float(sum(bool(m["skipped"]) for m in window))}
+
+
 @dataclasses.dataclass
 class RunResult:
     state: Any
@@ -151,7 +159,8 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
     """
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    metadata = provenance(model=dataclasses.asdict(model), seed=cfg.seed, **metadata)
+    metadata = provenance(model=dataclasses.asdict(model), optimizer=dataclasses.asdict(optimizer), seed=cfg.seed,
+                          **metadata)
     mesh = make_mesh(mesh_cfg)
     tx = make_optimizer(optimizer)
     graphdef, _ = model_graphdef(model)
@@ -182,23 +191,22 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
     peak = peak_flops(cfg.peak_flops, model)
     losses: dict[int, float] = {}
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress)
-    window_start, window_tokens = time.perf_counter(), 0
-    step = start
+    window_start, window, step = time.perf_counter(), [], start
     try:
         while step < cfg.steps and not stop["requested"]:
             state, metrics = step_fn(state, to_global_batch(next(data), sharding))
+            window.append(metrics)  # device arrays: reading them now would stall the asynchronous dispatch
             step += 1
-            window_tokens += cfg.batch_size * cfg.seq_len
             if step % cfg.log_every == 0 or step == cfg.steps:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                values = window_summary(jax.device_get(window))
                 elapsed = time.perf_counter() - window_start
-                values["tokens_per_s"] = window_tokens / elapsed
-                values["step_time_s"] = elapsed / (window_tokens / (cfg.batch_size * cfg.seq_len))
+                values["tokens_per_s"] = len(window) * cfg.batch_size * cfg.seq_len / elapsed
+                values["step_time_s"] = elapsed / len(window)
                 values["mfu"] = mfu(model, cfg.seq_len, values["tokens_per_s"], peak, jax.device_count())
                 losses[step] = values["loss"]
                 log.write(step, values)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
-                window_start, window_tokens = time.perf_counter(), 0
+                window_start, window = time.perf_counter(), []
             bar.update(1)
             if checkpointer.manager.should_save(step):
                 checkpointer.save(step, state, data_state=data.get_state(), metadata=metadata)

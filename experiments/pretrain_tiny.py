@@ -1,0 +1,36 @@
+"""Pretrain the `tiny` preset on the embedded stdlib corpus on CPU in about a minute: the smallest real run.
+
+Run: python -m internlm2_jax.launch experiments/pretrain_tiny.py --set train.steps=100 --set mesh.fsdp=4
+"""
+
+from pathlib import Path
+
+from internlm2_jax.config import preset
+from internlm2_jax.data.corpus import prepare_stdlib_dataset
+from internlm2_jax.launch import DataConfig, Experiment, run_pretraining
+from internlm2_jax.parallel import MeshConfig
+from internlm2_jax.train import OptimizerConfig
+from internlm2_jax.train.loop import TrainConfig
+
+RUN = Path("runs/pretrain_tiny")
+
+
+def config() -> Experiment:
+    return Experiment(
+        name="pretrain_tiny",
+        model=preset("tiny", vocab_size=1024),
+        train=TrainConfig(steps=60, batch_size=8, seq_len=64, log_every=5, checkpoint_every=20, run_dir=str(RUN)),
+        optimizer=OptimizerConfig(peak_lr=3e-3, warmup_steps=6, total_steps=60),
+        mesh=MeshConfig(data=2, fsdp=-1),
+        data=DataConfig(manifest=str(RUN / "data/train/manifest.json"),
+                        heldout_manifest=str(RUN / "data/heldout/manifest.json"),
+                        tokenizer=str(RUN / "data/tokenizer.model"), eval_batches=4))
+
+
+def main(exp: Experiment) -> None:
+    data_dir = Path(exp.data.tokenizer).parent
+    if not (data_dir / "train" / "manifest.json").exists():
+        prepare_stdlib_dataset(data_dir, exp.model.vocab_size, train_bytes=1_500_000, heldout_bytes=100_000)
+    result = run_pretraining(exp)
+    heldout = f"held-out loss {result.eval['eval_loss']:.3f}; " if result.eval else ""
+    print(f"step {result.final_step}: {heldout}{result.run_dir}/loss_curve.png")
