@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import logging
 import subprocess
 import warnings
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from internlm2_jax.config import ModelConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the data state holds every process's iterator state
 # Fields that decide parameter shapes or the parameter tree; the rest (rope_theta, dtype, remat, ...) may change
 # between a run and its continuation, as in the 4K -> 32K long-context phase.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -68,13 +70,33 @@ def check_compatible(saved: dict[str, Any], model: ModelConfig, where: str) -> N
         raise CheckpointMismatch(f"{where}: the checkpoint's model does not fit this run ({'; '.join(differ)})")
 
 
+def all_process_states(state: dict) -> list[dict]:
+    """Every process's data-iterator state, in process order (a collective: all processes must call it).
+
+    Orbax writes JSON items from process 0 only, and each process reads its own part of the data, so process 0 must
+    save all of them for a multi-host run to resume.
+    """
+    if jax.process_count() == 1:
+        return [state]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: len(data)] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(gathered[i, : lengths[i]])) for i in range(len(lengths))]
+
+
 class Checkpointer:
     """Save every `save_every` steps (and when forced), keep the newest `keep`, restore the newest readable one."""
 
     def __init__(self, directory: str | Path, *, save_every: int = 1000, keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
-                                               enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+        # Save exactly every `save_every` steps (orbax would also save the first step of every run by default).
+        options = ocp.CheckpointManagerOptions(should_save_fn=lambda step, _: step % save_every == 0,
+                                               max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
@@ -82,7 +104,8 @@ class Checkpointer:
 
     def save(self, step: int, state, *, data_state: dict, metadata: dict, force: bool = False) -> bool:
         """Starts saving (returns at once when async); False when `step` is not a save step and not forced."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=ocp.args.JsonSave({"processes": all_process_states(data_state)}),
                                   meta=ocp.args.JsonSave(metadata))
         return self.manager.save(step, args=args, force=force)
 
@@ -108,8 +131,12 @@ class Checkpointer:
                 warnings.warn(f"checkpoint {where} is unreadable ({type(e).__name__}: {e}); trying the previous one",
                               stacklevel=2)
                 continue
+            states = restored["data"]["processes"]
+            if len(states) != jax.process_count():
+                raise CheckpointMismatch(f"{where}: saved by {len(states)} processes, resumed by "
+                                         f"{jax.process_count()}; the data iterators cannot be re-split")
             log.info("restored %s", where)
-            return step, restored["state"], restored["data"], meta
+            return step, restored["state"], states[jax.process_index()], meta
         return None
 
     def wait(self) -> None:

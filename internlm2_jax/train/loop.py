@@ -69,24 +69,32 @@ def peak_flops(name: str, model: ModelConfig) -> float:
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per logged step) and tensorboard event files, in the run directory."""
+    """metrics.jsonl (one JSON object per logged step) and tensorboard event files, in the run directory.
+
+    Only process 0 writes; the others keep the values in memory so every process returns the same losses.
+    """
 
     def __init__(self, run_dir: Path):
-        from tensorboardX import SummaryWriter
-
         self.path = run_dir / "metrics.jsonl"
-        self._file = open(self.path, "a")
-        self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self._writing = jax.process_index() == 0
+        if self._writing:
+            from tensorboardX import SummaryWriter
+
+            self._file = open(self.path, "a")
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, step: int, values: dict[str, float]) -> None:
+        if not self._writing:
+            return
         self._file.write(json.dumps({"step": step, **values}) + "\n")
         self._file.flush()
         for key, value in values.items():
             self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
-        self._file.close()
-        self._tb.close()
+        if self._writing:
+            self._file.close()
+            self._tb.close()
 
 
 def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
@@ -190,7 +198,8 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     peak = peak_flops(cfg.peak_flops, model)
     losses: dict[int, float] = {}
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
+               disable=not progress or jax.process_index() != 0)
     window_start, window, step = time.perf_counter(), [], start
     try:
         while step < cfg.steps and not stop["requested"]:
@@ -224,5 +233,6 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
         signal.signal(signal.SIGTERM, previous_handler)
         checkpointer.close()
         log.close()
-    plot_loss_curve(log.path, run_dir / "loss_curve.png")
+    if jax.process_index() == 0:
+        plot_loss_curve(log.path, run_dir / "loss_curve.png")
     return result

@@ -1,0 +1,50 @@
+"""notebooks/quickstart.ipynb executes top to bottom through a real Jupyter kernel (nbclient + ipykernel).
+
+The kernel is this interpreter: a kernelspec naming `sys.executable` is written to a temporary folder put first on
+JUPYTER_PATH, so neither a `python3` kernel installed elsewhere on the machine nor a missing one changes what runs.
+(`notebooks/attention_kernels.ipynb` has its own test in test_kernels_artifacts.py.)
+"""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL = "internlm2-jax-tests"
+
+
+@pytest.fixture
+def kernel_name(tmp_path, monkeypatch):
+    pytest.importorskip("ipykernel")
+    spec_dir = tmp_path / "jupyter" / "kernels" / KERNEL
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "internlm2-jax tests", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    return KERNEL
+
+
+def test_quickstart_notebook_executes(kernel_name, tmp_path):
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
+    first = next(c for c in notebook.cells if c.cell_type == "code")
+    assert 'jax.config.update("jax_num_cpu_devices", 8)' in first.source
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    NotebookClient(notebook, timeout=240, kernel_name=kernel_name,
+                   resources={"metadata": {"path": str(workdir)}}).execute()  # raises on a failing cell
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "8 devices" in text
+    assert "bitwise equal = True" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the inline loss plot
+    start, end = map(float, re.search(r"loss (\d+\.\d+) -> (\d+\.\d+) \(uniform", text).groups())
+    assert end < start - 0.5  # it learned
