@@ -58,3 +58,19 @@ def test_unknown_impl_and_bad_head_counts_are_clear_errors():
         attention(x, x, x, impl="cuda", **kw)
     with pytest.raises(ValueError, match="multiple of kv heads"):
         attention(x, jnp.ones((1, 2, 3, 4)), jnp.ones((1, 2, 3, 4)), **kw)
+
+
+def test_pallas_kernels_run_per_shard_under_a_mesh():
+    """Mosaic/Triton kernels cannot be partitioned by XLA: under `jax.set_mesh` the entry point shard_maps them."""
+    from internlm2_jax.parallel import MeshConfig, make_mesh
+
+    rng = np.random.RandomState(0)
+    q = jnp.asarray(rng.randn(4, 32, 4, 16), jnp.float32)
+    k, v = (jnp.asarray(rng.randn(4, 32, 2, 16), jnp.float32) for _ in range(2))
+    pos = jnp.broadcast_to(jnp.arange(32), (4, 32))
+    seg = jnp.asarray(np.repeat([[1] * 20 + [2] * 12], 4, axis=0))
+    kw = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
+    ref = attention(q, k, v, impl="xla", **kw)
+    with jax.set_mesh(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))):
+        out = jax.jit(lambda q, k, v: attention(q, k, v, impl="pallas_gpu", **kw))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)

@@ -4,31 +4,44 @@
 - `decode_attention` / `chunked_prefill_attention`: one or several new query tokens per sequence over the paged
   KV cache (`k_pages`/`v_pages` [kv_heads, num_pages, page_size, head_dim]).
 
-`impl="auto"` picks the Pallas kernel of the default backend (TPU or GPU) and the XLA reference elsewhere. A Pallas
-impl asked for on a machine without that accelerator runs the kernel in interpret mode (how the tests check it on
-CPU); pass `interpret=False` to force real lowering, e.g. when compiling ahead of time for a TPU topology.
+`impl="auto"` picks the Pallas kernel of the target platform (TPU or GPU) and the XLA reference elsewhere; the
+target is the platform of the mesh set by `jax.set_mesh`, so an ahead-of-time compile for a TPU topology on a CPU
+machine gets the real TPU kernel. A Pallas impl asked for where the target is not that accelerator runs the kernel
+in interpret mode (how the tests check it on CPU); `interpret=` overrides.
 """
 
+import functools
+
 import jax
+from jax.sharding import PartitionSpec as P
 
 from internlm2_jax.config import ATTENTION_IMPLS
 from internlm2_jax.kernels import flash_gpu, flash_tpu, paged_gpu, paged_tpu
 from internlm2_jax.kernels.reference import paged_attention_reference, xla_attention
 from internlm2_jax.kernels.tiling import BlockSizes
+from internlm2_jax.parallel.sharding import ACTIVATION_RULES, logical_to_spec
 
 _PLATFORM = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
+
+
+def target_platform() -> str:
+    """The platform being compiled for: the devices of the mesh set by `jax.set_mesh` (abstract TPU devices in an
+    ahead-of-time compile on a CPU machine), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
 
 def resolve_impl(impl: str) -> str:
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if impl == "auto":
-        return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(jax.default_backend(), "xla")
+        return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(target_platform(), "xla")
     return impl
 
 
 def _interpret(impl: str, interpret: bool | None) -> bool:
-    return jax.default_backend() != _PLATFORM[impl] if interpret is None else interpret
+    return target_platform() != _PLATFORM[impl] if interpret is None else interpret
 
 
 def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal=True, impl="auto",
@@ -48,7 +61,32 @@ def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_i
     if impl == "xla":
         return xla_attention(q, k, v, **kw)
     kernel = flash_tpu.flash_attention if impl == "pallas_tpu" else flash_gpu.flash_attention
-    return kernel(q, k, v, **kw, block_sizes=block_sizes, interpret=_interpret(impl, interpret))
+    run = functools.partial(kernel, causal=causal, scale=scale, block_sizes=block_sizes,
+                            interpret=_interpret(impl, interpret))
+    return _per_shard(run, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+
+
+def _per_shard(kernel, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
+    """Runs a Pallas kernel on each shard of the mesh set by `jax.set_mesh`.
+
+    Mosaic kernels cannot be partitioned by XLA, so under a multi-device mesh they run inside `jax.shard_map`: the
+    batch split over the data-parallel axes and KV heads (with their query-head groups) over `tensor`, as far as
+    the sizes divide; every shard sees whole sequences.
+    """
+
+    def call(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
+        return kernel(q, k, v, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
+                      kv_segment_ids=kv_segment_ids)
+
+    args = (q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return call(*args)
+    batch, _, kv_heads, _ = logical_to_spec(("batch", "length", "kv_heads", "head_dim"), k.shape, dict(mesh.shape),
+                                            ACTIVATION_RULES)
+    heads_spec, ids_spec = P(batch, None, kv_heads, None), P(batch, None)
+    return jax.shard_map(call, mesh=mesh, in_specs=(heads_spec,) * 3 + (ids_spec,) * 4, out_specs=heads_spec,
+                         check_vma=False)(*args)
 
 
 def chunked_prefill_attention(q, k_pages, v_pages, page_table, lengths, *, q_lengths=None, impl="auto", scale=None,
