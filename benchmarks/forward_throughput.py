@@ -5,15 +5,13 @@ same process, back to back. Prints a table of medians over several runs and the 
 Usage: python benchmarks/forward_throughput.py [--batch 8] [--seq 512] [--runs 5] [--quick]
 """
 
-import argparse
 import os
 import platform
-import statistics
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+from bench_common import median_seconds, shape_arguments  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -22,14 +20,6 @@ from internlm2_jax.config import preset  # noqa: E402
 from internlm2_jax.model import InternLM2ForCausalLM  # noqa: E402
 
 
-def median_seconds(fn, runs: int) -> float:
-    fn()  # warm-up (and compile)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def ours(dtype: str, ids: np.ndarray, runs: int, return_hidden: bool) -> float:
@@ -60,14 +50,7 @@ def torch_llama(dtype: str, ids: np.ndarray, runs: int) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="B2 T128, 2 runs: a smoke test of the script")
-    args = parser.parse_args()
-    if args.quick:
-        args.batch, args.seq, args.runs = 2, 128, 2
+    args = shape_arguments(__doc__.split("\n\n")[0])
     ids = np.random.RandomState(0).randint(0, preset("bench").vocab_size, (args.batch, args.seq)).astype(np.int32)
     tokens = args.batch * args.seq
     rows = [

@@ -9,15 +9,13 @@ back to back. Prints a table of medians over several runs, the ratio to the torc
 Usage: python benchmarks/train_throughput.py [--batch 8] [--seq 512] [--runs 5] [--quick]
 """
 
-import argparse
 import os
 import platform
-import statistics
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+from bench_common import median_seconds, shape_arguments  # noqa: E402
 import numpy as np  # noqa: E402
 
 from internlm2_jax.config import preset  # noqa: E402
@@ -39,14 +37,6 @@ from internlm2_jax.train.state import model_graphdef  # noqa: E402
 OPT = OptimizerConfig(peak_lr=3e-4, warmup_steps=2, total_steps=1000, b1=0.9, b2=0.95, weight_decay=0.1)
 
 
-def median_seconds(step, runs: int) -> float:
-    step()  # warm-up (and compile)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def make_batch(batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
@@ -103,14 +93,7 @@ def torch_llama(dtype: str, batch: dict, runs: int) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="B2 T128, 2 runs: a smoke test of the script")
-    args = parser.parse_args()
-    if args.quick:
-        args.batch, args.seq, args.runs = 2, 128, 2
+    args = shape_arguments(__doc__.split("\n\n")[0])
     cfg = preset("bench")
     batch = make_batch(args.batch, args.seq, cfg.vocab_size)
     tokens = args.batch * args.seq

@@ -27,14 +27,14 @@ PROMPTS = ["def __init__(self", "import os\nimport ", "    for i in range(", "cl
 
 def config() -> Experiment:
     model = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=128,
                         rope_theta=50_000.0, rope_scaling=RopeScaling("dynamic", 2.0), dtype="bfloat16")
     return Experiment(
         name="tiny_chain", model=model,
-        train=TrainConfig(steps=150, batch_size=16, seq_len=256, log_every=10, checkpoint_every=50,
+        train=TrainConfig(steps=300, batch_size=32, seq_len=128, log_every=10, checkpoint_every=100,
                           run_dir=str(RUN)),
-        optimizer=OptimizerConfig(peak_lr=3e-3, warmup_steps=15, total_steps=150, weight_decay=0.1),
-        step=StepConfig(loss_chunk_size=256), mesh=MeshConfig(fsdp=-1),
+        optimizer=OptimizerConfig(peak_lr=4e-3, warmup_steps=20, total_steps=300, weight_decay=0.1),
+        step=StepConfig(loss_chunk_size=128), mesh=MeshConfig(fsdp=-1),
         data=DataConfig(manifest=str(RUN / "data/train/manifest.json"),
                         heldout_manifest=str(RUN / "data/heldout/manifest.json"),
                         tokenizer=str(RUN / "data/tokenizer.model"), eval_batches=12))
