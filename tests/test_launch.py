@@ -13,7 +13,7 @@ import pytest
 
 from internlm2_jax.config import preset
 from internlm2_jax.convert import load_pretrained
-from internlm2_jax.train.checkpoint import load_run
+from internlm2_jax.train.checkpoint import SCHEMA_VERSION, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_launcher_prints_config_params_and_memory_then_trains(tiny_run):
 def test_checkpoint_records_provenance_and_exports_to_a_model_directory(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     cfg, model, meta = load_run(run_dir)
-    assert meta["schema_version"] == 1 and len(meta["tokenizer_sha256"]) == 64 and meta["manifest_hash"]
+    assert meta["schema_version"] == SCHEMA_VERSION and len(meta["tokenizer_sha256"]) == 64 and meta["manifest_hash"]
     assert meta["packages"]["jax"] == jax.__version__ and meta["experiment"]["name"] == "pretrain_tiny"
     assert meta["seed"] == 0 and "git_commit" in meta
     done = subprocess.run([sys.executable, "-m", "internlm2_jax.convert", str(run_dir), str(tmp_path / "hf"),
