@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from tokenizer_testing import released_tokenizer, train_small_tokenizer
 
 from internlm2_jax import chat_template
 from internlm2_jax.chat_template import (
@@ -60,16 +59,6 @@ TOOL_ROUND_TRIP_TRAINED = [
      "<|action_end|>\n<|im_end|>"),
     "It is 21 °C in Paris.<|im_end|>",
 ]
-
-
-@pytest.fixture(scope="module")
-def released() -> Tokenizer:
-    return released_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Tokenizer:
-    return train_small_tokenizer(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture(scope="module")

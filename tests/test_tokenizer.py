@@ -14,10 +14,8 @@ from tokenizer_testing import (
     RELEASED_MODEL,
     TRICKY_FRAGMENTS,
     TRICKY_STRINGS,
-    released_tokenizer,
     stdlib_corpus,
     text_strategy,
-    train_small_tokenizer,
 )
 
 from internlm2_jax.tokenizer import Tokenizer, train_tokenizer
@@ -44,16 +42,6 @@ RELEASED_SPECIAL_IDS = {  # spec §3.2
     "<|action_start|>": 92541, "<|im_end|>": 92542, "<|im_start|>": 92543, "[UNUSED_TOKEN_130]": 92527,
 }
 RESERVED_IDS = range(92397, 92544)  # [UNUSED_TOKEN_0..146] in the released model
-
-
-@pytest.fixture(scope="module")
-def released() -> Tokenizer:
-    return released_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Tokenizer:
-    return train_small_tokenizer(tmp_path_factory.mktemp("trained"))
 
 
 # ---- released tokenizer: spec vectors and special tokens ----------------------------------------------------------

@@ -11,7 +11,6 @@ Loops run only over the live block range of tiling.py (block skipping for causal
 Triton needs power-of-two tiles: block sizes and head_dim must be powers of two; sequences are padded.
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -28,15 +27,7 @@ _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 DEFAULT_BLOCKS = tiling.BlockSizes(block_q=128, block_kv=64)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    causal: bool
-    scale: float
-    block_q: int
-    block_kv: int
-    group: int
-    interpret: bool
-
+class _Static(tiling.KernelStatic):
     def call(self, kernel, *, head_dim, **kw):
         params = plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
         return pl.pallas_call(kernel, compiler_params=params, interpret=self.interpret, **kw)

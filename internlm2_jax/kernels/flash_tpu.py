@@ -10,7 +10,6 @@ Block skipping: the scalar-prefetched block ranges of tiling.py gate the compute
 clamp the block index into the range so that skipped steps issue no DMA either.
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -24,15 +23,7 @@ _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    causal: bool
-    scale: float
-    block_q: int
-    block_kv: int
-    group: int
-    interpret: bool
-
+class _Static(tiling.KernelStatic):
     def call(self, kernel, **kw):
         # TPU interpret mode (not the generic one) is needed on CPU: the kernels use scalar prefetch into SMEM.
         return pl.pallas_call(kernel, interpret=pltpu.InterpretParams() if self.interpret else False, **kw)

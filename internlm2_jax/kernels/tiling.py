@@ -119,3 +119,16 @@ def prepare(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, b
         q_meta=jnp.stack([q_pos, q_seg], axis=-1), kv_meta=jnp.stack([kv_pos, kv_seg], axis=1),
         live=live_tiles(q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv, causal),
         block_q=block_q, block_kv=block_kv)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelStatic:
+    """The static parameters of a flash kernel call (hashable, so they can close over the Pallas kernel bodies).
+    Each back end subclasses it with its own `call` (how it invokes `pl.pallas_call`)."""
+
+    causal: bool
+    scale: float
+    block_q: int
+    block_kv: int
+    group: int
+    interpret: bool
