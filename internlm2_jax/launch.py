@@ -18,7 +18,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.overrides import apply_overrides, to_dict
@@ -194,5 +193,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=4)
     sys.exit(main())
