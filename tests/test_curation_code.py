@@ -1,17 +1,14 @@
 """Repository documents: module names, import extraction, dependency order with cycles, the Markdown-style
-document format, repository grouping and reading a code tree."""
+document format."""
 
 import random
 
-import pytest
 
 from internlm2_jax.data.curation.code import (
     analyse_repository,
-    group_repositories,
     module_name,
     order_repository,
     python_imports,
-    read_code_tree,
     repository_document,
 )
 
@@ -116,34 +113,3 @@ def test_repository_document_format():
         "## data.xyz\n\n```\nraw\n```\n")
 
 
-def test_group_repositories():
-    paths = ["beta/x.py", "alpha/pkg/b.py", "alpha/a.py", "loose.py"]
-    assert group_repositories(paths) == {"": ["loose.py"], "alpha": ["a.py", "pkg/b.py"], "beta": ["x.py"]}
-    assert group_repositories(["org/repo/pkg/m.py", "org/other/m.py", "org/README"], depth=2) == {
-        "org": ["README"], "org/other": ["m.py"], "org/repo": ["pkg/m.py"]}
-    with pytest.raises(ValueError, match="depth"):
-        group_repositories(paths, depth=0)
-
-
-def test_read_code_tree_rejects_unreadable_files(tmp_path):
-    (tmp_path / "repo" / "pkg").mkdir(parents=True)
-    (tmp_path / "repo" / "pkg" / "good.py").write_text("x = 'é'\n", encoding="utf-8")
-    (tmp_path / "repo" / "pkg" / "bom.py").write_bytes(b"\xef\xbb\xbfy = 2\n")
-    (tmp_path / "repo" / "blob.py").write_bytes(b"\x00\x01\x02binary")
-    (tmp_path / "repo" / "latin1.py").write_bytes(b"x = '\xe9'\n")
-    (tmp_path / "repo" / "big.py").write_text("# " + "x" * 200 + "\n")
-    (tmp_path / "repo" / "notes.txt").write_text("not code\n")
-    (tmp_path / "repo" / ".git").mkdir()
-    (tmp_path / "repo" / ".git" / "hook.py").write_text("skipped = True\n")
-    (tmp_path / "repo" / "__pycache__").mkdir()
-    (tmp_path / "repo" / "__pycache__" / "cached.py").write_text("skipped = True\n")
-    entries = list(read_code_tree(tmp_path, max_file_bytes=100))
-    assert [(e.path, e.text, e.reject) for e in entries] == [
-        ("repo/big.py", None, "too large"),
-        ("repo/blob.py", None, "binary"),
-        ("repo/latin1.py", None, "not UTF-8"),
-        ("repo/pkg/bom.py", "y = 2\n", None),
-        ("repo/pkg/good.py", "x = 'é'\n", None),
-    ]
-    assert [e.path for e in read_code_tree(tmp_path, (".txt",))] == ["repo/notes.txt"]
-    assert len(list(read_code_tree(tmp_path, None, max_file_bytes=10_000))) == 6

@@ -6,8 +6,7 @@ of them are written in one Markdown-style format.
   `IMPORT_EXTRACTORS` maps a file suffix to those two, so another language plugs in with one entry.
 - `analyse_repository` / `order_repository` sort the files topologically (strongly connected components for
   import cycles, every tie broken by path) and `repository_document` writes the ordered files out.
-- `group_repositories` splits a code tree's paths into repositories and `read_code_tree` reads a tree from disk,
-  returning unreadable files as rejects; nothing else here touches the filesystem.
+- Nothing here touches the filesystem: `sources.py` reads code trees (a repository per work unit).
 """
 
 from __future__ import annotations
@@ -17,9 +16,7 @@ import dataclasses
 import heapq
 import os
 import re
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from pathlib import Path
-from typing import NamedTuple
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 _IMPORT_LINE = re.compile(r"^[ \t]*import[ \t]+([\w. \t,]+)", re.MULTILINE)
 _FROM_LINE = re.compile(r"^[ \t]*from[ \t]+(\.*)[ \t]*([\w.]*)[ \t]+import[ \t]+\(?([\w. \t,*]+)", re.MULTILINE)
@@ -261,60 +258,3 @@ def repository_document(files: Mapping[str, str], repo_name: str) -> str:
         fence = "`" * (longest + 1)
         sections.append(f"## {path}\n\n{fence}{_FENCE_LANGUAGES.get(_suffix(path), '')}\n{source}\n{fence}")
     return "\n\n".join(sections) + "\n"
-
-
-def group_repositories(paths: Iterable[str], depth: int = 1) -> dict[str, list[str]]:
-    """Splits a code tree's paths into repositories: the first `depth` directories name the repository.
-
-    Returns repository -> sorted paths relative to it (`"org/repo/pkg/m.py"` with depth 2 -> `{"org/repo":
-    ["pkg/m.py"]}`). Files that sit above repository depth are loose files, grouped under their own directory
-    ("" at the root).
-    """
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-    groups: dict[str, list[str]] = {}
-    for path in paths:
-        parts = path.replace("\\", "/").split("/")
-        cut = min(depth, len(parts) - 1)
-        groups.setdefault("/".join(parts[:cut]), []).append("/".join(parts[cut:]))
-    return {repo: sorted(members) for repo, members in sorted(groups.items())}
-
-
-class TreeFile(NamedTuple):
-    path: str  # relative to the tree root, "/"-separated
-    text: str | None  # None for a reject
-    reject: str | None  # why the file was not read: "too large", "unreadable", "binary", "not UTF-8"
-
-
-def read_code_tree(root: str | Path, suffixes: Iterable[str] | None = (".py",), *,
-                   max_file_bytes: int = 1_000_000) -> Iterator[TreeFile]:
-    """Walks `root` in sorted order and yields every file with one of `suffixes` (all files for None), read as
-    UTF-8, or as a reject with the reason, so the pipeline can count what it left out.
-
-    Hidden directories (`.git`, `.venv`, ...) and `__pycache__` are skipped; a file with a NUL byte in its first
-    8 KiB is binary; a UTF-8 byte-order mark is dropped.
-    """
-    root = Path(root)
-    wanted = None if suffixes is None else tuple(s.lower() for s in suffixes)
-    for directory, subdirs, filenames in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and d != "__pycache__")
-        for filename in sorted(filenames):
-            if wanted is not None and not filename.lower().endswith(wanted):
-                continue
-            full = Path(directory, filename)
-            path = full.relative_to(root).as_posix()
-            try:
-                if full.stat().st_size > max_file_bytes:
-                    yield TreeFile(path, None, "too large")
-                    continue
-                data = full.read_bytes()
-            except OSError:  # a broken symlink, a file removed while walking, no permission
-                yield TreeFile(path, None, "unreadable")
-                continue
-            if b"\0" in data[:8192]:
-                yield TreeFile(path, None, "binary")
-                continue
-            try:
-                yield TreeFile(path, data.decode("utf-8-sig"), None)
-            except UnicodeDecodeError:
-                yield TreeFile(path, None, "not UTF-8")

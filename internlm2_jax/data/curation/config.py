@@ -1,0 +1,73 @@
+"""The curation pipeline's configuration: frozen dataclasses, changed from the command line with `--set a.b=value`.
+
+Defaults are the report's (§3.1): MinHash over word 5-grams with 128 hash functions at Jaccard 0.7; code scored into
+high/moderate/low tiers with high up-sampled and low dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+from internlm2_jax.data.curation.cleaning import CleaningConfig
+from internlm2_jax.data.curation.minhash import MinHashConfig
+from internlm2_jax.data.curation.quality import TierConfig
+from internlm2_jax.data.curation.safety import SafetyConfig
+from internlm2_jax.data.curation.sources import InputConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DedupConfig:
+    exact: bool = True  # drop exact copies (same text after cleaning), keeping the smallest key
+    fuzzy: bool = True  # MinHash-LSH near-duplicate clusters, keeping the smallest key
+    minhash: MinHashConfig = dataclasses.field(default_factory=MinHashConfig)
+    verify: bool = True  # keep an LSH edge only when the signatures' estimated Jaccard reaches the threshold
+    max_edges: int = 100_000_000  # connected components run in one worker's memory (~40 bytes per edge)
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityConfig:
+    classifier: str = ""  # a saved QualityClassifier (.npz); empty: no scoring, every document in tier "default"
+    kinds: tuple[str, ...] = ("code",)  # which inputs (by cleaning kind) are scored into tiers
+    tiers: TierConfig = dataclasses.field(default_factory=TierConfig)
+    batch_size: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class CurationConfig:
+    inputs: tuple[InputConfig, ...] = ()
+    output_dir: str = "curated"
+    text_cleaning: CleaningConfig = dataclasses.field(default_factory=CleaningConfig.for_text)
+    code_cleaning: CleaningConfig = dataclasses.field(default_factory=CleaningConfig.for_code)
+    safety: SafetyConfig = dataclasses.field(default_factory=SafetyConfig)
+    dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
+    quality: QualityConfig = dataclasses.field(default_factory=QualityConfig)
+    repositories: bool = False  # code trees: also one document per repository, files in import order (long context)
+    tokenizer: str = ""  # a SentencePiece model to count tokens with; empty: whitespace-separated words are counted
+    num_workers: int = 0  # processes; 0: one per CPU core; 1: in this process (debugging, profiling)
+    unit_bytes: int = 32 << 20  # work unit size: the grain of parallelism, progress and resumption
+    max_record_bytes: int = 16 << 20  # a longer record is quarantined as oversized, never read whole into memory
+    keep_removed_text: bool = True  # write removed documents' text to removed/ (so a threshold can be audited)
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise ValueError("inputs: at least one input is required")
+        for i, spec in enumerate(self.inputs):
+            spec.validate(f"inputs[{i}]")
+        for name in ("unit_bytes", "max_record_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    def fingerprint(self) -> str:
+        """What decides the outputs (not the worker count or the progress bar): a resumed run must match it."""
+        data = self.to_json()
+        for key in ("num_workers", "progress", "output_dir"):
+            data.pop(key)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
