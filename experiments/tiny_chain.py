@@ -1,8 +1,9 @@
 """`make demo`: the whole chain on the embedded default, on 2 CPU cores in under 10 minutes.
 
-Python standard library source (real code, on every machine) with a held-out split -> basic cleaning -> our own
-8K tokenizer -> JSONL shards + manifest -> pretrain a ~10M-parameter InternLM2 -> checkpoint -> held-out
-perplexity against the unigram baseline -> greedy completion of code prompts -> a short report.
+Python standard library source (real code, on every machine) with a held-out split -> our own 8K tokenizer ->
+the curation pipeline (clean -> dedup -> code-quality tiers -> weighted mixture manifest) -> pretrain a
+~10M-parameter InternLM2 -> checkpoint -> held-out perplexity against the unigram baseline -> greedy completion of
+code prompts -> a short report with the curation stage table.
 Run: python -m internlm2_jax.launch experiments/tiny_chain.py [--set train.steps=50 ...]
 """
 
@@ -14,6 +15,7 @@ from flax import nnx
 
 from internlm2_jax.config import ModelConfig, RopeScaling
 from internlm2_jax.data.corpus import prepare_stdlib_dataset
+from internlm2_jax.data.curation.report import format_report
 from internlm2_jax.decode import greedy_generate
 from internlm2_jax.launch import DataConfig, Experiment, run_pretraining
 from internlm2_jax.parallel import MeshConfig
@@ -59,7 +61,7 @@ def unigram_nats(tokenizer, train_docs, heldout_docs) -> float:
 
 def main(exp: Experiment) -> None:
     data_dir = Path(exp.data.tokenizer).parent  # the manifests are data_dir/{train,heldout}/manifest.json
-    tokenizer, train_docs, heldout_docs = prepare_stdlib_dataset(data_dir, exp.model.vocab_size)
+    tokenizer, train_docs, heldout_docs, curation = prepare_stdlib_dataset(data_dir, exp.model.vocab_size)
     result = run_pretraining(exp)
     graphdef, _ = model_graphdef(exp.model)
     model = nnx.merge(graphdef, result.state.params)
@@ -80,6 +82,7 @@ def main(exp: Experiment) -> None:
     ]
     for prompt, ids in zip(PROMPTS, completions, strict=True):
         lines.append(f"  {prompt!r} -> {tokenizer.decode(ids, skip_special_tokens=True)!r}")
+    lines += ["", f"Data curation ({curation.output_dir}):", "", format_report(curation.report)]
     report = "\n".join(lines)
     (result.run_dir / "report.md").write_text(report + "\n")
     print("\n" + report)

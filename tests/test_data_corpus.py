@@ -97,3 +97,26 @@ def test_split_source_cuts_at_top_level_boundaries_and_loses_nothing():
     joined = "".join(p.text for p in pieces)
     assert joined.replace("\n", "") == doc.text.replace("\n", "")
     assert split_source(CorpusDocument("s.py", "x = 1\n"), max_chars=200)[0].text == "x = 1"
+
+
+def test_demo_dataset_is_curated_into_a_weighted_mixture(tmp_path):
+    from internlm2_jax.data.corpus import prepare_stdlib_dataset
+    from internlm2_jax.data.curation.report import format_report
+
+    tokenizer, train, heldout, curation = prepare_stdlib_dataset(tmp_path, 1024, train_bytes=1_500_000,
+                                                                 heldout_bytes=100_000, num_workers=1,
+                                                                 progress=False)
+    stages = {s["stage"]: s for s in curation.report["stages"]}
+    assert stages["clean"]["removed_because"].get("max_generated_markers", 0) >= 1  # codec tables are generated
+    assert stages["read"]["docs_in"] == len((tmp_path / "raw" / "train.jsonl").read_text().splitlines())
+    assert "| fuzzy_dedup |" in format_report(curation.report) and (tmp_path / "curated" / "report.md").exists()
+    manifest = load_manifest(tmp_path / "train" / "manifest.json")
+    epochs = {s.tier: s.epochs for s in manifest.shards}
+    assert epochs.get("high") == 2.0 and "low" not in epochs  # high tier up-sampled, low tier dropped
+    assert sum(s.num_tokens for s in manifest.shards) > 0
+    assert all(s.weight == s.epochs * len(manifest.resolve(s).read_text().splitlines()) for s in manifest.shards)
+    curated_text = "".join(p.read_text() for p in (tmp_path / "curated" / "shards").rglob("*.jsonl"))
+    assert all(json.dumps(piece.text)[1:-1][:200] in curated_text for piece in train[:50])
+    it = PretrainDataIterator(tmp_path / "train" / "manifest.json", tokenizer, seq_len=128, batch_size=4)
+    assert next(iter(it))["input_ids"].shape == (4, 128)
+    assert heldout and load_manifest(tmp_path / "heldout" / "manifest.json").shards

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -90,8 +91,8 @@ def map_units(fn: Callable[[WorkUnit], dict], units: Sequence[WorkUnit], config:
         if workers == 1:
             outputs: Iterable = ((u, fn(u)) for u in units)
             pool = None
-        else:  # spawn, not fork: the caller may hold JAX threads, which fork would copy mid-lock
-            pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+        else:  # fork is fast and needs no `__main__` guard, but not once JAX's threads exist: then spawn
+            pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn" if "jax" in sys.modules else "fork"))
             outputs = zip(units, pool.map(fn, units), strict=True)
         try:
             for unit, summary in outputs:
