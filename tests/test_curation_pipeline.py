@@ -95,6 +95,7 @@ def test_manifest_lists_the_shards(result):
     assert all(s.epochs == 1.0 and s.weight == len(manifest.resolve(s).read_text().splitlines())
                for s in manifest.shards)
     assert (result.output_dir / "report.md").read_text().count("| clean |") == 1
+    assert (result.output_dir / "lsh_detection_curve.png").stat().st_size > 10_000
 
 
 def test_resume_skips_done_units_and_refuses_another_config(tmp_path, corpus):

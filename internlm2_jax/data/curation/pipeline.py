@@ -32,7 +32,7 @@ import numpy as np
 from internlm2_jax.data.curation import stages
 from internlm2_jax.data.curation.config import CurationConfig
 from internlm2_jax.data.curation.dedup import connected_components, star_edges
-from internlm2_jax.data.curation.minhash import band_keys, banding_report
+from internlm2_jax.data.curation.minhash import band_keys
 from internlm2_jax.data.curation.report import build_report, write_report
 from internlm2_jax.data.curation.sources import WorkUnit, plan_units
 from internlm2_jax.data.manifest import ShardSpec, make_manifest, save_manifest
@@ -225,6 +225,6 @@ def run_local(config: CurationConfig) -> CurationResult:
 def finish(config: CurationConfig, out: Path, units: Sequence[WorkUnit], filtered: Sequence[dict],
            finalized: Sequence[dict], dedup_stats: dict[str, Any]) -> CurationResult:
     manifest, repositories = write_manifests(config, out, finalized)
-    report = build_report(config, units, filtered, finalized, dedup_stats, banding_report(config.dedup.minhash))
+    report = build_report(config, units, filtered, finalized, dedup_stats)
     write_report(report, out)
     return CurationResult(out, report, manifest, repositories)

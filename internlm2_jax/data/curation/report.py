@@ -9,11 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from internlm2_jax.data.curation.minhash import banding_report, detection_probability
 from internlm2_jax.data.curation.stages import STAGES, StageCounter, tier_weight
 
 
-def build_report(config, units, filtered: Sequence[dict], finalized: Sequence[dict], dedup: dict[str, Any],
-                 banding: str) -> dict[str, Any]:
+def build_report(config, units, filtered: Sequence[dict], finalized: Sequence[dict], dedup: dict[str, Any]
+                 ) -> dict[str, Any]:
     counts = StageCounter.merge([s["counts"] for s in filtered] + [s["counts"] for s in finalized])
     stages = []
     for stage in STAGES:
@@ -38,8 +41,11 @@ def build_report(config, units, filtered: Sequence[dict], finalized: Sequence[di
     for r in tier_rows:
         r["mixture_share"] = r["tokens"] * r["epochs"] / weighted
     quality_reasons = counts.reasons["quality"]
+    minhash = config.dedup.minhash
+    bands, rows = minhash.banding
     return {"units": len(units), "token_unit": "tokens" if config.tokenizer else "words",
-            "stages": stages, "dedup": dedup, "banding": banding, "tiers": tier_rows,
+            "stages": stages, "dedup": dedup, "banding": banding_report(minhash),
+            "lsh": {"bands": bands, "rows": rows, "threshold": minhash.threshold}, "tiers": tier_rows,
             "dropped_tiers": dict(quality_reasons),
             "output": {"docs": sum(r["docs"] for r in tier_rows), "tokens": sum(r["tokens"] for r in tier_rows),
                        "bytes": sum(r["bytes"] for r in tier_rows)}}
@@ -73,6 +79,28 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_detection_curve(report: dict[str, Any], path: Path) -> None:
+    """The LSH S-curve of the banding: P(a pair is a candidate) against its Jaccard similarity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lsh = report["lsh"]
+    s = np.linspace(0, 1, 201)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(s, detection_probability(s, lsh["bands"], lsh["rows"]), label=f"b={lsh['bands']} r={lsh['rows']}")
+    ax.axvline(lsh["threshold"], color="gray", linestyle="--", label=f"threshold {lsh['threshold']}")
+    ax.set(xlabel="Jaccard similarity of a pair", ylabel="P(pair shares a bucket)", title="MinHash-LSH detection")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_report(report: dict[str, Any], out: Path) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "report.md").write_text("# Curation report\n\n" + format_report(report) + "\n", encoding="utf-8")
+    (out / "report.md").write_text("# Curation report\n\n" + format_report(report) + "\n\n"
+                                   "![LSH detection curve](lsh_detection_curve.png)\n", encoding="utf-8")
+    plot_detection_curve(report, out / "lsh_detection_curve.png")
