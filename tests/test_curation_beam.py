@@ -9,7 +9,7 @@ from curation_testing import write_corpus
 from internlm2_jax.data.corpus import stdlib_root
 from internlm2_jax.data.curation.beam_runner import run_beam
 from internlm2_jax.data.curation.cleaning import CleaningConfig
-from internlm2_jax.data.curation.config import CurationConfig
+from internlm2_jax.data.curation.config import CurationConfig, DedupConfig
 from internlm2_jax.data.curation.pipeline import run_local
 from internlm2_jax.data.curation.sources import InputConfig
 
@@ -26,13 +26,14 @@ def outputs(directory):
     return files, dedup
 
 
-def test_beam_and_local_runners_agree(tmp_path):
+@pytest.mark.parametrize("verify", ["signature", "exact"])
+def test_beam_and_local_runners_agree(tmp_path, verify):
     corpus = write_corpus(tmp_path / "corpus")
     config = CurationConfig(
         # The stdlib's codec tables (encodings/cp*.py) are a family of near-duplicates: real clusters to agree on.
         inputs=(InputConfig(str(corpus["jsonl"]), "jsonl", source="web"),
                 InputConfig(str(stdlib_root() / "encodings"), "code", source="codecs")),
-        code_cleaning=CleaningConfig.for_code().disable("max_generated_markers"),
+        code_cleaning=CleaningConfig.for_code().disable("max_generated_markers"), dedup=DedupConfig(verify=verify),
         unit_bytes=150_000, num_workers=2, progress=False)
     local = run_local(dataclasses.replace(config, output_dir=str(tmp_path / "local")))
     beam = run_beam(dataclasses.replace(config, output_dir=str(tmp_path / "beam")))

@@ -7,7 +7,8 @@ become shuffles:
 
 - exact dedup: documents grouped by content hash;
 - fuzzy dedup: (band, band key) buckets grouped by a GroupByKey, each bucket turned into star edges from its
-  smallest key (`dedup.bucket_edges`, verified on the signatures that travel with the keys); then connected
+  smallest key (`dedup.bucket_edges`, verified on the signatures that travel with the keys, or on the exact
+  shingle sets read from the units' files); then connected
   components by union-find in ONE worker (`pipeline.resolve_duplicates`), which bounds it to `dedup.max_edges`
   edges (~40 bytes each: 100M edges in ~4 GB). Both runners build the same edges and keep the smallest key of each
   component, so they write identical files.
@@ -27,7 +28,6 @@ import numpy as np
 from internlm2_jax.data.curation import stages
 from internlm2_jax.data.curation.config import CurationConfig
 from internlm2_jax.data.curation.dedup import bucket_edges
-from internlm2_jax.data.curation.minhash import band_keys
 from internlm2_jax.data.curation.pipeline import CurationResult, finish, prepare_output, resolve_duplicates, \
     save_duplicates
 from internlm2_jax.data.curation.sources import WorkUnit
@@ -41,29 +41,35 @@ def _filter(unit: WorkUnit, config: CurationConfig, out: str) -> WorkUnit:
 
 
 def _documents(unit: WorkUnit, out: str):
-    """(key, content hash, signature) of every kept document of a filtered unit."""
+    """(key, content hash, signature, band keys) of every kept document of a filtered unit."""
     arrays = stages.load_unit_arrays(unit, Path(out))
-    for key, digest, signature in zip(arrays["keys"].tolist(), arrays["hashes"].tolist(), arrays["signatures"],
-                                      strict=True):
-        yield key, digest, signature
+    yield from zip(arrays["keys"].tolist(), arrays["hashes"].tolist(), arrays["signatures"], arrays["band_keys"],
+                   strict=True)
 
 
-def _bucket_entries(doc, config: CurationConfig):
-    key, _, signature = doc
-    bands, rows = config.dedup.minhash.banding
-    for band, band_key in enumerate(band_keys(signature[None, :], bands, rows)[0].tolist()):
+def _bucket_entries(doc):
+    key, _, signature, keys_of_bands = doc
+    for band, band_key in enumerate(keys_of_bands.tolist()):
         if band_key:  # 0: an empty document, in no bucket
             yield (band, band_key), (key, signature)
 
 
-def _edges(bucket, verify: float | None):
+def _edges(bucket, threshold: float | None):
     _, members = bucket
     members = sorted(members, key=lambda m: m[0])
     if len(members) < 2:
         return []
     keys = np.array([k for k, _ in members], np.int64)
-    signature_of = {k: s for k, s in members} if verify is not None else None
-    return bucket_edges(keys, signature_of, verify)
+    signature_of = {k: s for k, s in members} if threshold is not None else None
+    return bucket_edges(keys, signature_of, threshold)
+
+
+_STORES: dict[str, stages.ShingleStore] = {}
+
+
+def _exact_edge(edge, threshold: float, out: str) -> bool:
+    store = _STORES.setdefault(out, stages.ShingleStore(Path(out)))
+    return bool(store.verified(np.array([edge]), threshold)[0])
 
 
 def _ids(unit: WorkUnit, out: str):
@@ -90,7 +96,7 @@ def run_beam(config: CurationConfig, options: Sequence[str] = LOCAL_OPTIONS) -> 
 
     out, units = prepare_output(config)
     where = str(out)
-    verify = config.dedup.minhash.threshold if config.dedup.verify else None
+    threshold = config.dedup.minhash.threshold
     with beam.Pipeline(options=PipelineOptions(list(options))) as p:
         filtered = (p | "units" >> beam.Create(units) | "spread" >> beam.Reshuffle()
                     | "filter" >> beam.Map(_filter, config, where))
@@ -99,8 +105,10 @@ def run_beam(config: CurationConfig, options: Sequence[str] = LOCAL_OPTIONS) -> 
                   | "copies" >> beam.FlatMap(lambda kv: [sorted(kv[1])] if len(kv[1]) > 1 else []))
         if not config.dedup.exact:
             groups = p | "no groups" >> beam.Create([])
-        edges = (docs | "buckets" >> beam.FlatMap(_bucket_entries, config) | "group buckets" >> beam.GroupByKey()
-                 | "edges" >> beam.FlatMap(_edges, verify))
+        edges = (docs | "buckets" >> beam.FlatMap(_bucket_entries) | "group buckets" >> beam.GroupByKey()
+                 | "edges" >> beam.FlatMap(_edges, threshold if config.dedup.verify == "signature" else None))
+        if config.dedup.verify == "exact":
+            edges = edges | "exact jaccard" >> beam.Filter(_exact_edge, threshold, where)
         if not config.dedup.fuzzy:
             edges = p | "no edges" >> beam.Create([])
         # Only the ids of documents that can be kept copies are needed: members of groups and edges.

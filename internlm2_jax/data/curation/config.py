@@ -17,13 +17,24 @@ from internlm2_jax.data.curation.safety import SafetyConfig
 from internlm2_jax.data.curation.sources import InputConfig
 
 
+VERIFY_MODES = ("signature", "exact", "none")
+
+
 @dataclasses.dataclass(frozen=True)
 class DedupConfig:
     exact: bool = True  # drop exact copies (same text after cleaning), keeping the smallest key
     fuzzy: bool = True  # MinHash-LSH near-duplicate clusters, keeping the smallest key
     minhash: MinHashConfig = dataclasses.field(default_factory=MinHashConfig)
-    verify: bool = True  # keep an LSH edge only when the signatures' estimated Jaccard reaches the threshold
-    max_edges: int = 100_000_000  # connected components run in one worker's memory (~40 bytes per edge)
+    # Keep an LSH edge only when the pair's Jaccard reaches the threshold: "signature" (estimated from the 128 rows,
+    # free), "exact" (on the shingle sets, stored per unit: ~8 bytes per word of disk, exact precision) or "none".
+    verify: str = "signature"
+    max_edges: int = 100_000_000  # connected components run in one worker's memory (~60 bytes per edge)
+
+    def __post_init__(self):
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"dedup.verify: must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
+        if self.max_edges < 1:
+            raise ValueError(f"dedup.max_edges: must be >= 1, got {self.max_edges}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,6 +46,13 @@ def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (np.asarray(a) == np.asarray(b)).mean(axis=-1)
 
 
+def exact_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """The Jaccard similarity of two sets of distinct shingle hashes (`minhash.shingle_hashes`); 0 for two empty."""
+    inter = np.intersect1d(a, b, assume_unique=True).size
+    union = a.size + b.size - inter
+    return inter / union if union else 0.0
+
+
 def _entries(keys, band_keys_matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(keys, then per bucket membership: document position, band, band key), band key 0 (empty documents) left out."""
     keys = np.asarray(keys, np.int64)
@@ -99,8 +106,9 @@ def _bucket_runs(band: np.ndarray, band_key: np.ndarray, doc_key: np.ndarray) ->
     return order, np.maximum.accumulate(np.where(new_bucket, np.arange(order.size), 0))
 
 
-def _verified(pairs: np.ndarray, signatures: np.ndarray, threshold: float, chunk: int = 1 << 16) -> np.ndarray:
-    """Mask of the position pairs whose signatures agree on >= threshold of their rows (in chunks: bounded memory)."""
+def _verified(pairs: np.ndarray, signatures: np.ndarray, threshold: float, chunk: int = 1 << 12) -> np.ndarray:
+    """Mask of the position pairs whose signatures agree on >= threshold of their rows, in chunks of 4096 pairs
+    (4 MB of gathered signatures: bounded memory however many candidates there are)."""
     keep = np.empty(len(pairs), bool)
     for start in range(0, len(pairs), chunk):
         a, b = pairs[start:start + chunk, 0], pairs[start:start + chunk, 1]

@@ -32,7 +32,6 @@ import numpy as np
 from internlm2_jax.data.curation import stages
 from internlm2_jax.data.curation.config import CurationConfig
 from internlm2_jax.data.curation.dedup import connected_components, star_edges
-from internlm2_jax.data.curation.minhash import band_keys
 from internlm2_jax.data.curation.report import build_report, write_report
 from internlm2_jax.data.curation.sources import WorkUnit, plan_units
 from internlm2_jax.data.manifest import ShardSpec, make_manifest, save_manifest
@@ -106,10 +105,15 @@ def map_units(fn: Callable[[WorkUnit], dict], units: Sequence[WorkUnit], config:
     return [results[u.index] for u in units]
 
 
-def fuzzy_edges(keys: np.ndarray, signatures: np.ndarray, config: CurationConfig) -> np.ndarray:
-    """LSH edges on one machine: `dedup.bucket_edges` of every bucket, vectorised (`dedup.star_edges`)."""
-    verify = config.dedup.minhash.threshold if config.dedup.verify else None
-    return star_edges(keys, band_keys(signatures, *config.dedup.minhash.banding), signatures, verify)
+def fuzzy_edges(arrays: dict[str, np.ndarray], config: CurationConfig, out: Path) -> np.ndarray:
+    """LSH edges on one machine: `dedup.bucket_edges` of every bucket, vectorised (`dedup.star_edges`), verified on
+    the signatures or on the exact shingle sets."""
+    mode, threshold = config.dedup.verify, config.dedup.minhash.threshold
+    edges = star_edges(arrays["keys"], arrays["band_keys"], arrays["signatures"],
+                       threshold if mode == "signature" else None)
+    if mode == "exact":
+        edges = edges[stages.ShingleStore(out).verified(edges, threshold)]
+    return edges
 
 
 def exact_groups(keys: np.ndarray, hashes: np.ndarray) -> list[list[int]]:
@@ -162,7 +166,7 @@ def save_duplicates(out: Path, duplicates: dict[str, np.ndarray], stats: dict[st
 
 def _load_kept_arrays(units: Sequence[WorkUnit], out: Path) -> dict[str, np.ndarray]:
     parts = [stages.load_unit_arrays(u, out) for u in units]
-    return {name: np.concatenate([p[name] for p in parts]) for name in ("keys", "hashes", "signatures")}
+    return {name: np.concatenate([p[name] for p in parts]) for name in ("keys", "hashes", "signatures", "band_keys")}
 
 
 def _kept_ids(units: Sequence[WorkUnit], out: Path, wanted: set[int]) -> dict[int, str]:
@@ -180,7 +184,7 @@ def dedup_local(config: CurationConfig, units: Sequence[WorkUnit], out: Path) ->
         return json.loads((out / "work" / "dedup.json").read_text())
     arrays = _load_kept_arrays(units, out)
     groups = exact_groups(arrays["keys"], arrays["hashes"]) if config.dedup.exact else []
-    edges = fuzzy_edges(arrays["keys"], arrays["signatures"], config) if config.dedup.fuzzy else np.zeros((0, 2))
+    edges = fuzzy_edges(arrays, config, out) if config.dedup.fuzzy else np.zeros((0, 2))
     wanted = {min(g) for g in groups} | set(np.unique(edges).tolist())
     duplicates, stats = resolve_duplicates(groups, edges, _kept_ids(units, out, wanted),
                                            max_edges=config.dedup.max_edges)

@@ -3,8 +3,9 @@
 Two passes touch the text; a global dedup step sits between them:
 
 1. `filter_unit`: read -> rule-based cleaning -> safety. Survivors go to `work/kept/U.jsonl` with their MinHash
-   signatures, content hashes and token counts in `work/kept/U.npz`; everything removed goes to `removed/U.jsonl`
-   with its stage and reasons (bad input with its raw content).
+   signatures, LSH band keys, content hashes and token counts in `work/kept/U.npz` (and their shingle sets in
+   `U.shingles.npz` for exact verification); everything removed goes to `removed/U.jsonl` with its stage and
+   reasons (bad input with its raw content).
 2. (global) `dedup.resolve`: which keys are exact or near duplicates, and of which kept document.
 3. `finalize_unit`: drop duplicates -> quality score and tier -> `shards/<source>/<tier>/U.jsonl`; with
    `repositories`, also one document per repository with its kept files in import order.
@@ -27,11 +28,11 @@ import numpy as np
 from internlm2_jax.data.curation.cleaning import apply_cleaning
 from internlm2_jax.data.curation.code import order_repository, repository_document
 from internlm2_jax.data.curation.config import CurationConfig
-from internlm2_jax.data.curation.dedup import content_hash
-from internlm2_jax.data.curation.minhash import signatures
+from internlm2_jax.data.curation.dedup import content_hash, exact_jaccard
+from internlm2_jax.data.curation.minhash import band_keys, shingle_hashes, signatures
 from internlm2_jax.data.curation.quality import QualityClassifier, assign_tiers
 from internlm2_jax.data.curation.safety import SafetyFilter
-from internlm2_jax.data.curation.sources import Document, Reject, WorkUnit, read_unit
+from internlm2_jax.data.curation.sources import KEY_BITS, Document, Reject, WorkUnit, read_unit
 
 STAGES = ("read", "clean", "safety", "exact_dedup", "fuzzy_dedup", "quality")
 BATCH = 256  # documents hashed/scored together: numpy work per call, bounded memory
@@ -154,11 +155,14 @@ def filter_unit(unit: WorkUnit, config: CurationConfig, out_dir: Path) -> dict[s
     counter = StageCounter()
     kept = AtomicFile(out_dir / "work" / "kept" / f"{unit_name(unit)}.jsonl")
     removed = AtomicFile(out_dir / "removed" / f"{unit_name(unit)}.jsonl")
-    keys, tokens, hashes, sigs, batch = [], [], [], [], []
+    keys, tokens, hashes, sigs, shingle_sets, batch = [], [], [], [], [], []
+    minhash = config.dedup.minhash
 
     def flush():
         if batch:
-            sigs.append(signatures([d.text for d in batch], config.dedup.minhash))
+            sigs.append(signatures([d.text for d in batch], minhash))
+            if config.dedup.verify == "exact":
+                shingle_sets.extend(shingle_hashes(d.text, minhash.ngram) for d in batch)
             batch.clear()
 
     for item in read_unit(unit, spec, max_record_bytes=config.max_record_bytes):
@@ -191,19 +195,57 @@ def filter_unit(unit: WorkUnit, config: CurationConfig, out_dir: Path) -> dict[s
         if len(batch) == BATCH:
             flush()
     flush()
-    num_perm = config.dedup.minhash.num_perm
-    arrays = {"keys": np.asarray(keys, np.int64), "tokens": np.asarray(tokens, np.int64),
-              "hashes": np.asarray(hashes, dtype="S"),
-              "signatures": np.concatenate(sigs) if sigs else np.zeros((0, num_perm), np.uint32)}
-    npz = out_dir / "work" / "kept" / f"{unit_name(unit)}.npz"
-    tmp = npz.with_name(f".{npz.name}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, npz)
+    all_sigs = np.concatenate(sigs) if sigs else np.zeros((0, minhash.num_perm), np.uint32)
+    _save_npz(out_dir / "work" / "kept" / f"{unit_name(unit)}.npz", keys=np.asarray(keys, np.int64),
+              tokens=np.asarray(tokens, np.int64), hashes=np.asarray(hashes, dtype="S"), signatures=all_sigs,
+              band_keys=band_keys(all_sigs, *minhash.banding))
+    if config.dedup.verify == "exact":
+        _save_npz(ShingleStore.path(out_dir, unit.index), keys=np.asarray(keys, np.int64),
+                  offsets=np.cumsum([0] + [len(h) for h in shingle_sets]),
+                  shingles=np.concatenate(shingle_sets) if shingle_sets else np.zeros(0, np.uint64))
     kept.commit()
     removed.commit()
     summary = {"unit": unit.index, "docs": counter.docs_in["read"], "kept": len(keys), "counts": counter.to_json()}
     _write_json_atomic(summary_path, summary)
     return summary
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+class ShingleStore:
+    """The exact shingle sets of kept documents, read back from their units' files for exact verification; a few
+    units are cached, so edges sorted by unit read each file about once."""
+
+    def __init__(self, out_dir: Path, cached_units: int = 4):
+        self.out_dir, self.cached_units = out_dir, cached_units
+        self._units: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    @staticmethod
+    def path(out_dir: Path, unit_index: int) -> Path:
+        return out_dir / "work" / "kept" / f"{unit_index:06d}.shingles.npz"
+
+    def get(self, key: int) -> np.ndarray:
+        unit = key >> KEY_BITS
+        if unit not in self._units:
+            if len(self._units) >= self.cached_units:
+                self._units.pop(next(iter(self._units)))
+            with np.load(self.path(self.out_dir, unit)) as data:
+                self._units[unit] = (data["keys"], data["offsets"], data["shingles"])
+        keys, offsets, shingles = self._units[unit]
+        i = int(np.searchsorted(keys, key))
+        return shingles[offsets[i]:offsets[i + 1]]
+
+    def verified(self, edges: np.ndarray, threshold: float) -> np.ndarray:
+        """Mask of the edges whose two documents' exact Jaccard reaches `threshold`."""
+        edges = np.asarray(edges, np.int64).reshape(-1, 2)
+        keep = np.zeros(len(edges), bool)
+        for i in np.lexsort((edges[:, 1] >> KEY_BITS, edges[:, 0] >> KEY_BITS)):
+            keep[i] = exact_jaccard(self.get(int(edges[i, 0])), self.get(int(edges[i, 1]))) >= threshold
+        return keep
 
 
 def load_unit_arrays(unit: WorkUnit, out_dir: Path) -> dict[str, np.ndarray]:
