@@ -29,8 +29,8 @@ PROSE = [
 ]
 
 
-def stdlib_modules(names=("json/__init__.py", "json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "bisect.py",
-                          "colorsys.py", "fnmatch.py", "glob.py")) -> dict[str, str]:
+def stdlib_modules(names=("json/__init__.py", "json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py",
+                          "bisect.py", "colorsys.py", "fnmatch.py", "glob.py")) -> dict[str, str]:
     root = stdlib_root()
     return {name: (root / name).read_text(encoding="utf-8") for name in names}
 

@@ -14,12 +14,12 @@ from scipy.sparse.csgraph import connected_components as scipy_components
 from internlm2_jax.data.corpus import stdlib_files, stdlib_root
 from internlm2_jax.data.curation import minhash
 from internlm2_jax.data.curation.dedup import (
-    ExactDeduplicator,
     MinHashIndex,
     bucket_edges,
     candidate_pairs,
     connected_components,
     content_hash,
+    exact_groups,
     exact_jaccard,
     estimated_jaccard,
 )
@@ -307,10 +307,9 @@ def test_index_clusters_keep_smallest_and_never_cluster_empty_documents():
 
 def test_exact_dedup_keeps_smallest_key_in_any_order():
     assert content_hash("a b") == content_hash("a b") != content_hash("a  b")
-    dedup = ExactDeduplicator()
-    for key, text in [(5, "x"), (9, "y"), (3, "x"), (4, "x"), (9, "y"), (7, "y")]:
-        dedup.add(key, content_hash(text))
-    assert dedup.duplicates() == {4, 5, 9}
+    keys, texts = [5, 9, 3, 4, 8, 7, 1], ["x", "y", "x", "x", "y", "z", "y"]
+    assert exact_groups(keys, [content_hash(t) for t in texts]) in ([[1, 8, 9], [3, 4, 5]], [[3, 4, 5], [1, 8, 9]])
+    assert exact_groups([2, 1], [content_hash("a"), content_hash("b")]) == []
 
 
 def test_benchmark_script_runs():

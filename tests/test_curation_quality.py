@@ -24,7 +24,6 @@ from internlm2_jax.data.curation.quality import (
     featurize,
     heuristic_code_label,
     label_and_train,
-    tier_weights,
 )
 
 GOOD_MODULE = '''"""Parsing and writing of simple INI-style configuration files.
@@ -222,7 +221,7 @@ def test_tiers_and_weights(separable):
     config = TierConfig()
     tiers = assign_tiers([0.0, 0.29, 0.3, 0.69, 0.7, 1.0], config)
     assert tiers == ["low", "low", "moderate", "moderate", "high", "high"]
-    assert tier_weights(tiers, config).tolist() == [0.0, 0.0, 1.0, 1.0, 2.0, 2.0]
+    assert [config.weight(t) for t in tiers] == [0.0, 0.0, 1.0, 1.0, 2.0, 2.0]
     assert config.weight("high") == 2.0
     with pytest.raises(ValueError, match="unknown tier"):
         config.weight("default")

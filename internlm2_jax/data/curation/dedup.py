@@ -6,14 +6,16 @@ Documents are identified by int64 keys, globally unique; in every cluster the sm
 Fuzzy deduplication, in either runner:
 1. a signature per document (`minhash.signatures`) and its band keys (`minhash.band_keys`; an empty document gets
    key 0 everywhere, which means "in no bucket", so empty documents are never clustered);
-2. one bucket entry ((band, band key) -> document key) per band of every non-empty document (`bucket_entries`);
+2. one bucket entry ((band, band key) -> document key) per band of every non-empty document;
 3. per bucket (a GroupByKey in Beam), star edges from its smallest key to the other members, optionally kept only
-   when the signatures agree on at least `threshold` of their rows (`bucket_edges`);
+   when the signatures agree on at least `threshold` of their rows (`bucket_edges`) or when the exact Jaccard of
+   the two shingle sets reaches it (`exact_jaccard`);
 4. the connected components of all edges, in one worker (`connected_components`): each key maps to the smallest key
    of its component, and every key that is not its own root is a duplicate.
 
-`MinHashIndex` runs steps 2-4 in memory with the same functions' semantics (its vectorised edges equal the union of
-`bucket_edges` over its buckets). `candidate_pairs` lists every pair sharing a bucket, for evaluation only.
+`MinHashIndex` runs steps 2-4 in memory for a notebook's list of texts, with the same semantics (its vectorised edges
+equal the union of `bucket_edges` over its buckets). `candidate_pairs` lists every pair sharing a bucket, for
+evaluation only. Exact dedup groups documents by `content_hash` (`exact_groups`) and keeps each group's smallest key.
 """
 
 from __future__ import annotations
@@ -61,13 +63,6 @@ def _entries(keys, band_keys_matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray
         raise ValueError(f"band_keys_matrix must be [len(keys)={keys.size}, bands], got {band_keys_matrix.shape}")
     position, band = np.nonzero(band_keys_matrix)
     return keys, position, band, band_keys_matrix[position, band]
-
-
-def bucket_entries(keys, band_keys_matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(band, band key, document key) of every bucket membership, flattened; a bucket is the pair (band, band key).
-    Empty documents (band key 0) are in no bucket."""
-    keys, position, band, band_key = _entries(keys, band_keys_matrix)
-    return band, band_key, keys[position]
 
 
 def bucket_edges(keys_in_bucket, signatures_by_key=None,
@@ -253,22 +248,11 @@ def content_hash(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
-class ExactDeduplicator:
-    """Streaming exact deduplication: keeps the smallest key per content hash, in any arrival order. Memory: one
-    entry per distinct hash plus one per duplicate."""
-
-    def __init__(self):
-        self._kept: dict[str, int] = {}
-        self._duplicates: set[int] = set()
-
-    def add(self, key: int, digest: str) -> None:
-        key = int(key)
-        kept = self._kept.setdefault(digest, key)
-        if key < kept:
-            self._kept[digest] = key
-            self._duplicates.add(kept)
-        elif key > kept:
-            self._duplicates.add(key)
-
-    def duplicates(self) -> set[int]:
-        return set(self._duplicates)
+def exact_groups(keys: np.ndarray, hashes: np.ndarray) -> list[list[int]]:
+    """Keys of documents with equal content hashes: groups of two or more, each sorted (its first is kept)."""
+    keys, hashes = np.asarray(keys, np.int64), np.asarray(hashes)
+    order = np.lexsort((keys, hashes))
+    h, k = hashes[order], keys[order]
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
+    ends = np.r_[starts[1:], len(h)]
+    return [k[s:e].tolist() for s, e in zip(starts, ends, strict=True) if e - s > 1]

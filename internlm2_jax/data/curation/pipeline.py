@@ -31,7 +31,7 @@ import numpy as np
 
 from internlm2_jax.data.curation import stages
 from internlm2_jax.data.curation.config import CurationConfig
-from internlm2_jax.data.curation.dedup import connected_components, star_edges
+from internlm2_jax.data.curation.dedup import connected_components, exact_groups, star_edges
 from internlm2_jax.data.curation.report import build_report, write_report
 from internlm2_jax.data.curation.sources import WorkUnit, plan_units
 from internlm2_jax.data.manifest import ShardSpec, make_manifest, save_manifest
@@ -76,7 +76,7 @@ def prepare_output(config: CurationConfig) -> tuple[Path, list[WorkUnit]]:
 def _progress(config: CurationConfig, units: Sequence[WorkUnit], desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=sum(u.size for u in units), unit="B", unit_scale=True, unit_divisor=1 << 20, desc=desc,
+    return tqdm(total=sum(u.size for u in units), unit="B", unit_scale=True, desc=desc,
                 disable=not config.progress, dynamic_ncols=True)
 
 
@@ -114,15 +114,6 @@ def fuzzy_edges(arrays: dict[str, np.ndarray], config: CurationConfig, out: Path
     if mode == "exact":
         edges = edges[stages.ShingleStore(out).verified(edges, threshold)]
     return edges
-
-
-def exact_groups(keys: np.ndarray, hashes: np.ndarray) -> list[list[int]]:
-    """Keys of documents with equal content hashes (groups of two or more, each sorted)."""
-    order = np.lexsort((keys, hashes))
-    h, k = hashes[order], keys[order]
-    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
-    ends = np.r_[starts[1:], len(h)]
-    return [k[s:e].tolist() for s, e in zip(starts, ends, strict=True) if e - s > 1]
 
 
 def resolve_duplicates(groups: Iterable[Sequence[int]], edges: Iterable[tuple[int, int]], ids: dict[int, str],

@@ -286,10 +286,6 @@ def assign_tiers(scores: Sequence[float] | np.ndarray, config: TierConfig = Tier
             for s in np.asarray(scores, dtype=np.float64)]
 
 
-def tier_weights(tiers: Sequence[str], config: TierConfig = TierConfig()) -> np.ndarray:
-    return np.array([config.weight(tier) for tier in tiers], dtype=np.float32)
-
-
 class _Identifiers(ast.NodeVisitor):
     """Names the file itself chooses: definitions, arguments and assignment targets (not names it only uses)."""
 
