@@ -6,11 +6,11 @@
 functions on Apache Beam and groups LSH buckets with a shuffle. Both call `resolve_duplicates` on the same edges, so
 they write the same files. The output directory holds:
 
-    shards/<source>/<tier>/U.jsonl   curated documents (provenance and per-stage decisions in `meta`)
-    manifest.json                    the pretraining data manifest: per-shard tokens, tier epochs and weights
-    removed/U*.jsonl                 every removed document with its stage and reasons (bad input with raw content)
-    report.json, report.md           the stage table, dedup clusters, tier histogram
-    work/                            per-unit intermediate files and summaries (what a resumed run skips)
+    shards/<source>/<tier>/U.jsonl     curated documents (provenance and per-stage decisions in `meta`)
+    manifest.json                      the pretraining data manifest: per-shard tokens, tier epochs and weights
+    removed/U-{filter,finalize}.jsonl  every removed document with its stage and reasons (bad input: raw content)
+    report.json, report.md             the stage table, dedup clusters, tier histogram, LSH detection curve PNG
+    work/                              per-unit intermediate files and summaries (what a resumed run skips)
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ Two passes touch the text; a global dedup step sits between them:
 
 1. `filter_unit`: read -> rule-based cleaning -> safety. Survivors go to `work/kept/U.jsonl` with their MinHash
    signatures, LSH band keys, content hashes and token counts in `work/kept/U.npz` (and their shingle sets in
-   `U.shingles.npz` for exact verification); everything removed goes to `removed/U.jsonl` with its stage and
+   `U.shingles.npz` for exact verification); everything removed goes to `removed/U-filter.jsonl` with its stage and
    reasons (bad input with its raw content).
-2. (global) `dedup.resolve`: which keys are exact or near duplicates, and of which kept document.
+2. (global) `pipeline.resolve_duplicates`: which keys are exact or near duplicates, and of which kept document.
 3. `finalize_unit`: drop duplicates -> quality score and tier -> `shards/<source>/<tier>/U.jsonl`; with
    `repositories`, also one document per repository with its kept files in import order.
 
@@ -154,7 +154,7 @@ def filter_unit(unit: WorkUnit, config: CurationConfig, out_dir: Path) -> dict[s
     cleaning = config.code_cleaning if spec.cleaning_kind == "code" else config.text_cleaning
     counter = StageCounter()
     kept = AtomicFile(out_dir / "work" / "kept" / f"{unit_name(unit)}.jsonl")
-    removed = AtomicFile(out_dir / "removed" / f"{unit_name(unit)}.jsonl")
+    removed = AtomicFile(out_dir / "removed" / f"{unit_name(unit)}-filter.jsonl")
     keys, tokens, hashes, sigs, shingle_sets, batch = [], [], [], [], [], []
     minhash = config.dedup.minhash
 
@@ -281,7 +281,7 @@ def finalize_unit(unit: WorkUnit, config: CurationConfig, out_dir: Path) -> dict
     resources = Resources.get(config)
     scored = resources.classifier is not None and spec.cleaning_kind in config.quality.kinds
     counter = StageCounter()
-    removed = AtomicFile(out_dir / "removed" / f"{unit_name(unit)}-dedup.jsonl")
+    removed = AtomicFile(out_dir / "removed" / f"{unit_name(unit)}-finalize.jsonl")
     outputs: dict[str, AtomicFile] = {}
     shards: dict[str, dict[str, Any]] = {}
     repos: dict[str, dict[str, str]] = defaultdict(dict)
