@@ -1,5 +1,8 @@
-"""Decoding. Today: cache-free greedy decoding for demos and tests; the KV-cache engine comes with its issue."""
+"""Decoding: cached generation over a static KV cache (`prefill`, `decode_step`, `generate`), sampling, and
+cache-free greedy decoding (the recomputation reference). The continuous-batching engine comes with its issue."""
 
+from internlm2_jax.decode.generate import Completion, decode_step, generate, generate_ids, prefill
 from internlm2_jax.decode.greedy import greedy_generate
+from internlm2_jax.decode.sampling import SamplingConfig
 
-__all__ = ["greedy_generate"]
+__all__ = ["Completion", "SamplingConfig", "decode_step", "generate", "generate_ids", "greedy_generate", "prefill"]

@@ -1,8 +1,8 @@
 """Greedy decoding by full recomputation: one fixed-size buffer, one compile, no KV cache.
 
-Each new token reruns the whole prefix, so it costs O(T^2) per sequence: fine for demos, tests and as the
-step-by-step reference that cached decoding must reproduce (conventions: beyond max_position_embeddings the
-reference for cached decoding is step-by-step recomputation).
+Each new token reruns the whole prefix, so it costs O(T^2) per sequence. Within max_position_embeddings it is the
+reference cached decoding must reproduce; beyond it, with dynamic NTK, full recomputation rotates every key with
+the current length's base, while cached decoding (`generate.py`, like transformers') keeps each key's rotation.
 """
 
 from __future__ import annotations

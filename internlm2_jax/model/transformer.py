@@ -12,6 +12,7 @@ from flax import nnx
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.model.attention import attention
+from internlm2_jax.model.kv_cache import KVCache
 from internlm2_jax.model.layers import (
     DENSE_OUTPUT,
     FeedForward,
@@ -53,7 +54,10 @@ class Attention(nnx.Module):
             self.wqkv_bias = constant_param(0.0, (kv, g + 2, d), ("kv_heads", "qkv_group", "head_dim"), pdt)
             self.wo_bias = constant_param(0.0, (h,), ("embed",), pdt)
 
-    def __call__(self, x, cos, sin, positions, segment_ids):
+    def __call__(self, x, cos, sin, positions, segment_ids, cache=None):
+        """Without `cache`: attention over this call's tokens. With `cache = (k, v, cache)` (this layer's
+        [batch, max_len, kv_heads, head_dim] K/V and the `KVCache` with this call's positions already written):
+        the new K/V are written at the cursor and the queries attend over every filled slot; returns (out, (k, v))."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         qkv = dense("bte,ekgd->btkgd", x, self.wqkv[...], dtype)
@@ -63,12 +67,21 @@ class Attention(nnx.Module):
         q = qkv[:, :, :, : cfg.q_per_kv].reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attention(q, k, v, q_positions=positions, kv_positions=positions, q_segment_ids=segment_ids,
-                        kv_segment_ids=segment_ids, causal=True, impl=cfg.attention_impl)
+        if cache is None:
+            out = attention(q, k, v, q_positions=positions, kv_positions=positions, q_segment_ids=segment_ids,
+                            kv_segment_ids=segment_ids, causal=True, impl=cfg.attention_impl)
+        else:
+            k_cache, v_cache, kv = cache
+            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), kv.cursor, axis=1)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), kv.cursor, axis=1)
+            # The static cache is read whole by the XLA reference; the paged engine has its own kernels.
+            out = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), q_positions=positions,
+                            kv_positions=kv.positions, q_segment_ids=segment_ids, kv_segment_ids=kv.segments,
+                            causal=True, impl="xla")
         out = dense("bthd,hde->bte", out, self.wo[...], dtype)
         if cfg.bias:
             out = out + self.wo_bias[...].astype(dtype)
-        return out
+        return out if cache is None else (out, (k_cache, v_cache))
 
 
 class DecoderLayer(nnx.Module):
@@ -80,9 +93,13 @@ class DecoderLayer(nnx.Module):
         self.ffn_norm = RMSNorm(cfg)
         self.feed_forward = FeedForward(cfg, out_std=out_std, rngs=rngs)
 
-    def __call__(self, x, cos, sin, positions, segment_ids):
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, segment_ids)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def __call__(self, x, cos, sin, positions, segment_ids, cache=None):
+        if cache is None:
+            h = x + self.attention(self.attention_norm(x), cos, sin, positions, segment_ids)
+            return h + self.feed_forward(self.ffn_norm(h))
+        out, kv = self.attention(self.attention_norm(x), cos, sin, positions, segment_ids, cache)
+        h = x + out
+        return h + self.feed_forward(self.ffn_norm(h)), kv
 
 
 def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
@@ -113,7 +130,8 @@ class InternLM2Model(nnx.Module):
                                     for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg)
 
-    def __call__(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
+    def __call__(self, input_ids, positions=None, segment_ids=None, cache: KVCache | None = None):
+        """Final hidden states; with a `KVCache`, (hidden states, the cache with this call's tokens appended)."""
         cfg = self.cfg
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if positions is None:
@@ -124,6 +142,8 @@ class InternLM2Model(nnx.Module):
         x = jnp.take(self.tok_embeddings[...], input_ids, axis=0).astype(cfg.dtype)
         x = constrain(x, ("batch", "length", "embed"))
         cos, sin = rotary_tables(cfg, positions, segment_ids)
+        if cache is not None:
+            return self._cached(x, cos, sin, positions, segment_ids, cache)
 
         def run_layer(graphdef, state, x):
             x = nnx.merge(graphdef, state)(x, cos, sin, positions, segment_ids)
@@ -138,6 +158,25 @@ class InternLM2Model(nnx.Module):
             for layer in self.layers:
                 x = run_layer(*nnx.split(layer), x)
         return self.norm(x)
+
+    def _cached(self, x, cos, sin, positions, segment_ids, cache: KVCache):
+        kv = cache.write(positions, segment_ids)
+        if self.cfg.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+
+            def step(h, layer):
+                state, k, v = layer
+                return nnx.merge(graphdef, state)(h, cos, sin, positions, segment_ids, (k, v, kv))
+
+            x, (k, v) = jax.lax.scan(step, x, (state, cache.k, cache.v))
+        else:
+            ks, vs = [], []
+            for i, layer in enumerate(self.layers):
+                x, (k, v) = layer(x, cos, sin, positions, segment_ids, (cache.k[i], cache.v[i], kv))
+                ks.append(k)
+                vs.append(v)
+            k, v = jnp.stack(ks), jnp.stack(vs)
+        return self.norm(x), kv.replace(k=k, v=v, cursor=kv.cursor + x.shape[1])
 
 
 def token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
@@ -188,10 +227,12 @@ class InternLM2ForCausalLM(nnx.Module):
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden: bool = False) -> jax.Array:
         hidden = self.model(input_ids, positions, segment_ids)
-        if return_hidden:
-            return hidden
+        return hidden if return_hidden else self.logits(hidden)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """fp32 logits [..., vocab] of hidden states [..., embed]."""
         head = self.head_weight().astype(hidden.dtype)
-        return jnp.einsum("bte,ev->btv", hidden, head, preferred_element_type=jnp.float32)
+        return jnp.einsum("...e,ev->...v", hidden, head, preferred_element_type=jnp.float32)
 
     def token_logprobs(self, hidden: jax.Array, targets: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
         return token_logprobs(hidden, self.head_weight(), targets, chunk_size=chunk_size)

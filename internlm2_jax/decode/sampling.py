@@ -1,0 +1,109 @@
+"""Token sampling for a batch whose rows each carry their own settings, as one jitted function of arrays.
+
+Order of operations (as vLLM and HF apply them): penalties on the raw logits -> temperature -> top-k, top-p and
+min-p truncation -> a draw from each row's own key. Temperature 0 is greedy. Log-probabilities reported for the
+chosen and top-n tokens are those of the model's distribution (before penalties and truncation), which is what
+OpenAI's `logprobs` and log-likelihood clients read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+_MASKED = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """One request's sampling settings; `validate` names the bad field (the server answers 400 with it)."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off; keep tokens with p >= min_p * p(most likely)
+    repetition_penalty: float = 1.0  # HF: logits of prompt and generated tokens divided (if > 0) or multiplied
+    presence_penalty: float = 0.0  # OpenAI: minus this once for every token generated at least once
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the token's generated count
+    seed: int = 0
+
+    def validate(self) -> None:
+        checks = {"temperature": 0 <= self.temperature < math.inf, "top_k": self.top_k >= 0,
+                  "top_p": 0 < self.top_p <= 1, "min_p": 0 <= self.min_p <= 1,
+                  "repetition_penalty": 0 < self.repetition_penalty < math.inf,
+                  "presence_penalty": -2 <= self.presence_penalty <= 2,
+                  "frequency_penalty": -2 <= self.frequency_penalty <= 2, "seed": 0 <= self.seed < 2**63}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name}: invalid value {getattr(self, name)!r}")
+
+
+@struct.dataclass
+class SamplingParams:
+    """`SamplingConfig`s stacked into per-row arrays."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    presence_penalty: jax.Array
+    frequency_penalty: jax.Array
+    keys: jax.Array  # [batch, 2] uint32: each row's PRNG key, from its seed
+
+    @classmethod
+    def stack(cls, configs) -> SamplingParams:
+        for config in configs:
+            config.validate()
+
+        def column(name, dtype):
+            return jnp.asarray([getattr(c, name) for c in configs], dtype)
+
+        keys = jnp.stack([jax.random.key_data(jax.random.key(c.seed)) for c in configs])
+        return cls(column("temperature", jnp.float32), column("top_k", jnp.int32), column("top_p", jnp.float32),
+                   column("min_p", jnp.float32), column("repetition_penalty", jnp.float32),
+                   column("presence_penalty", jnp.float32), column("frequency_penalty", jnp.float32), keys)
+
+
+def apply_penalties(logits, params: SamplingParams, counts, seen):
+    """counts [batch, vocab]: times each token was generated; seen [batch, vocab] bool: in the prompt or generated."""
+    rep = params.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return (logits - params.presence_penalty[:, None] * (counts > 0)
+            - params.frequency_penalty[:, None] * counts.astype(jnp.float32))
+
+
+def truncate(logits, params: SamplingParams):
+    """Temperature-scaled logits with the tokens outside top-k, top-p and min-p masked."""
+    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
+    scaled = logits / temperature
+    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    rank = jnp.arange(logits.shape[-1])[None, :]
+    keep = (params.top_k[:, None] == 0) | (rank < params.top_k[:, None])
+    keep &= (jnp.cumsum(probs, axis=-1) - probs) < params.top_p[:, None]  # the mass before this token
+    keep &= probs >= params.min_p[:, None] * probs[:, :1]
+    keep = keep.at[:, 0].set(True)  # the most likely token always survives
+    # The smallest kept logit per row is the cut: ties at the cut are all kept, as HF does.
+    cut = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(scaled >= cut, scaled, _MASKED)
+
+
+def sample(logits, params: SamplingParams, step, counts, seen, top_n: int = 0):
+    """(tokens [batch], their log-probs [batch], top-n ids and log-probs [batch, top_n]) for fp32 `logits`.
+
+    Row i draws with `fold_in(keys[i], step)`: its tokens depend on its own seed and step only, not on the batch.
+    """
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    penalised = apply_penalties(logits, params, counts, seen)
+    masked = truncate(penalised, params)
+    keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(params.keys)
+    drawn = jax.vmap(jax.random.categorical)(keys, masked)
+    tokens = jnp.where(params.temperature > 0, drawn, jnp.argmax(penalised, axis=-1)).astype(jnp.int32)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, top_n) if top_n else (logprobs[:, :0], tokens[:, None][:, :0])
+    return tokens, chosen, top_ids.astype(jnp.int32), top_logprobs

@@ -1,0 +1,53 @@
+"""A static-shape KV cache for batched generation: what the decoder reads instead of recomputing the prefix.
+
+It holds K and V of the kv heads only (never repeated to all query heads), after RoPE: a cached key keeps the
+rotation it was written with, as HF and LMDeploy do, which is what dynamic NTK beyond `max_position_embeddings`
+means for cached decoding (conventions). Slots are written at a cursor shared by the batch; each slot also records
+the position it holds and a segment id (1 written, 0 empty or padding, which attends to nothing and is attended by
+nothing), so left- and right-padded prompts, and rows of different lengths, need no special cases in attention.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from internlm2_jax.config import ModelConfig
+
+
+@struct.dataclass
+class KVCache:
+    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    positions: jax.Array  # [batch, max_len] int32: the position of the token held by each slot
+    segments: jax.Array  # [batch, max_len] int32: 1 for a written token, 0 for an empty or padding slot
+    cursor: jax.Array  # [] int32: the next slot to write, the same for every row
+    lengths: jax.Array  # [batch] int32: tokens of each sequence so far, i.e. the position of its next token
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, positions: jax.Array, segment_ids: jax.Array) -> KVCache:
+        """The cache with [batch, T] new tokens' positions and segments recorded at the cursor (the layers write
+        their K/V there, then `advance` moves the cursor). Writing past `max_len` is the caller's to prevent: under
+        jit, `dynamic_update_slice` would clamp, not fail."""
+        at = self.cursor
+        return self.replace(positions=jax.lax.dynamic_update_slice_in_dim(self.positions, positions, at, axis=1),
+                            segments=jax.lax.dynamic_update_slice_in_dim(self.segments, segment_ids, at, axis=1))
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache for `batch` sequences of up to `max_len` tokens, K/V in `dtype` (default: compute dtype)."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   positions=jnp.zeros((batch, max_len), jnp.int32), segments=jnp.zeros((batch, max_len), jnp.int32),
+                   cursor=jnp.zeros((), jnp.int32), lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> int:
+    """Memory of the K/V tensors of `init_cache(cfg, batch, max_len, dtype)`."""
+    itemsize = jnp.dtype(dtype or cfg.dtype).itemsize
+    return 2 * cfg.num_hidden_layers * batch * max_len * cfg.num_key_value_heads * cfg.head_dim * itemsize
