@@ -153,6 +153,9 @@ def test_bad_inputs_and_config_values_are_named(tmp_path, corpus):
         run_local(make_config(tmp_path, corpus, inputs=(InputConfig(str(tmp_path / "missing.jsonl")),)))
     with pytest.raises(InputError, match=r"inputs\[0\].format"):
         run_local(make_config(tmp_path, corpus, inputs=(InputConfig(str(corpus["jsonl"]), "parquet"),)))
+    with pytest.raises(ValueError, match=r"inputs\[1\].source: 'web' is also inputs\[0\]"):
+        run_local(make_config(tmp_path, corpus, inputs=(InputConfig(str(corpus["jsonl"]), source="web"),
+                                                         InputConfig(str(corpus["code"]), "code", source="web"))))
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x").write_text("not ours")
     with pytest.raises(OutputDirError, match="not a curation output"):

@@ -73,8 +73,8 @@ def _exact_edge(edge, threshold: float, out: str) -> bool:
 
 
 def _ids(unit: WorkUnit, out: str):
-    for record in stages.read_kept(unit, Path(out)):
-        yield record["key"], record["id"]
+    arrays = stages.load_unit_arrays(unit, Path(out))
+    yield from zip(arrays["keys"].tolist(), arrays["ids"].tolist(), strict=True)
 
 
 def _resolve(_, groups, edges, ids, config: CurationConfig, out: str) -> dict:

@@ -65,8 +65,14 @@ class CurationConfig:
     def validate(self) -> None:
         if not self.inputs:
             raise ValueError("inputs: at least one input is required")
+        first: dict[str, int] = {}
         for i, spec in enumerate(self.inputs):
             spec.validate(f"inputs[{i}]")
+            j = first.setdefault(spec.source_name, i)
+            other = self.inputs[j]
+            if (other.cleaning_kind, other.weight) != (spec.cleaning_kind, spec.weight):
+                raise ValueError(f"inputs[{i}].source: {spec.source_name!r} is also inputs[{j}]'s source, with another "
+                                 "kind or weight; name the sources apart")
         for name in ("unit_bytes", "max_record_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")

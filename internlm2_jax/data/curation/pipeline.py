@@ -163,9 +163,8 @@ def _load_kept_arrays(units: Sequence[WorkUnit], out: Path) -> dict[str, np.ndar
 def _kept_ids(units: Sequence[WorkUnit], out: Path, wanted: set[int]) -> dict[int, str]:
     ids = {}
     for unit in units:
-        for record in stages.read_kept(unit, out):
-            if record["key"] in wanted:
-                ids[record["key"]] = record["id"]
+        arrays = stages.load_unit_arrays(unit, out)
+        ids.update((k, i) for k, i in zip(arrays["keys"].tolist(), arrays["ids"].tolist(), strict=True) if k in wanted)
     return ids
 
 

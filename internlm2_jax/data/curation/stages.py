@@ -155,7 +155,7 @@ def filter_unit(unit: WorkUnit, config: CurationConfig, out_dir: Path) -> dict[s
     counter = StageCounter()
     kept = AtomicFile(out_dir / "work" / "kept" / f"{unit_name(unit)}.jsonl")
     removed = AtomicFile(out_dir / "removed" / f"{unit_name(unit)}-filter.jsonl")
-    keys, tokens, hashes, sigs, shingle_sets, batch = [], [], [], [], [], []
+    keys, ids, tokens, hashes, sigs, shingle_sets, batch = [], [], [], [], [], [], []
     minhash = config.dedup.minhash
 
     def flush():
@@ -189,6 +189,7 @@ def filter_unit(unit: WorkUnit, config: CurationConfig, out_dir: Path) -> dict[s
         item.meta["source"] = spec.source_name
         kept.write({"key": item.key, "id": item.id, "text": item.text, "meta": item.meta})
         keys.append(item.key)
+        ids.append(item.id)
         tokens.append(n_tokens)
         hashes.append(content_hash(item.text))
         batch.append(item)
@@ -197,7 +198,8 @@ def filter_unit(unit: WorkUnit, config: CurationConfig, out_dir: Path) -> dict[s
     flush()
     all_sigs = np.concatenate(sigs) if sigs else np.zeros((0, minhash.num_perm), np.uint32)
     _save_npz(out_dir / "work" / "kept" / f"{unit_name(unit)}.npz", keys=np.asarray(keys, np.int64),
-              tokens=np.asarray(tokens, np.int64), hashes=np.asarray(hashes, dtype="S"), signatures=all_sigs,
+              ids=np.asarray(ids, dtype=str), tokens=np.asarray(tokens, np.int64),
+              hashes=np.asarray(hashes, dtype="S"), signatures=all_sigs,
               band_keys=band_keys(all_sigs, *minhash.banding))
     if config.dedup.verify == "exact":
         _save_npz(ShingleStore.path(out_dir, unit.index), keys=np.asarray(keys, np.int64),

@@ -1,0 +1,96 @@
+"""Greedy decode speed with the static KV cache: ours against transformers' `generate` on the same weights.
+
+Both generate exactly --new tokens after a --prompt-token prompt for each of --batch rows (greedy, KV cache), in the
+same process, back to back; the table gives the median wall time of --runs calls after a warm-up (compilation
+excluded), new tokens/s, and the ratio to transformers. Default: the 57.7M bench shape (V32768 H512 L8 NH8 KV2
+I1536) in fp32 on CPU at batch 1 and 16. On a GPU: `--preset internlm2_1_8b --dtype bfloat16 --no-torch` (the
+lent machines carry jax but not necessarily torch); `--quick` is a tiny smoke test of the script on CPU.
+Usage: python benchmarks/decode.py [--batch 1 16] [--prompt 128] [--new 128] [--runs 3] [--quick]
+"""
+
+import argparse
+import os
+import platform
+import tempfile
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from bench_common import median_seconds  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from internlm2_jax.config import preset  # noqa: E402
+from internlm2_jax.convert import save_pretrained  # noqa: E402
+from internlm2_jax.decode import generate_ids  # noqa: E402
+from internlm2_jax.model import InternLM2ForCausalLM  # noqa: E402
+
+
+def ours(model, prompts: np.ndarray, new: int, runs: int) -> tuple[float, list[list[int]]]:
+    graphdef, params = nnx.split(model)
+    out = []
+
+    def call():
+        out[:] = [c.tokens for c in generate_ids((graphdef, params), prompts.tolist(), max_new_tokens=new, chunk=64)]
+
+    return median_seconds(call, runs), out
+
+
+def transformers_generate(path, prompts: np.ndarray, new: int, runs: int) -> tuple[float, list[list[int]]]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(os.cpu_count())
+    model = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    x = torch.tensor(prompts)
+    out = []
+
+    def call():
+        with torch.inference_mode():
+            seq = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, use_cache=True, pad_token_id=0)
+        out[:] = seq[:, prompts.shape[1]:].tolist()
+
+    return median_seconds(call, runs), out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="bench")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-torch", action="store_true", help="ours only (a GPU machine without torch)")
+    parser.add_argument("--quick", action="store_true", help="tiny preset, batch 2, 8+8 tokens: a smoke test")
+    args = parser.parse_args()
+    if args.quick:
+        args.preset, args.batch, args.prompt, args.new, args.runs = "tiny", [2], 8, 8, 1
+    cfg = preset(args.preset, dtype=args.dtype, max_position_embeddings=max(args.prompt + args.new, 64))
+    model = InternLM2ForCausalLM(cfg, rngs=nnx.Rngs(0))
+    print(f"greedy decode, {args.preset} ({cfg.num_params() / 1e6:.1f}M) {args.dtype}, prompt {args.prompt} + "
+          f"{args.new} new tokens, {jax.devices()[0].device_kind} ({platform.machine()}, {os.cpu_count()} cores), "
+          f"median of {args.runs}")
+    print("| batch | implementation | seconds | new tokens/s | vs transformers | same tokens |")
+    print("|---:|---|---:|---:|---:|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.no_torch:
+            save_pretrained(model, tmp, layout="llama", dtype="float32")
+        for batch in args.batch:
+            prompts = np.random.RandomState(batch).randint(3, cfg.vocab_size, (batch, args.prompt)).astype(np.int32)
+            ours_s, ours_tokens = ours(model, prompts, args.new, args.runs)
+            rows = [("ours (jax, static KV cache)", ours_s, "")]
+            if not args.no_torch:
+                ref_s, ref_tokens = transformers_generate(tmp, prompts, args.new, args.runs)
+                same = sum(a == b for a, b in zip(ours_tokens, ref_tokens, strict=True))
+                rows = [("transformers generate (baseline)", ref_s, ""),
+                        ("ours (jax, static KV cache)", ours_s, f"{same}/{batch} rows")]
+            baseline = rows[0][1]
+            for name, seconds, same in rows:
+                print(f"| {batch} | {name} | {seconds:.3f} | {batch * args.new / seconds:.0f} | "
+                      f"{baseline / seconds:.2f}x | {same} |")
+
+
+if __name__ == "__main__":
+    main()
