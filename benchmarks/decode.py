@@ -21,7 +21,7 @@ from bench_common import median_seconds  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from internlm2_jax.config import preset  # noqa: E402
-from internlm2_jax.convert import save_pretrained  # noqa: E402
+from internlm2_jax.convert import load_pretrained, save_pretrained  # noqa: E402
 from internlm2_jax.decode import generate_ids  # noqa: E402
 from internlm2_jax.model import InternLM2ForCausalLM  # noqa: E402
 
@@ -80,12 +80,16 @@ def main():
         for batch in args.batch:
             prompts = np.random.RandomState(batch).randint(3, cfg.vocab_size, (batch, args.prompt)).astype(np.int32)
             ours_s, ours_tokens = ours(model, prompts, args.new, args.runs)
-            rows = [("ours (jax, static KV cache)", ours_s, "")]
+            rows = [(f"ours (jax, static KV cache, {args.dtype})", ours_s, "")]
             if not args.no_torch:
                 ref_s, ref_tokens = transformers_generate(tmp, prompts, args.new, args.runs)
                 same = sum(a == b for a, b in zip(ours_tokens, ref_tokens, strict=True))
-                rows = [("transformers generate (baseline)", ref_s, ""),
-                        ("ours (jax, static KV cache)", ours_s, f"{same}/{batch} rows")]
+                rows = [("transformers generate fp32 (baseline)", ref_s, ""),
+                        (f"ours (jax, static KV cache, {args.dtype})", ours_s, f"{same}/{batch} rows")]
+                if args.dtype == "float32":  # the same weights rounded to bf16: half the bytes to stream per token
+                    _, half = load_pretrained(tmp, dtype="bfloat16", param_dtype="bfloat16")
+                    half_s, _ = ours(half, prompts, args.new, args.runs)
+                    rows.append(("ours (jax, static KV cache, bf16 weights)", half_s, ""))
             baseline = rows[0][1]
             for name, seconds, same in rows:
                 print(f"| {batch} | {name} | {seconds:.3f} | {batch * args.new / seconds:.0f} | "

@@ -22,8 +22,10 @@ def test_decode_benchmark_quick_run_prints_its_table_and_matches_transformers():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--quick"],
                           capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| transformers generate (baseline) |" in done.stdout and "| 2/2 rows |" in done.stdout
+    assert "| transformers generate fp32 (baseline) |" in done.stdout and "| 2/2 rows |" in done.stdout
+    assert "bf16 weights" in done.stdout
     gpu_form = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--quick", "--no-torch",
                                "--dtype", "bfloat16"], capture_output=True, text=True, timeout=600,
                               env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert gpu_form.returncode == 0 and "ours (jax, static KV cache)" in gpu_form.stdout, gpu_form.stderr[-3000:]
+    assert gpu_form.returncode == 0, gpu_form.stderr[-3000:]
+    assert "ours (jax, static KV cache, bfloat16)" in gpu_form.stdout

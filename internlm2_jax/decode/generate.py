@@ -3,7 +3,8 @@
 
 `prefill(graphdef, params, cache, tokens, lengths)` runs padded prompts through the model once, writes their K/V
 and returns logits of each row's last real token only; `decode_step(graphdef, params, cache, tokens)` appends one
-token per row. Both are jitted once per shape (graphdef static). Between chunks the host checks stop strings, which
+token per row. Both are jitted once per shape (graphdef static) and donate the cache they are given, which they
+update in place (do not reuse it after the call). Between chunks the host checks stop strings, which
 need the tokenizer: a match ends the row and its text is cut at the match.
 """
 
@@ -23,7 +24,7 @@ from internlm2_jax.decode.sampling import SamplingConfig, SamplingParams, sample
 from internlm2_jax.model.kv_cache import KVCache, init_cache
 
 
-@partial(jax.jit, static_argnums=0, static_argnames="left_padded")
+@partial(jax.jit, static_argnums=0, static_argnames="left_padded", donate_argnums=2)
 def prefill(graphdef, params, cache: KVCache, tokens, lengths, *, left_padded: bool = False):
     """(cache, fp32 logits [batch, vocab] at each row's last prompt token) for prompts [batch, T] padded on the
     right (or the left) to T, of `lengths` real tokens each; the cache must have room for T more slots."""
@@ -44,7 +45,7 @@ def _decode(model, cache: KVCache, tokens):
     return cache.replace(lengths=cache.lengths + 1), model.logits(hidden[:, 0])
 
 
-@partial(jax.jit, static_argnums=0)
+@partial(jax.jit, static_argnums=0, donate_argnums=2)
 def decode_step(graphdef, params, cache: KVCache, tokens):
     """(cache, fp32 logits [batch, vocab] of the next token) after appending `tokens` [batch]."""
     return _decode(nnx.merge(graphdef, params), cache, tokens)
@@ -65,7 +66,7 @@ class GenerationState:
     step: jax.Array  # [] int32
 
 
-@partial(jax.jit, static_argnums=0, static_argnames="chunk")
+@partial(jax.jit, static_argnums=0, static_argnames="chunk", donate_argnums=2)
 def decode_chunk(graphdef, params, state: GenerationState, sampling: SamplingParams, stop_ids, max_new, *,
                  chunk: int) -> GenerationState:
     """Up to `chunk` sample-and-decode steps on device, stopping early once every row is done."""

@@ -99,11 +99,22 @@ def sample(logits, params: SamplingParams, step, counts, seen, top_n: int = 0):
     Row i draws with `fold_in(keys[i], step)`: its tokens depend on its own seed and step only, not on the batch.
     """
     logprobs = jax.nn.log_softmax(logits, axis=-1)
-    penalised = apply_penalties(logits, params, counts, seen)
-    masked = truncate(penalised, params)
-    keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(params.keys)
-    drawn = jax.vmap(jax.random.categorical)(keys, masked)
-    tokens = jnp.where(params.temperature > 0, drawn, jnp.argmax(penalised, axis=-1)).astype(jnp.int32)
+    # Each stage runs only when some row asks for it: the sort behind top-k/top-p/min-p cost more than the whole
+    # forward of a 57M model at batch 16 on CPU, and a greedy batch needs none of it.
+    penalised = jax.lax.cond((params.repetition_penalty != 1).any() | (params.presence_penalty != 0).any()
+                             | (params.frequency_penalty != 0).any(),
+                             lambda: apply_penalties(logits, params, counts, seen), lambda: logits)
+    sampled = params.temperature > 0
+    needs_cut = (sampled & ((params.top_k > 0) | (params.top_p < 1) | (params.min_p > 0))).any()
+
+    def draw():
+        temperature = jnp.where(sampled, params.temperature, 1.0)[:, None]
+        masked = jax.lax.cond(needs_cut, lambda: truncate(penalised, params), lambda: penalised / temperature)
+        keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(params.keys)
+        return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+
+    greedy = jnp.argmax(penalised, axis=-1).astype(jnp.int32)
+    tokens = jnp.where(sampled, jax.lax.cond(sampled.any(), draw, lambda: greedy), greedy)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_logprobs, top_ids = jax.lax.top_k(logprobs, top_n) if top_n else (logprobs[:, :0], tokens[:, None][:, :0])
     return tokens, chosen, top_ids.astype(jnp.int32), top_logprobs

@@ -18,8 +18,8 @@ from internlm2_jax.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    k: jax.Array  # [layers, batch, kv_heads, max_len, head_dim]: head-major, as attention reads it
+    v: jax.Array  # [layers, batch, kv_heads, max_len, head_dim]
     positions: jax.Array  # [batch, max_len] int32: the position of the token held by each slot
     segments: jax.Array  # [batch, max_len] int32: 1 for a written token, 0 for an empty or padding slot
     cursor: jax.Array  # [] int32: the next slot to write, the same for every row
@@ -27,7 +27,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     def write(self, positions: jax.Array, segment_ids: jax.Array) -> KVCache:
         """The cache with [batch, T] new tokens' positions and segments recorded at the cursor (the layers write
@@ -41,7 +41,7 @@ class KVCache:
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for `batch` sequences of up to `max_len` tokens, K/V in `dtype` (default: compute dtype)."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    positions=jnp.zeros((batch, max_len), jnp.int32), segments=jnp.zeros((batch, max_len), jnp.int32),
                    cursor=jnp.zeros((), jnp.int32), lengths=jnp.zeros((batch,), jnp.int32))

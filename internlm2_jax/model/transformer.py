@@ -55,9 +55,10 @@ class Attention(nnx.Module):
             self.wo_bias = constant_param(0.0, (h,), ("embed",), pdt)
 
     def __call__(self, x, cos, sin, positions, segment_ids, cache=None):
-        """Without `cache`: attention over this call's tokens. With `cache = (k, v, cache)` (this layer's
-        [batch, max_len, kv_heads, head_dim] K/V and the `KVCache` with this call's positions already written):
-        the new K/V are written at the cursor and the queries attend over every filled slot; returns (out, (k, v))."""
+        """Without `cache`: attention over this call's tokens. With `cache = (k, v, layer, kv)` (every layer's
+        [layers, batch, kv_heads, max_len, head_dim] K/V, this layer's index and the `KVCache` with this call's
+        positions already written): the new K/V are written at the cursor in place, only T slots, and the queries
+        attend over every filled slot of this layer; returns (out, (k, v))."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         qkv = dense("bte,ekgd->btkgd", x, self.wqkv[...], dtype)
@@ -71,11 +72,14 @@ class Attention(nnx.Module):
             out = attention(q, k, v, q_positions=positions, kv_positions=positions, q_segment_ids=segment_ids,
                             kv_segment_ids=segment_ids, causal=True, impl=cfg.attention_impl)
         else:
-            k_cache, v_cache, kv = cache
-            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), kv.cursor, axis=1)
-            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), kv.cursor, axis=1)
-            # The static cache is read whole by the XLA reference; the paged engine has its own kernels.
-            out = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), q_positions=positions,
+            k_cache, v_cache, layer, kv = cache
+            at = (layer, 0, 0, kv.cursor, 0)  # the cache is head-major: [layers, batch, kv_heads, slots, head_dim]
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.swapaxes(1, 2)[None].astype(k_cache.dtype), at)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.swapaxes(1, 2)[None].astype(v_cache.dtype), at)
+            # The static cache is read whole by the XLA reference (head-major, so XLA folds the reference's own
+            # transpose away); the paged engine has its own kernels.
+            out = attention(q, k_cache[layer].swapaxes(1, 2).astype(q.dtype),
+                            v_cache[layer].swapaxes(1, 2).astype(q.dtype), q_positions=positions,
                             kv_positions=kv.positions, q_segment_ids=segment_ids, kv_segment_ids=kv.segments,
                             causal=True, impl="xla")
         out = dense("bthd,hde->bte", out, self.wo[...], dtype)
@@ -160,22 +164,22 @@ class InternLM2Model(nnx.Module):
         return self.norm(x)
 
     def _cached(self, x, cos, sin, positions, segment_ids, cache: KVCache):
+        # The whole cache rides in the loop carry and each layer writes its T new slots in place: slicing it into
+        # per-layer scan inputs and stacking outputs copied all of it every step (decode time grew with max_len).
         kv = cache.write(positions, segment_ids)
+        k, v = cache.k, cache.v
         if self.cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
 
-            def step(h, layer):
-                state, k, v = layer
-                return nnx.merge(graphdef, state)(h, cos, sin, positions, segment_ids, (k, v, kv))
+            def step(carry, layer_state):
+                h, k, v, i = carry
+                h, (k, v) = nnx.merge(graphdef, layer_state)(h, cos, sin, positions, segment_ids, (k, v, i, kv))
+                return (h, k, v, i + 1), None
 
-            x, (k, v) = jax.lax.scan(step, x, (state, cache.k, cache.v))
+            (x, k, v, _), _ = jax.lax.scan(step, (x, k, v, jnp.zeros((), jnp.int32)), state)
         else:
-            ks, vs = [], []
             for i, layer in enumerate(self.layers):
-                x, (k, v) = layer(x, cos, sin, positions, segment_ids, (cache.k[i], cache.v[i], kv))
-                ks.append(k)
-                vs.append(v)
-            k, v = jnp.stack(ks), jnp.stack(vs)
+                x, (k, v) = layer(x, cos, sin, positions, segment_ids, (k, v, i, kv))
         return self.norm(x), kv.replace(k=k, v=v, cursor=kv.cursor + x.shape[1])
 
 
