@@ -7,19 +7,24 @@ code prompts -> a short report with the curation stage table.
 Run: python -m internlm2_jax.launch experiments/tiny_chain.py [--set train.steps=50 ...]
 """
 
+import itertools
 import math
 from collections import Counter
 from pathlib import Path
 
+import jax
 from flax import nnx
 
 from internlm2_jax.config import ModelConfig, RopeScaling
+from internlm2_jax.data import PretrainDataIterator
 from internlm2_jax.data.corpus import prepare_stdlib_dataset
 from internlm2_jax.data.curation.report import format_report
 from internlm2_jax.decode import greedy_generate
 from internlm2_jax.launch import DataConfig, Experiment, run_pretraining
 from internlm2_jax.parallel import MeshConfig
+from internlm2_jax.model.quantize import quantize_int8, weight_bytes
 from internlm2_jax.train import OptimizerConfig, StepConfig
+from internlm2_jax.train.loss import next_token_loss
 from internlm2_jax.train.loop import TrainConfig
 from internlm2_jax.train.state import model_graphdef
 
@@ -59,6 +64,15 @@ def unigram_nats(tokenizer, train_docs, heldout_docs) -> float:
     return nll / n
 
 
+def heldout_loss(model, exp: Experiment, tokenizer) -> float:
+    """Mean loss over the run's own evaluation batches (the rows `run_pretraining` evaluated, in order)."""
+    rows = PretrainDataIterator(exp.data.heldout_manifest, tokenizer, exp.train.seq_len, exp.train.batch_size,
+                                seed=0, shuffle=False, repeat=False)
+    loss = jax.jit(lambda m, batch: next_token_loss(m, batch, chunk_size=exp.step.loss_chunk_size))
+    sums = [loss(model, batch) for batch in itertools.islice(rows, exp.data.eval_batches)]
+    return sum(float(s) for s, _ in sums) / sum(float(n) for _, n in sums)
+
+
 def main(exp: Experiment) -> None:
     data_dir = Path(exp.data.tokenizer).parent  # the manifests are data_dir/{train,heldout}/manifest.json
     tokenizer, train_docs, heldout_docs, curation = prepare_stdlib_dataset(data_dir, exp.model.vocab_size)
@@ -68,6 +82,10 @@ def main(exp: Experiment) -> None:
     completions = greedy_generate(model, [tokenizer.encode(p, add_bos=True, allow_special=False) for p in PROMPTS],
                                   max_new_tokens=24, stop_ids=[tokenizer.eos_id])
     baseline = unigram_nats(tokenizer, train_docs, heldout_docs)
+    fp32_graphdef, _ = model_graphdef(exp.model.replace(dtype="float32"))
+    fp32 = nnx.merge(fp32_graphdef, result.state.params)
+    int8 = quantize_int8(fp32)
+    fp32_loss, int8_loss = heldout_loss(fp32, exp, tokenizer), heldout_loss(int8, exp, tokenizer)
     losses = result.losses
     lines = [
         f"# {exp.name}: {exp.model.num_params() / 1e6:.1f}M parameters, {result.final_step} steps of "
@@ -77,6 +95,9 @@ def main(exp: Experiment) -> None:
         f"| first / last train loss (nats/token) | {losses[min(losses)]:.3f} / {losses[max(losses)]:.3f} |",
         f"| held-out loss / perplexity | {result.eval['eval_loss']:.3f} / {result.eval['eval_perplexity']:.1f} |",
         f"| unigram baseline loss / perplexity | {baseline:.3f} / {math.exp(baseline):.1f} |",
+        f"| held-out perplexity, fp32 / int8 weights (decoding) | {math.exp(fp32_loss):.2f} / "
+        f"{math.exp(int8_loss):.2f} ({math.exp(int8_loss - fp32_loss) - 1:+.2%}); weights "
+        f"{weight_bytes(fp32) / 2**20:.1f} / {weight_bytes(int8) / 2**20:.1f} MiB |",
         f"| loss curve | {result.run_dir / 'loss_curve.png'} |",
         "", "Greedy completions:",
     ]

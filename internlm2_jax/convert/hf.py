@@ -23,6 +23,7 @@ from internlm2_jax.config import LAYOUTS, ModelConfig
 from internlm2_jax.convert.layouts import IGNORED_SUFFIXES, Mapping, layer_mappings, layer_prefix, top_mappings
 from internlm2_jax.convert.safetensors_io import CheckpointError, CheckpointReader, write_checkpoint
 from internlm2_jax.model import InternLM2ForCausalLM, InternLM2ForRewardModel
+from internlm2_jax.model.quantize import quantize_int8
 from internlm2_jax.parallel import DEFAULT_RULES, param_sharding
 
 log = logging.getLogger("internlm2_jax.convert")
@@ -69,12 +70,13 @@ def iter_mappings(cfg: ModelConfig, layout: str, *, reward: bool):
 
 
 def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules=DEFAULT_RULES, strict: bool = True,
-                    **config_overrides: Any):
+                    quantize: str | None = None, **config_overrides: Any):
     """Loads a HF model directory (InternLM2 or Llama layout, causal LM or reward model) -> (config, model).
 
     `config_overrides` set the fields that are ours, not HF's: `dtype`, `param_dtype` (default float32), `remat`,
     `scan_layers`, `attention_impl`. With a `mesh`, each parameter is placed on its sharding as it is read.
-    `strict=False` tolerates unexpected extra tensors (they are reported either way).
+    `strict=False` tolerates unexpected extra tensors (they are reported either way). `quantize="int8"` stores the
+    projection weights as int8 with per-channel scales, for decoding (`model.quantize`).
     """
     path = Path(path)
     hf, layout, reward = read_hf_config(path)
@@ -117,7 +119,10 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules=
             filled[ours] = _place(value, variables[ours], ours, mesh, rules)
     _report_conversions(path, conversions, np.dtype(cfg.param_dtype))
     state = nnx.from_flat_state([(p, v.replace(filled[p])) for p, v in variables.items()])
-    return cfg, nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize: only 'int8' (weight-only, for decoding) is supported, got {quantize!r}")
+    return cfg, quantize_int8(model) if quantize else model
 
 
 def _read_param(cfg: ModelConfig, reader: CheckpointReader, mapping: Mapping, names, conversions) -> np.ndarray:

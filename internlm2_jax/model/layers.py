@@ -14,6 +14,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from internlm2_jax.config import ModelConfig
+from internlm2_jax.model.quantize import Int8Weight
 
 
 def normal_param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
@@ -67,7 +68,10 @@ def dense(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     The output is tagged `DENSE_OUTPUT`: a custom_vjp hides its matmul from `checkpoint_dots`-style policies.
     """
     dtype = jnp.dtype(dtype)
-    if dtype == jnp.float32:
+    if isinstance(w, Int8Weight):  # output channels are w's trailing dimensions, and so the output's
+        out = jnp.einsum(equation, x.astype(dtype), w.values.astype(dtype), preferred_element_type=jnp.float32)
+        out = (out * w.scale).astype(dtype)
+    elif dtype == jnp.float32:
         out = jnp.einsum(equation, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
     else:
         out = _low_precision_matmul(equation, x.astype(dtype), w.astype(dtype))

@@ -13,6 +13,7 @@ from flax import nnx
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.model.attention import attention
 from internlm2_jax.model.kv_cache import KVCache
+from internlm2_jax.model.quantize import Int8Weight
 from internlm2_jax.model.layers import (
     DENSE_OUTPUT,
     FeedForward,
@@ -235,11 +236,17 @@ class InternLM2ForCausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """fp32 logits [..., vocab] of hidden states [..., embed]."""
-        head = self.head_weight().astype(hidden.dtype)
-        return jnp.einsum("...e,ev->...v", hidden, head, preferred_element_type=jnp.float32)
+        head = self.head_weight()
+        if isinstance(head, Int8Weight):
+            return jnp.einsum("...e,ev->...v", hidden, head.values.astype(hidden.dtype),
+                              preferred_element_type=jnp.float32) * head.scale
+        return jnp.einsum("...e,ev->...v", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
     def token_logprobs(self, hidden: jax.Array, targets: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
-        return token_logprobs(hidden, self.head_weight(), targets, chunk_size=chunk_size)
+        head = self.head_weight()
+        if isinstance(head, Int8Weight):  # evaluation of a quantized model: the head in float, once
+            head = head.dequantize(hidden.dtype)
+        return token_logprobs(hidden, head, targets, chunk_size=chunk_size)
 
 
 class InternLM2ForRewardModel(nnx.Module):

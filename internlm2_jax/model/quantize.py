@@ -1,0 +1,64 @@
+"""Weight-only int8 quantization for decoding: the projection matrices as int8 with one fp32 scale per output
+channel (symmetric, absmax / 127), dequantized inside the matmul. Embeddings, norms and biases stay in floating
+point (the embedding is a gather, and a tied head shares it). For inference only: `token_logprobs` and the train
+step expect floating-point weights.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+# Parameter name -> how many leading dimensions its matmul contracts (the rest are output channels).
+QUANTIZED = {"wqkv": 1, "wo": 2, "w1": 1, "w3": 1, "w2": 1, "output": 1}
+
+
+@struct.dataclass
+class Int8Weight:
+    values: jax.Array  # int8, the weight's shape
+    scale: jax.Array  # fp32, the weight's shape with the contracted dimensions 1: weight ~= values * scale
+
+    def __getitem__(self, index):
+        if index is not Ellipsis:
+            raise TypeError("an int8 weight is read whole (`param[...]`)")
+        return self
+
+    @property
+    def shape(self):
+        return self.values.shape
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        return (self.values.astype(jnp.float32) * self.scale).astype(dtype)
+
+
+def quantize_weight(w: jax.Array, contracted: int, leading: int = 0) -> Int8Weight:
+    """Int8 of `w` with per-output-channel scales; `leading` batch-like dimensions (a scanned layer stack) keep
+    their own scales."""
+    axes = tuple(range(leading, leading + contracted))
+    absmax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=axes, keepdims=True)
+    scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+    values = jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -127, 127).astype(jnp.int8)
+    return Int8Weight(values, scale)
+
+
+def quantize_int8(model: nnx.Module) -> nnx.Module:
+    """A copy of an InternLM2 model with its projection weights as `Int8Weight`s (the other arrays shared).
+
+    A copy, not in place: modules merged from one state share their Variables, so quantizing in place would also
+    quantize every other model made from the same training state."""
+    model = nnx.clone(model)
+    stacked = getattr(getattr(model, "cfg", None), "scan_layers", False)
+    for path, var in nnx.iter_graph(model):
+        if not (isinstance(var, nnx.Param) and path and path[-1] in QUANTIZED):
+            continue
+        if not isinstance(var.get_value(), Int8Weight):
+            leading = 1 if stacked and "layers" in path else 0
+            var.set_value(quantize_weight(var.get_value(), QUANTIZED[path[-1]], leading))
+    return model
+
+
+def weight_bytes(model: nnx.Module) -> int:
+    """Bytes of every parameter array (int8 values and their scales counted as stored)."""
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)
