@@ -7,7 +7,8 @@ No JAX here: the pipeline produces numpy batches and a JSON-serialisable resume 
 - `packing`: sequential packing with segment ids, per-document positions, targets and loss mask.
 - `mixture`: the counter-based weighted mixture with per-shard epochs.
 - `iterator`: `PretrainDataIterator` (deterministic, exactly resumable, multi-host).
-- `corpus`: the stdlib code corpus (`stdlib_corpus`, `basic_clean`) used by `make demo`.
+- `corpus`: the stdlib code corpus (`stdlib_corpus`, `basic_clean`) and `make demo`'s curated dataset.
+- `curation/` (and the `curate` CLI): cleaning, safety, exact and MinHash-LSH dedup, quality tiers, the mixture.
 - `writers`: JSONL shards + manifest, array_record files, tfds datasets.
 """
 

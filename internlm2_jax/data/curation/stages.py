@@ -313,7 +313,7 @@ def finalize_unit(unit: WorkUnit, config: CurationConfig, out_dir: Path) -> dict
             outputs[name].write({"id": record["id"], "text": record["text"], "meta": record["meta"]})
             for field, value in (("docs", 1), ("tokens", n_tokens), ("bytes", size)):
                 shards[name][field] += value
-            if config.repositories and "repo" in record["meta"] and "path" in record["meta"]:
+            if config.repositories and spec.format == "code":  # a code unit holds whole repositories
                 repos[record["meta"]["repo"]][record["meta"]["path"]] = record["text"]
         batch.clear()
 
