@@ -67,6 +67,10 @@ def test_checkpoint_records_provenance_and_exports_to_a_model_directory(tiny_run
     ids = np.arange(1, 17, dtype=np.int32)[None]
     forward = jax.jit(lambda m, x: m(x))
     np.testing.assert_array_equal(np.asarray(forward(exported, ids)), np.asarray(forward(model, ids)))
+    generated = subprocess.run([sys.executable, "-m", "internlm2_jax.generate", str(run_dir), "--prompt", "def",
+                                "--max-new-tokens", "3"], capture_output=True, text=True, timeout=300, check=False,
+                               env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert generated.returncode == 0 and "### 'def' (" in generated.stdout, generated.stderr[-3000:]
 
 
 def test_long_context_continuation_carries_weights_and_optimizer_state(tiny_run, tmp_path):

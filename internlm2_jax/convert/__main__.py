@@ -27,7 +27,7 @@ def main(argv=None) -> int:
 
     from internlm2_jax.convert import CheckpointError, load_pretrained, read_hf_config, save_pretrained
     from internlm2_jax.convert.safetensors_io import CheckpointReader
-    from internlm2_jax.train.checkpoint import CheckpointMismatch, is_run_directory, load_run
+    from internlm2_jax.train.checkpoint import CheckpointMismatch, is_run_directory, load_run, run_tokenizer
 
     src, dst = Path(args.src), Path(args.dst)
     if src.resolve() == dst.resolve():
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     try:
         if is_run_directory(src):
             cfg, model, meta = load_run(src)
-            tokenizer = _run_tokenizer(meta)
+            tokenizer = run_tokenizer(meta)
             dtype = args.dtype or cfg.param_dtype
         else:
             read_hf_config(src)  # a clear error for a wrong SRC before anything else
@@ -55,18 +55,6 @@ def main(argv=None) -> int:
                 shutil.copy2(src / name, dst / name)
     print(f"wrote {dst} ({args.layout} layout, {cfg.num_params():,} parameters)")
     return 0
-
-
-def _run_tokenizer(meta: dict):
-    """The tokenizer a run was trained with, if its metadata names a file that still exists."""
-    from internlm2_jax.tokenizer import Tokenizer
-
-    path = Path(meta.get("tokenizer_path") or "")
-    if path.is_file():
-        return Tokenizer.from_file(path)
-    if path.is_dir():
-        return Tokenizer.from_pretrained(path)
-    return None
 
 
 if __name__ == "__main__":

@@ -151,6 +151,18 @@ def is_run_directory(path: str | Path) -> bool:
     return (Path(path) / "checkpoints").is_dir()
 
 
+def run_tokenizer(meta: dict):
+    """The tokenizer a run was trained with (from `load_run`'s metadata), if the file it names still exists."""
+    from internlm2_jax.tokenizer import Tokenizer
+
+    path = Path(meta.get("tokenizer_path") or "")
+    if path.is_file():
+        return Tokenizer.from_file(path)
+    if path.is_dir():
+        return Tokenizer.from_pretrained(path)
+    return None
+
+
 def load_run(run_dir: str | Path, *, mesh=None):
     """(model config, model, metadata) from the latest complete checkpoint of a run directory.
 
