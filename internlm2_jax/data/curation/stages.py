@@ -17,6 +17,7 @@ arrays and one batch of text at a time: memory is bounded by `unit_bytes`, not b
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import Counter, defaultdict
@@ -134,6 +135,25 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _resumable(kind: str):
+    """A pass over one unit that is skipped when its summary `work/<kind>/U.json` exists, and writes that summary
+    last, after every output file: the unit's done marker."""
+
+    def wrap(run_pass):
+        @functools.wraps(run_pass)
+        def run(unit: WorkUnit, config: CurationConfig, out_dir: Path) -> dict[str, Any]:
+            path = out_dir / "work" / kind / f"{unit_name(unit)}.json"
+            if path.exists():
+                return json.loads(path.read_text())
+            summary = run_pass(unit, config, out_dir)
+            _write_json_atomic(path, summary)
+            return summary
+
+        return run
+
+    return wrap
+
+
 def _removed_record(config: CurationConfig, stage: str, reasons, item: Document | Reject, **extra) -> dict:
     if isinstance(item, Reject):  # bad input keeps its raw content whatever keep_removed_text says: it is the record
         return {"key": item.key, "where": item.where, "stage": stage, "reasons": [item.reason],
@@ -144,11 +164,9 @@ def _removed_record(config: CurationConfig, stage: str, reasons, item: Document 
     return record
 
 
+@_resumable("filtered")
 def filter_unit(unit: WorkUnit, config: CurationConfig, out_dir: Path) -> dict[str, Any]:
     """Pass 1 over one unit: read, clean, safety-filter, hash. Returns (and writes) the unit's summary."""
-    summary_path = out_dir / "work" / "filtered" / f"{unit_name(unit)}.json"
-    if summary_path.exists():
-        return json.loads(summary_path.read_text())
     spec = config.inputs[unit.input_index]
     resources = Resources.get(config)
     cleaning = config.code_cleaning if spec.cleaning_kind == "code" else config.text_cleaning
@@ -207,9 +225,7 @@ def filter_unit(unit: WorkUnit, config: CurationConfig, out_dir: Path) -> dict[s
                   shingles=np.concatenate(shingle_sets) if shingle_sets else np.zeros(0, np.uint64))
     kept.commit()
     removed.commit()
-    summary = {"unit": unit.index, "docs": counter.docs_in["read"], "kept": len(keys), "counts": counter.to_json()}
-    _write_json_atomic(summary_path, summary)
-    return summary
+    return {"unit": unit.index, "docs": counter.docs_in["read"], "kept": len(keys), "counts": counter.to_json()}
 
 
 def _save_npz(path: Path, **arrays) -> None:
@@ -274,11 +290,9 @@ def load_duplicates(out_dir: Path) -> dict[str, np.ndarray]:
     return _DUPLICATES[tag]
 
 
+@_resumable("finalized")
 def finalize_unit(unit: WorkUnit, config: CurationConfig, out_dir: Path) -> dict[str, Any]:
     """Pass 2 over one unit: drop duplicates, score, tier, write output shards (and repository documents)."""
-    summary_path = out_dir / "work" / "finalized" / f"{unit_name(unit)}.json"
-    if summary_path.exists():
-        return json.loads(summary_path.read_text())
     spec = config.inputs[unit.input_index]
     resources = Resources.get(config)
     scored = resources.classifier is not None and spec.cleaning_kind in config.quality.kinds
@@ -341,10 +355,8 @@ def finalize_unit(unit: WorkUnit, config: CurationConfig, out_dir: Path) -> dict
     for f in outputs.values():
         f.commit()
     removed.commit()
-    summary = {"unit": unit.index, "docs": len(tokens), "counts": counter.to_json(),
-               "shards": sorted(shards.values(), key=lambda s: s["path"]), "repository_shard": repo_shard}
-    _write_json_atomic(summary_path, summary)
-    return summary
+    return {"unit": unit.index, "docs": len(tokens), "counts": counter.to_json(),
+            "shards": sorted(shards.values(), key=lambda s: s["path"]), "repository_shard": repo_shard}
 
 
 def tier_weight(config: CurationConfig, spec, tier: str, scored: bool) -> float:
