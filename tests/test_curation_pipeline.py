@@ -177,3 +177,7 @@ def test_cli(tmp_path, corpus):
     bad = subprocess.run(cmd[:-2] + ["--set", "dedup.minhash.threshold=2"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "threshold" in bad.stderr
+    missing = subprocess.run(cmd[:3] + ["--input", f"jsonl:{corpus['jsonl']}.missing", "--output",
+                                        str(tmp_path / "cli2")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "inputs[0].path: no JSONL file" in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -17,8 +17,10 @@ import json
 import sys
 
 from internlm2_jax.data.curation.config import CurationConfig
+from internlm2_jax.data.curation.pipeline import OutputDirError
 from internlm2_jax.data.curation.report import format_report
-from internlm2_jax.data.curation.sources import FORMATS, InputConfig
+from internlm2_jax.data.curation.safety import BlocklistError
+from internlm2_jax.data.curation.sources import FORMATS, InputConfig, InputError
 from internlm2_jax.overrides import apply_overrides, to_dict
 
 
@@ -65,14 +67,18 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
     print(json.dumps(to_dict(config), indent=1, default=str))
-    if args.runner == "beam":
-        from internlm2_jax.data.curation.beam_runner import LOCAL_OPTIONS, run_beam
+    try:
+        if args.runner == "beam":
+            from internlm2_jax.data.curation.beam_runner import LOCAL_OPTIONS, run_beam
 
-        result = run_beam(config, args.beam_option or LOCAL_OPTIONS)
-    else:
-        from internlm2_jax.data.curation.pipeline import run_local
+            result = run_beam(config, args.beam_option or LOCAL_OPTIONS)
+        else:
+            from internlm2_jax.data.curation.pipeline import run_local
 
-        result = run_local(config)
+            result = run_local(config)
+    except (InputError, OutputDirError, BlocklistError, FileNotFoundError) as e:  # bad input: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print("\n" + format_report(result.report))
     print(f"\nmanifest: {result.manifest}\nreport: {result.output_dir / 'report.md'}")
     return 0
