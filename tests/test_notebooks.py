@@ -1,4 +1,5 @@
-"""notebooks/quickstart.ipynb executes top to bottom through a real Jupyter kernel (nbclient + ipykernel).
+"""notebooks/quickstart.ipynb and data_and_decoding.ipynb execute top to bottom through a real Jupyter kernel
+(nbclient + ipykernel).
 
 The kernel is this interpreter: a kernelspec naming `sys.executable` is written to a temporary folder put first on
 JUPYTER_PATH, so neither a `python3` kernel installed elsewhere on the machine nor a missing one changes what runs.
@@ -48,3 +49,18 @@ def test_quickstart_notebook_executes(kernel_name, tmp_path):
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the inline loss plot
     start, end = map(float, re.search(r"loss (\d+\.\d+) -> (\d+\.\d+) \(uniform", text).groups())
     assert end < start - 0.5  # it learned
+
+
+def test_data_and_decoding_notebook_executes(kernel_name, tmp_path):
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(REPO / "notebooks" / "data_and_decoding.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=240, kernel_name=kernel_name,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on a failing cell
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    text = "".join(o.get("text", "") for o in outputs)
+    markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
+    assert "| fuzzy_dedup |" in markdown
+    assert "exact_duplicate" in text and "duplicate of " in text and "malformed_json" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the LSH detection curve
+    assert "duplicates: [40] of 41" in text

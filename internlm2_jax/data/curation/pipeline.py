@@ -74,7 +74,7 @@ def prepare_output(config: CurationConfig) -> tuple[Path, list[WorkUnit]]:
 
 
 def _progress(config: CurationConfig, units: Sequence[WorkUnit], desc: str):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: without ipywidgets it warns in every notebook
 
     return tqdm(total=sum(u.size for u in units), unit="B", unit_scale=True, desc=desc,
                 disable=not config.progress, dynamic_ncols=True)
