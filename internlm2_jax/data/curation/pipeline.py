@@ -187,19 +187,17 @@ def write_manifests(config: CurationConfig, out: Path, finalized: Sequence[dict]
     epochs x documents, so every shard's quota runs out at the same time within a round."""
     by_source = {spec.source_name: spec for spec in config.inputs}
     paths = []
-    for key in ("shards", "repository_shard"):
-        shards = [s for summary in finalized for s in (summary[key] if key == "shards" else [summary[key]] if
-                                                      summary[key] else [])]
+    files = {"manifest.json": [s for summary in finalized for s in summary["shards"]],
+             "manifest_repositories.json": [summary["repository_shard"] for summary in finalized
+                                            if summary["repository_shard"]]}
+    for name, shards in files.items():
         specs = []
         for s in shards:
             source = by_source.get(s["source"]) or by_source[s["source"].removesuffix("-repositories")]
-            scored = config.quality.classifier and source.cleaning_kind in config.quality.kinds
-            epochs = stages.tier_weight(config, source, s["tier"], bool(scored)) if s["tier"] != "long" \
-                else source.weight
+            epochs = stages.tier_weight(config, source, s["tier"])
             specs.append(ShardSpec(path=s["path"], format="jsonl", source=s["source"], tier=s["tier"],
                                    num_tokens=s["tokens"] if config.tokenizer else None,
                                    weight=epochs * s["docs"], epochs=epochs))
-        name = "manifest.json" if key == "shards" else "manifest_repositories.json"
         if specs and any(s.weight > 0 for s in specs):
             save_manifest(make_manifest(specs, base_dir=out.resolve()), out / name)
             paths.append(out / name)

@@ -34,9 +34,7 @@ def build_report(config, units, filtered: Sequence[dict], finalized: Sequence[di
     tier_rows = []
     for (source, tier), row in sorted(tiers.items()):
         spec = by_source[source]
-        scored = bool(config.quality.classifier) and spec.cleaning_kind in config.quality.kinds
-        tier_rows.append({"source": source, "tier": tier, **row,
-                          "epochs": tier_weight(config, spec, tier, scored)})
+        tier_rows.append({"source": source, "tier": tier, **row, "epochs": tier_weight(config, spec, tier)})
     weighted = sum(r["tokens"] * r["epochs"] for r in tier_rows) or 1
     for r in tier_rows:
         r["mixture_share"] = r["tokens"] * r["epochs"] / weighted

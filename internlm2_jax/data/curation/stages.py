@@ -295,7 +295,7 @@ def finalize_unit(unit: WorkUnit, config: CurationConfig, out_dir: Path) -> dict
     """Pass 2 over one unit: drop duplicates, score, tier, write output shards (and repository documents)."""
     spec = config.inputs[unit.input_index]
     resources = Resources.get(config)
-    scored = resources.classifier is not None and spec.cleaning_kind in config.quality.kinds
+    scored = is_scored(config, spec)
     counter = StageCounter()
     removed = AtomicFile(out_dir / "removed" / f"{unit_name(unit)}-finalize.jsonl")
     outputs: dict[str, AtomicFile] = {}
@@ -312,7 +312,7 @@ def finalize_unit(unit: WorkUnit, config: CurationConfig, out_dir: Path) -> dict
         tiers = assign_tiers(np.asarray(scores), config.quality.tiers) if scored else ["default"] * len(batch)
         for record, score, tier in zip(batch, scores, tiers, strict=True):
             n_tokens, size = tokens[record["key"]], len(record["text"].encode("utf-8"))
-            keep = tier_weight(config, spec, tier, scored) > 0
+            keep = tier_weight(config, spec, tier) > 0
             counter.passed("quality", n_tokens, size, keep, [f"tier_{tier}"])
             record["meta"].setdefault("curation", {})["quality"] = {"score": None if score is None else
                                                                     round(float(score), 4), "tier": tier}
@@ -359,8 +359,15 @@ def finalize_unit(unit: WorkUnit, config: CurationConfig, out_dir: Path) -> dict
             "shards": sorted(shards.values(), key=lambda s: s["path"]), "repository_shard": repo_shard}
 
 
-def tier_weight(config: CurationConfig, spec, tier: str, scored: bool) -> float:
-    """The sampling weight of a tier of a source: the tier's weight (1 for unscored sources) times the source's."""
+def is_scored(config: CurationConfig, spec) -> bool:
+    """Whether a source's documents are scored into quality tiers (else they are all in tier "default")."""
+    return bool(config.quality.classifier) and spec.cleaning_kind in config.quality.kinds
+
+
+def tier_weight(config: CurationConfig, spec, tier: str) -> float:
+    """The sampling weight of a tier of a source: the tier's weight (1 for unscored sources and repository
+    documents) times the source's."""
+    scored = is_scored(config, spec) and tier != "long"
     return (config.quality.tiers.weight(tier) if scored else 1.0) * spec.weight
 
 
