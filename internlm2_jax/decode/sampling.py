@@ -96,7 +96,8 @@ def truncate(logits, params: SamplingParams):
 def sample(logits, params: SamplingParams, step, counts, seen, top_n: int = 0):
     """(tokens [batch], their log-probs [batch], top-n ids and log-probs [batch, top_n]) for fp32 `logits`.
 
-    Row i draws with `fold_in(keys[i], step)`: its tokens depend on its own seed and step only, not on the batch.
+    Row i draws with `fold_in(keys[i], step[i])` (`step` a scalar or [batch]: the index of the token being drawn),
+    so its tokens depend on its own seed and step only, not on the batch it runs in.
     """
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     # Each stage runs only when some row asks for it: the sort behind top-k/top-p/min-p cost more than the whole
@@ -110,7 +111,8 @@ def sample(logits, params: SamplingParams, step, counts, seen, top_n: int = 0):
     def draw():
         temperature = jnp.where(sampled, params.temperature, 1.0)[:, None]
         masked = jax.lax.cond(needs_cut, lambda: truncate(penalised, params), lambda: penalised / temperature)
-        keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(params.keys)
+        steps = jnp.broadcast_to(step, params.keys.shape[:1])
+        keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(params.keys, steps)
         return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
 
     greedy = jnp.argmax(penalised, axis=-1).astype(jnp.int32)

@@ -37,6 +37,12 @@ class KVCache:
         return self.replace(positions=jax.lax.dynamic_update_slice_in_dim(self.positions, positions, at, axis=1),
                             segments=jax.lax.dynamic_update_slice_in_dim(self.segments, segment_ids, at, axis=1))
 
+    def write_layer(self, layer, k_new: jax.Array, v_new: jax.Array) -> KVCache:
+        """`layer`'s new K/V [batch, T, kv_heads, head_dim] written at the cursor in place (only T slots)."""
+        at = (layer, 0, 0, self.cursor, 0)
+        return self.replace(k=jax.lax.dynamic_update_slice(self.k, k_new.swapaxes(1, 2)[None].astype(self.k.dtype), at),
+                            v=jax.lax.dynamic_update_slice(self.v, v_new.swapaxes(1, 2)[None].astype(self.v.dtype), at))
+
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for `batch` sequences of up to `max_len` tokens, K/V in `dtype` (default: compute dtype)."""

@@ -125,15 +125,19 @@ def document_lengths(positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     return jnp.maximum(forward, backward) + 1
 
 
-def rotary_tables(cfg: ModelConfig, positions: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape [batch, seq, head_dim] in fp32 for rotate-half RoPE (spec §1.3)."""
+def rotary_tables(cfg: ModelConfig, positions: jax.Array, segment_ids: jax.Array,
+                  lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [batch, seq, head_dim] in fp32 for rotate-half RoPE (spec §1.3).
+
+    `lengths` [batch, seq] overrides the length L behind each token's dynamic-NTK base (default: its document's
+    length in this call); chunked prefill passes the whole prompt's length, as a one-shot prefill would see it."""
     d = cfg.head_dim
     exponents = jnp.arange(0, d, 2, dtype=jnp.float32) / d
     pos = positions.astype(jnp.float32)
     scaling = cfg.rope_scaling
     if scaling is not None and scaling.type == "dynamic":
         base = dynamic_ntk_base(cfg.rope_theta, scaling.factor, cfg.max_position_embeddings, d,
-                                document_lengths(positions, segment_ids))
+                                document_lengths(positions, segment_ids) if lengths is None else lengths)
         inv_freq = 1.0 / base[..., None] ** exponents  # [B, T, D/2]: the base differs per document
     else:
         inv_freq = 1.0 / jnp.float32(cfg.rope_theta) ** exponents

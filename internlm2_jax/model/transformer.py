@@ -11,8 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from internlm2_jax.config import ModelConfig
-from internlm2_jax.model.attention import attention
+from internlm2_jax.model.attention import attention, chunked_prefill_attention
 from internlm2_jax.model.kv_cache import KVCache
+from internlm2_jax.model.paged_cache import PagedKVCache
 from internlm2_jax.model.quantize import Int8Weight
 from internlm2_jax.model.layers import (
     DENSE_OUTPUT,
@@ -56,10 +57,10 @@ class Attention(nnx.Module):
             self.wo_bias = constant_param(0.0, (h,), ("embed",), pdt)
 
     def __call__(self, x, cos, sin, positions, segment_ids, cache=None):
-        """Without `cache`: attention over this call's tokens. With `cache = (k, v, layer, kv)` (every layer's
-        [layers, batch, kv_heads, max_len, head_dim] K/V, this layer's index and the `KVCache` with this call's
-        positions already written): the new K/V are written at the cursor in place, only T slots, and the queries
-        attend over every filled slot of this layer; returns (out, (k, v))."""
+        """Without `cache`: attention over this call's tokens. With `cache = (kv, layer)`, a `KVCache` (positions
+        of this call already recorded) or a `PagedKVCache` (this step's page table set) and this layer's index:
+        the new K/V are written to the cache in place, only this call's slots, and the queries attend over every
+        cached token of their sequence; returns (out, kv)."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         qkv = dense("bte,ekgd->btkgd", x, self.wqkv[...], dtype)
@@ -72,21 +73,23 @@ class Attention(nnx.Module):
         if cache is None:
             out = attention(q, k, v, q_positions=positions, kv_positions=positions, q_segment_ids=segment_ids,
                             kv_segment_ids=segment_ids, causal=True, impl=cfg.attention_impl)
+        elif isinstance(cache[0], PagedKVCache):
+            kv, layer = cache
+            kv = kv.write(layer, k, v, positions, segment_ids)
+            out = chunked_prefill_attention(q, kv.k[layer], kv.v[layer], kv.page_table, kv.lengths,
+                                            q_lengths=kv.q_lengths, impl=cfg.attention_impl)
         else:
-            k_cache, v_cache, layer, kv = cache
-            at = (layer, 0, 0, kv.cursor, 0)  # the cache is head-major: [layers, batch, kv_heads, slots, head_dim]
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.swapaxes(1, 2)[None].astype(k_cache.dtype), at)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.swapaxes(1, 2)[None].astype(v_cache.dtype), at)
+            kv, layer = cache
+            kv = kv.write_layer(layer, k, v)
             # The static cache is read whole by the XLA reference (head-major, so XLA folds the reference's own
             # transpose away); the paged engine has its own kernels.
-            out = attention(q, k_cache[layer].swapaxes(1, 2).astype(q.dtype),
-                            v_cache[layer].swapaxes(1, 2).astype(q.dtype), q_positions=positions,
-                            kv_positions=kv.positions, q_segment_ids=segment_ids, kv_segment_ids=kv.segments,
-                            causal=True, impl="xla")
+            out = attention(q, kv.k[layer].swapaxes(1, 2).astype(q.dtype), kv.v[layer].swapaxes(1, 2).astype(q.dtype),
+                            q_positions=positions, kv_positions=kv.positions, q_segment_ids=segment_ids,
+                            kv_segment_ids=kv.segments, causal=True, impl="xla")
         out = dense("bthd,hde->bte", out, self.wo[...], dtype)
         if cfg.bias:
             out = out + self.wo_bias[...].astype(dtype)
-        return out if cache is None else (out, (k_cache, v_cache))
+        return out if cache is None else (out, kv)
 
 
 class DecoderLayer(nnx.Module):
@@ -135,10 +138,15 @@ class InternLM2Model(nnx.Module):
                                     for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg)
 
-    def __call__(self, input_ids, positions=None, segment_ids=None, cache: KVCache | None = None):
-        """Final hidden states; with a `KVCache`, (hidden states, the cache with this call's tokens appended)."""
+    def __call__(self, input_ids, positions=None, segment_ids=None, cache: KVCache | PagedKVCache | None = None):
+        """Final hidden states; with a cache, (hidden states, the cache with this call's tokens written). A
+        `PagedKVCache` places the tokens itself (its step's lengths), so positions and segment ids are not given."""
         cfg = self.cfg
         input_ids = jnp.asarray(input_ids, jnp.int32)
+        rope_lengths = None
+        if isinstance(cache, PagedKVCache):
+            positions, segment_ids = cache.query_positions(input_ids.shape[1])
+            rope_lengths = jnp.broadcast_to(cache.rope_lengths[:, None], input_ids.shape)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
         if segment_ids is None:
@@ -146,7 +154,7 @@ class InternLM2Model(nnx.Module):
         positions, segment_ids = jnp.asarray(positions, jnp.int32), jnp.asarray(segment_ids, jnp.int32)
         x = jnp.take(self.tok_embeddings[...], input_ids, axis=0).astype(cfg.dtype)
         x = constrain(x, ("batch", "length", "embed"))
-        cos, sin = rotary_tables(cfg, positions, segment_ids)
+        cos, sin = rotary_tables(cfg, positions, segment_ids, rope_lengths)
         if cache is not None:
             return self._cached(x, cos, sin, positions, segment_ids, cache)
 
@@ -164,24 +172,25 @@ class InternLM2Model(nnx.Module):
                 x = run_layer(*nnx.split(layer), x)
         return self.norm(x)
 
-    def _cached(self, x, cos, sin, positions, segment_ids, cache: KVCache):
-        # The whole cache rides in the loop carry and each layer writes its T new slots in place: slicing it into
+    def _cached(self, x, cos, sin, positions, segment_ids, cache: KVCache | PagedKVCache):
+        # The whole cache rides in the loop carry and each layer writes its new slots in place: slicing it into
         # per-layer scan inputs and stacking outputs copied all of it every step (decode time grew with max_len).
-        kv = cache.write(positions, segment_ids)
-        k, v = cache.k, cache.v
+        kv = cache.write(positions, segment_ids) if isinstance(cache, KVCache) else cache
         if self.cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
 
             def step(carry, layer_state):
-                h, k, v, i = carry
-                h, (k, v) = nnx.merge(graphdef, layer_state)(h, cos, sin, positions, segment_ids, (k, v, i, kv))
-                return (h, k, v, i + 1), None
+                h, kv, i = carry
+                h, kv = nnx.merge(graphdef, layer_state)(h, cos, sin, positions, segment_ids, (kv, i))
+                return (h, kv, i + 1), None
 
-            (x, k, v, _), _ = jax.lax.scan(step, (x, k, v, jnp.zeros((), jnp.int32)), state)
+            (x, kv, _), _ = jax.lax.scan(step, (x, kv, jnp.zeros((), jnp.int32)), state)
         else:
             for i, layer in enumerate(self.layers):
-                x, (k, v) = layer(x, cos, sin, positions, segment_ids, (k, v, i, kv))
-        return self.norm(x), kv.replace(k=k, v=v, cursor=kv.cursor + x.shape[1])
+                x, kv = layer(x, cos, sin, positions, segment_ids, (kv, i))
+        if isinstance(kv, KVCache):
+            kv = kv.replace(cursor=kv.cursor + x.shape[1])
+        return self.norm(x), kv
 
 
 def token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, chunk_size: int = 1024) -> jax.Array:

@@ -1,0 +1,517 @@
+"""The continuous-batching engine: requests join and leave a running batch at every step, over a paged KV cache.
+
+Each `step()` runs at most two jitted calls of one function (`_engine_step`): a chunked prefill for sequences with
+prompt tokens still to cache (several rows, up to `prefill_chunk` tokens in all), and one decode token for every
+sequence that is generating. Both sample on device with each row's own settings; the host appends tokens, checks
+stop ids, stop strings and lengths, sends `Event`s and frees finished sequences' pages. Shapes are bucketed (rows,
+chunk and page-table width to powers of two), so a stream of requests compiles a bounded set of programs, never one
+per request.
+
+Memory is an absolute budget (`kv_budget_tokens` or `kv_budget_gb`), split into pages. A request is admitted when
+its whole prompt fits (its shared prefix pages from the prefix cache cost nothing) with a page of headroom per
+running sequence; decoding takes a page at a time, and when none is left the newest sequence is preempted: its pages
+are freed and it waits at the head of the queue to be recomputed (prompt and generated tokens) when pages allow.
+Sampling keys depend on each request's seed and token index only, so a request's output does not depend on what it
+was batched with or on preemption (greedy: up to matmul rounding, the conventions' tolerance rule).
+
+Use it synchronously (`engine.generate(requests)`, or `submit` + `step`) or from a server (`start()` runs the loop
+in a background thread; `submit` and `cancel` are thread-safe; events arrive on the engine's thread).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence as Seq
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from internlm2_jax.decode.generate import Completion
+from internlm2_jax.decode.requests import EngineFull, Event, Request, RequestRejected
+from internlm2_jax.decode.sampling import SamplingConfig, SamplingParams, sample
+from internlm2_jax.decode.scheduler import PagePool, Sequence
+from internlm2_jax.decode.scoring import score_tokens
+from internlm2_jax.model.paged_cache import init_paged_cache, pages_for_budget
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int = 2048  # prompt + generated tokens per sequence (independent of max_position_embeddings)
+    kv_budget_tokens: int | None = 65536  # the KV cache size, absolute: tokens ...
+    kv_budget_gb: float | None = None  # ... or GB (set kv_budget_tokens=None)
+    page_size: int = 16
+    max_running: int = 32  # sequences in the running batch
+    max_waiting: int = 256  # queued requests beyond those; more are refused (EngineFull)
+    prefill_chunk: int = 256  # prompt tokens per prefill call (a power of two)
+    max_prefill_rows: int = 8
+    cache_dtype: str | None = None  # default: the model's compute dtype
+    prefix_caching: bool = True
+    max_top_n: int = 20
+
+    def validate(self) -> None:
+        checks = {"max_model_len": self.max_model_len >= 2, "page_size": self.page_size >= 1,
+                  "max_running": self.max_running >= 1, "max_waiting": self.max_waiting >= 0,
+                  "prefill_chunk": self.prefill_chunk >= 8 and self.prefill_chunk & (self.prefill_chunk - 1) == 0,
+                  "max_prefill_rows": self.max_prefill_rows >= 1, "max_top_n": 0 <= self.max_top_n <= 100}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"EngineConfig.{name}: invalid value {getattr(self, name)!r}")
+
+
+def _bucket(n: int, *, low: int = 1) -> int:
+    return max(low, 1 << (n - 1).bit_length())
+
+
+@partial(jax.jit, static_argnums=0, static_argnames=("top_n", "penalties"),
+         donate_argnames=("cache", "counts", "seen"))
+def _engine_step(graphdef, params, cache, counts, seen, tokens, page_table, lengths, q_lengths, rope_lengths, slots,
+                 emit, steps, sampling: SamplingParams, *, top_n: int, penalties: bool):
+    """Runs [rows, chunk] new tokens through the model over the paged cache and samples after each row's last one.
+    counts/seen [slots, vocab] are the penalty state, read and updated only when some row uses penalties."""
+    model = nnx.merge(graphdef, params)
+    hidden, cache = model.model(tokens, cache=cache.with_step(page_table, lengths, q_lengths, rope_lengths))
+    last = jnp.maximum(q_lengths - 1, 0)
+    logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
+    rows = tokens.shape[0]
+    if penalties:
+        row_counts, row_seen = counts[slots], seen[slots]
+    else:  # no row reads them: skip gathering [rows, vocab] state
+        row_counts, row_seen = jnp.zeros((rows, 1), jnp.int32), jnp.zeros((rows, 1), bool)
+    token, logprob, top_ids, top_logprobs = sample(logits, sampling, steps, row_counts, row_seen, top_n)
+    if penalties:
+        hit = jax.nn.one_hot(token, counts.shape[1], dtype=jnp.int32) * emit[:, None]
+        counts = counts.at[slots].add(hit)
+        seen = seen.at[slots].set(row_seen | (hit > 0))
+    empty = jnp.zeros((0,), jnp.int32)  # the step's view is not part of the cache between calls
+    return cache.with_step(jnp.zeros((0, 0), jnp.int32), empty, empty, empty), counts, seen, token, logprob, \
+        top_ids, top_logprobs
+
+
+@partial(jax.jit, donate_argnums=(0, 1))
+def _set_penalty_row(counts, seen, slot, counts_row, seen_row):
+    return counts.at[slot].set(counts_row), seen.at[slot].set(seen_row)
+
+
+def _uses_penalties(config: SamplingConfig) -> bool:
+    return config.repetition_penalty != 1 or config.presence_penalty != 0 or config.frequency_penalty != 0
+
+
+class Engine:
+    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
+        config.validate()
+        self.graphdef, self.params = model if isinstance(model, tuple) else nnx.split(model)
+        self.model_config = nnx.merge(self.graphdef, self.params).cfg
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_model_len = config.max_model_len
+        page_size = config.page_size
+        num_pages = pages_for_budget(self.model_config, page_size, tokens=config.kv_budget_tokens,
+                                     gigabytes=config.kv_budget_gb, dtype=config.cache_dtype)
+        if (num_pages - 1) * page_size < config.max_model_len:
+            raise ValueError(f"the KV budget holds {(num_pages - 1) * page_size} tokens, less than one sequence of "
+                             f"max_model_len={config.max_model_len}; raise the budget or lower max_model_len")
+        self.pool = PagePool(num_pages, page_size, prefix_caching=config.prefix_caching)
+        self.cache = init_paged_cache(self.model_config, num_pages, page_size, config.cache_dtype)
+        vocab = self.model_config.vocab_size
+        self.counts = jnp.zeros((config.max_running + 1, vocab), jnp.int32)  # the last row is padding rows' scratch
+        self.seen = jnp.zeros((config.max_running + 1, vocab), bool)
+        self._free_slots = list(range(config.max_running))[::-1]
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running: list[Sequence] = []
+        self._inbox: list[Sequence] = []
+        self._cancels: set[int] = set()
+        self._outstanding = 0
+        self._wake = threading.Condition()
+        self._ids = itertools.count()
+        self._admissions = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.shapes: set[tuple] = set()  # (rows, chunk, pages, top_n, penalties) of every program run
+        self.counters = collections.Counter()
+
+    # ---- the caller's side (thread-safe) ---------------------------------------------------------------------------
+
+    def submit(self, request: Request, on_event: Callable[[Event], None]) -> int:
+        """Queues `request`; `on_event` gets its events (on the engine's thread when it runs in the background).
+        Raises RequestRejected naming the bad field, or EngineFull when the queue is full."""
+        self._check(request)
+        key_data = tuple(np.asarray(jax.random.key_data(jax.random.key(request.sampling.seed))).tolist())
+        with self._wake:
+            if self._outstanding >= self.config.max_running + self.config.max_waiting:
+                raise EngineFull(f"{self._outstanding} requests are running or queued (max_running="
+                                 f"{self.config.max_running} + max_waiting={self.config.max_waiting})")
+            seq = Sequence(next(self._ids), request, on_event, key_data, time.monotonic(),
+                           tokens=list(request.prompt_ids))
+            self._outstanding += 1
+            self._inbox.append(seq)
+            self._wake.notify()
+        return seq.request_id
+
+    def cancel(self, request_id: int) -> None:
+        """Ends a request (its pages are freed at the next step); its last event has finish_reason "abort"."""
+        with self._wake:
+            self._cancels.add(request_id)
+            self._wake.notify()
+
+    def _check(self, request: Request) -> None:
+        prompt, limit = request.prompt_ids, self.max_model_len
+        if not prompt:
+            raise RequestRejected("prompt", "the prompt is empty")
+        if not all(isinstance(t, int | np.integer) and 0 <= t < self.model_config.vocab_size for t in prompt):
+            raise RequestRejected("prompt", f"token ids must be integers in [0, {self.model_config.vocab_size})")
+        if request.max_new_tokens < 0:
+            raise RequestRejected("max_tokens", f"must be >= 0, got {request.max_new_tokens}")
+        if len(prompt) + request.max_new_tokens > limit:
+            field = "prompt" if len(prompt) >= limit else "max_tokens"
+            raise RequestRejected(field, f"the prompt has {len(prompt)} tokens and max_tokens is "
+                                         f"{request.max_new_tokens}: {len(prompt) + request.max_new_tokens} is over "
+                                         f"max_model_len={limit}")
+        try:
+            request.sampling.validate()
+        except ValueError as e:
+            raise RequestRejected(str(e).split(":")[0], str(e)) from None
+        for name in ("top_n", "prompt_logprobs"):
+            value = getattr(request, name)
+            if value is not None and not 0 <= value <= self.config.max_top_n:
+                raise RequestRejected(name, f"must be in [0, {self.config.max_top_n}], got {value}")
+        if request.stop_strings and self.tokenizer is None:
+            raise RequestRejected("stop", "stop strings need the engine to have a tokenizer")
+
+    # ---- the loop ----------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Runs the loop in a background thread (for a server)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stops the background loop; every unfinished request ends with an error event."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._take_inbox()
+        for seq in [*self._running, *self._waiting]:
+            self._finish(seq, error="the engine was shut down")
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._inbox or self._cancels or self._running or self._waiting):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    @property
+    def idle(self) -> bool:
+        with self._wake:
+            return not (self._inbox or self._running or self._waiting)
+
+    def step(self) -> bool:
+        """One scheduling round: admit, one chunked-prefill call, one decode call. False when there was nothing to
+        run."""
+        self._take_inbox()
+        self._admit()
+        prefill = self._plan_prefill()
+        if prefill:
+            self._run(prefill, chunk=_bucket(max(n for _, n in prefill), low=8))
+        decode = self._reserve_decode_pages([s for s in self._running if s.pending == 1])
+        if decode:
+            self._run([(s, 1) for s in decode], chunk=1)
+        return bool(prefill or decode)
+
+    def generate(self, requests: Seq[Request]) -> list[Completion]:
+        """Runs `requests` to completion on the caller's thread (no background loop) and returns their completions
+        in order; an internal error raises."""
+        if self._thread is not None:
+            raise RuntimeError("generate() drives the engine itself; do not call it while start()ed")
+        events: dict[int, list[Event]] = collections.defaultdict(list)
+        todo, ids = collections.deque(requests), []
+        while todo or not self.idle:
+            while todo and self._outstanding < self.config.max_running + self.config.max_waiting:
+                ids.append(self.submit(todo.popleft(), lambda e: events[e.request_id].append(e)))
+            self.step()
+        return [completion_from_events(events[i]) for i in ids]
+
+    def stats(self) -> dict:
+        with self._wake:
+            return {"running": len(self._running), "waiting": len(self._waiting) + len(self._inbox),
+                    "kv_pages_total": self.pool.capacity, "kv_pages_available": self.pool.available,
+                    "kv_pages_cached": self.pool.cached, "page_size": self.config.page_size,
+                    "max_model_len": self.max_model_len, "compiled_shapes": len(self.shapes), **self.counters}
+
+    # ---- scheduling --------------------------------------------------------------------------------------------------
+
+    def _take_inbox(self) -> None:
+        with self._wake:
+            new, self._inbox = self._inbox, []
+            cancels, self._cancels = self._cancels, set()
+        self._waiting.extend(new)
+        for seq in [s for s in [*self._waiting, *self._running] if s.request_id in cancels]:
+            self._finish(seq, reason="abort")
+
+    def _admit(self) -> None:
+        page_size = self.config.page_size
+        while self._waiting and self._free_slots:
+            seq = self._waiting[0]
+            request = seq.request
+            if request.prompt_logprobs is not None and seq.prompt_scores is None:
+                if not self._score_prompt(seq):
+                    continue
+            shareable = min(len(seq.tokens) - 1, seq.prompt_len) // page_size if self._prefix_ok(seq) else 0
+            shared = self.pool.share(self.pool.prefix_keys(seq.tokens, shareable))
+            need = -(-len(seq.tokens) // page_size) - len(shared)
+            headroom = len(self._running)  # a page for each running sequence's next decode
+            if need + (headroom if self._running else 0) > self.pool.available:
+                self.pool.release(shared)
+                return
+            self._waiting.popleft()
+            seq.pages = shared + self.pool.allocate(need)
+            seq.shared_pages, seq.num_cached = len(shared), len(shared) * page_size
+            self.counters["prefix_cache_hit_tokens"] += seq.num_cached
+            seq.slot, seq.admitted = self._free_slots.pop(), next(self._admissions)
+            if _uses_penalties(request.sampling):
+                counts = np.bincount(np.asarray(seq.generated, np.int64), minlength=self.model_config.vocab_size)
+                seen = np.zeros(self.model_config.vocab_size, bool)
+                seen[seq.tokens] = True
+                self.counts, self.seen = _set_penalty_row(self.counts, self.seen, seq.slot,
+                                                          counts.astype(np.int32), seen)
+            self._running.append(seq)
+
+    def _prefix_ok(self, seq: Sequence) -> bool:
+        # Beyond max_position_embeddings, dynamic NTK rotates a prompt's keys with a base set by its whole length,
+        # so pages of another prompt (another length) hold other keys even for equal tokens.
+        cfg = self.model_config
+        dynamic = cfg.rope_scaling is not None and cfg.rope_scaling.type == "dynamic"
+        return not (dynamic and len(seq.tokens) > cfg.max_position_embeddings)
+
+    def _score_prompt(self, seq: Sequence) -> bool:
+        """Prompt log-probs (echo, perplexity), before the sequence takes pages. False if it finished here."""
+        request = seq.request
+        n = request.prompt_logprobs
+        lps: list[float | None] = [None]
+        tops: list[dict[int, float] | None] = [None]
+        if seq.prompt_len > 1:
+            try:
+                (chosen, top_ids, top_lps), = score_tokens((self.graphdef, self.params), [list(request.prompt_ids)],
+                                                           top_n=self.config.max_top_n if n else 0)
+            except Exception as e:  # noqa: BLE001 - reported to the caller, never swallowed
+                log.exception("scoring failed")
+                self._waiting.popleft()
+                self._finish(seq, error=f"internal error while scoring the prompt: {e}")
+                return False
+            lps += chosen.tolist()
+            tops += [dict(zip(i[:n].tolist(), p[:n].tolist(), strict=True)) for i, p in zip(top_ids, top_lps,
+                                                                                             strict=True)]
+        seq.first_token_time = time.monotonic()
+        if request.max_new_tokens == 0:
+            self._waiting.popleft()
+            self._deliver(seq, Event(seq.request_id, [], [], [], "", finished=True, finish_reason="length",
+                                     prompt_logprobs=lps, prompt_top_logprobs=tops))
+            self._finish(seq)
+            return False
+        seq.prompt_scores = (lps, tops)
+        return True
+
+    def _plan_prefill(self) -> list[tuple[Sequence, int]]:
+        rows, total = [], 0
+        chunk = self.config.prefill_chunk
+        for seq in self._running:
+            if seq.pending > 1:
+                take = min(seq.pending, chunk)
+                if rows and total + take > chunk:
+                    break
+                rows.append((seq, take))
+                total += take
+                if len(rows) == self.config.max_prefill_rows:
+                    break
+        return rows
+
+    def _reserve_decode_pages(self, rows: list[Sequence]) -> list[Sequence]:
+        """Gives each decoding row room for its next token, preempting the newest sequences when pages run out."""
+        for seq in sorted(rows, key=lambda s: s.admitted):
+            if seq not in self._running:
+                continue
+            need = seq.pages_needed(len(seq.tokens), self.config.page_size)
+            while need > self.pool.available:
+                others = [s for s in self._running if s is not seq]
+                if not others:
+                    raise RuntimeError("one sequence does not fit the KV budget")  # excluded by the budget check
+                self._preempt(max(others, key=lambda s: s.admitted))
+            seq.pages += self.pool.allocate(need)
+        return [s for s in rows if s in self._running]
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
+        seq.num_cached = seq.shared_pages = 0
+        seq.registered = False
+        self._waiting.appendleft(seq)
+        self.counters["preemptions"] += 1
+
+    def _release(self, seq: Sequence) -> None:
+        if seq in self._running:
+            self._running.remove(seq)
+            self.pool.release(seq.pages)
+            seq.pages = []
+            self._free_slots.append(seq.slot)
+            seq.slot = -1
+
+    # ---- running a batch -----------------------------------------------------------------------------------------
+
+    def _run(self, rows: list[tuple[Sequence, int]], *, chunk: int) -> None:
+        try:
+            self._run_batch(rows, chunk)
+        except Exception as e:  # noqa: BLE001 - every request of the batch gets the error, the engine goes on
+            log.exception("engine step failed")
+            if self.cache.k.is_deleted():  # the donated cache died with the call: nobody's pages are valid
+                self.cache = init_paged_cache(self.model_config, self.pool.capacity + 1, self.config.page_size,
+                                              self.config.cache_dtype)
+                self.pool = PagePool(self.pool.capacity + 1, self.config.page_size,
+                                     prefix_caching=self.config.prefix_caching)
+                self.counts, self.seen = jnp.zeros_like(self.counts), jnp.zeros_like(self.seen)
+                failed = [*self._running]
+                self._running.clear()
+                self._free_slots = list(range(self.config.max_running))[::-1]
+            else:
+                failed = [seq for seq, _ in rows]
+            for seq in failed:
+                self._finish(seq, error=f"internal error in the engine step: {type(e).__name__}: {e}")
+
+    def _run_batch(self, rows: list[tuple[Sequence, int]], chunk: int) -> None:
+        batch = min(_bucket(len(rows)), _bucket(self.config.max_running))
+        max_pages = _bucket(-(-self.max_model_len // self.config.page_size))
+        width = min(_bucket(max(len(seq.pages) for seq, _ in rows)), max_pages)
+        tokens = np.zeros((batch, chunk), np.int32)
+        page_table = np.zeros((batch, width), np.int32)
+        lengths, q_lengths, rope_lengths, steps = (np.zeros(batch, np.int32) for _ in range(4))
+        slots = np.full(batch, self.config.max_running, np.int32)
+        emit = np.zeros(batch, bool)
+        for i, (seq, n) in enumerate(rows):
+            start = seq.num_cached
+            tokens[i, :n] = seq.tokens[start:start + n]
+            page_table[i, :len(seq.pages)] = seq.pages
+            lengths[i], q_lengths[i], slots[i], steps[i] = start + n, n, seq.slot, len(seq.generated)
+            # A prompt's tokens take the NTK base of the whole prompt, as a one-shot prefill gives them.
+            rope_lengths[i] = len(seq.tokens)
+            emit[i] = start + n == len(seq.tokens)
+        configs = [seq.request.sampling for seq, _ in rows]
+        penalties = any(map(_uses_penalties, configs))
+        top_n = self.config.max_top_n if any(seq.request.top_n for seq, _ in rows) else 0
+        sampling = _stack_sampling(configs, [seq.key_data for seq, _ in rows], batch)
+        self.shapes.add((batch, chunk, width, top_n, penalties))
+        self.cache, self.counts, self.seen, *out = _engine_step(
+            self.graphdef, self.params, self.cache, self.counts, self.seen, tokens, page_table, lengths, q_lengths,
+            rope_lengths, slots, emit, steps, sampling, top_n=top_n, penalties=penalties)
+        token, logprob, top_ids, top_logprobs = jax.device_get(out)
+        self.counters["model_calls"] += 1
+        for i, (seq, n) in enumerate(rows):
+            seq.num_cached += n
+            if seq.num_cached >= seq.prompt_len and not seq.registered:
+                self._register_prefix(seq)
+            if emit[i]:
+                k = seq.request.top_n
+                self._append(seq, int(token[i]), float(logprob[i]),
+                             dict(zip(top_ids[i, :k].tolist(), top_logprobs[i, :k].tolist(), strict=True)))
+
+    def _register_prefix(self, seq: Sequence) -> None:
+        """Offers the sequence's full prompt pages to the prefix cache, once, after its prompt is cached."""
+        if self.config.prefix_caching and self._prefix_ok(seq):
+            full = seq.prompt_len // self.config.page_size
+            keys = self.pool.prefix_keys(seq.tokens, full)
+            for i in range(seq.shared_pages, full):
+                self.pool.register(seq.pages[i], keys[i])
+        seq.registered = True
+
+    def _append(self, seq: Sequence, token: int, logprob: float, top: dict[int, float]) -> None:
+        request = seq.request
+        seq.tokens.append(token)
+        seq.generated.append(token)
+        seq.logprobs.append(logprob)
+        seq.top_logprobs.append(top)
+        self.counters["generated_tokens"] += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        reason = None
+        if token in request.stop_ids:
+            reason = "stop"
+        elif len(seq.generated) >= request.max_new_tokens or len(seq.tokens) >= self.max_model_len:
+            reason = "length"
+        text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.generated, skip_special_tokens=request.skip_special_tokens)
+            found = [i for i in (text.find(s) for s in request.stop_strings) if i >= 0]
+            if found:
+                text, reason = text[:min(found)], "stop"
+        if reason is None:
+            # Hold back what a stop string completed later could still cut, and a half-decoded character, so the
+            # text of successive events only grows (a streaming client never has to take text back).
+            hold = max(map(len, request.stop_strings), default=1) - 1
+            visible = text[:len(text) - hold].rstrip("\ufffd")
+            text = visible if visible.startswith(seq.sent_text) else seq.sent_text
+        event = Event(seq.request_id, seq.generated[seq.sent_tokens:], seq.logprobs[seq.sent_tokens:],
+                      seq.top_logprobs[seq.sent_tokens:], text, finished=reason is not None, finish_reason=reason)
+        if seq.prompt_scores is not None and seq.sent_tokens == 0:
+            event.prompt_logprobs, event.prompt_top_logprobs = seq.prompt_scores
+        seq.sent_tokens, seq.sent_text = len(seq.generated), text
+        self._deliver(seq, event)
+        if reason is not None:
+            self._finish(seq)
+
+    def _deliver(self, seq: Sequence, event: Event) -> None:
+        try:
+            seq.on_event(event)
+        except Exception:  # noqa: BLE001 - a broken callback must not stop other requests
+            log.exception("on_event of request %d failed; cancelling it", seq.request_id)
+            self.cancel(seq.request_id)
+
+    def _finish(self, seq: Sequence, *, reason: str | None = None, error: str | None = None) -> None:
+        """Frees the sequence; with `reason` or `error`, first sends its last event (a normal end already did)."""
+        self._release(seq)
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+        if reason is not None or error is not None:
+            self._deliver(seq, Event(seq.request_id, [], [], [], seq.sent_text, finished=True, finish_reason=reason,
+                                     error=error))
+        with self._wake:
+            self._outstanding -= 1
+        self.counters["finished"] += 1
+
+
+def _stack_sampling(configs: list[SamplingConfig], keys: list[tuple[int, ...]], batch: int) -> SamplingParams:
+    """Per-row sampling arrays, padding rows greedy; built on the host (no device work per request per step)."""
+    pad = batch - len(configs)
+    configs = configs + [SamplingConfig()] * pad
+    keys = np.asarray(keys + [keys[0]] * pad, np.uint32)
+
+    def column(name, dtype):
+        return np.asarray([getattr(c, name) for c in configs], dtype)
+
+    return SamplingParams(column("temperature", np.float32), column("top_k", np.int32), column("top_p", np.float32),
+                          column("min_p", np.float32), column("repetition_penalty", np.float32),
+                          column("presence_penalty", np.float32), column("frequency_penalty", np.float32), keys)
+
+
+def completion_from_events(events: list[Event]) -> Completion:
+    """The `Completion` a request's events add up to; an error event raises."""
+    last = events[-1]
+    if last.error is not None:
+        raise RuntimeError(last.error)
+    tokens = [t for e in events for t in e.tokens]
+    return Completion(tokens, [lp for e in events for lp in e.logprobs],
+                      [top for e in events for top in e.top_logprobs], last.finish_reason, last.text)
+

@@ -1,0 +1,91 @@
+"""The paged KV cache of the continuous-batching engine (conventions: fixed-size pages, a page table per sequence).
+
+K/V of the kv heads only, after RoPE, in pages of `page_size` tokens: `k`/`v` are [layers, kv_heads, num_pages,
+page_size, head_dim], so `k[layer]` is the `k_pages` of `decode_attention`. Page 0 is never handed out: padding
+rows and padding tokens write there, and unused page-table entries point there, so a ragged batch needs no special
+cases. Which pages a sequence owns is the host scheduler's business (`decode.scheduler.PagePool`); the device only
+sees this step's page table.
+
+A `PagedKVCache` carries one step's view with it: the page table and lengths of the rows in this call, so the model
+can scatter each new token's K/V to its slot and attend over the pages in one pass.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from internlm2_jax.config import ModelConfig
+
+
+@struct.dataclass
+class PagedKVCache:
+    k: jax.Array  # [layers, kv_heads, num_pages, page_size, head_dim]
+    v: jax.Array
+    page_table: jax.Array  # [batch, max_pages] int32: page ids of each row's sequence, in order (0: none)
+    lengths: jax.Array  # [batch] int32: tokens cached per row once this step's tokens are written
+    q_lengths: jax.Array  # [batch] int32: this step's new tokens per row (0 for a padding row)
+    rope_lengths: jax.Array  # [batch] int32: the length L that sets the dynamic-NTK base for this step's tokens
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[2]
+
+    def with_step(self, page_table, lengths, q_lengths, rope_lengths) -> PagedKVCache:
+        return self.replace(page_table=page_table, lengths=lengths, q_lengths=q_lengths, rope_lengths=rope_lengths)
+
+    def query_positions(self, chunk: int) -> tuple[jax.Array, jax.Array]:
+        """(positions, segment ids) [batch, chunk] of this step's tokens, right-padded to `chunk`; padding has
+        segment 0 and position 0."""
+        offsets = jnp.arange(chunk, dtype=jnp.int32)[None, :]
+        valid = offsets < self.q_lengths[:, None]
+        positions = self.lengths[:, None] - self.q_lengths[:, None] + offsets
+        return jnp.where(valid, positions, 0), valid.astype(jnp.int32)
+
+    def write(self, layer, k_new: jax.Array, v_new: jax.Array, positions, segment_ids) -> PagedKVCache:
+        """Scatters this step's K/V [batch, chunk, kv_heads, head_dim] of `layer` to their slots, in place."""
+        page = jnp.take_along_axis(self.page_table, positions // self.page_size, axis=1)
+        page = jnp.where(segment_ids != 0, page, 0)  # padding writes land in the null page
+        offset = positions % self.page_size
+        # layer, page and offset are advanced indices around a slice: the update is laid out [batch, chunk, kv, d].
+        k = self.k.at[layer, :, page, offset].set(k_new.astype(self.k.dtype), mode="promise_in_bounds")
+        v = self.v.at[layer, :, page, offset].set(v_new.astype(self.v.dtype), mode="promise_in_bounds")
+        return self.replace(k=k, v=v)
+
+
+def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None) -> PagedKVCache:
+    """An empty paged cache of `num_pages` pages (page 0, the null page, included) in `dtype` (default: compute)."""
+    if num_pages < 2 or page_size < 1:
+        raise ValueError(f"a paged cache needs num_pages >= 2 (page 0 is reserved) and page_size >= 1, "
+                         f"got {num_pages} and {page_size}")
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, num_pages, page_size, cfg.head_dim)
+    empty = jnp.zeros((0,), jnp.int32)
+    return PagedKVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), page_table=jnp.zeros((0, 0), jnp.int32),
+                        lengths=empty, q_lengths=empty, rope_lengths=empty)
+
+
+def bytes_per_token(cfg: ModelConfig, dtype=None) -> int:
+    """K and V of one token over all layers."""
+    itemsize = jnp.dtype(dtype or cfg.dtype).itemsize
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
+
+
+def pages_for_budget(cfg: ModelConfig, page_size: int, *, tokens: int | None = None, gigabytes: float | None = None,
+                     dtype=None) -> int:
+    """Pages (the null page included) for an absolute KV budget in tokens or in GB (never a fraction of free
+    memory: a budget that depends on what else is running is not reproducible)."""
+    if (tokens is None) == (gigabytes is None):
+        raise ValueError("give the KV budget as exactly one of tokens= or gigabytes=")
+    if gigabytes is not None:
+        if gigabytes <= 0:
+            raise ValueError(f"kv budget must be > 0 GB, got {gigabytes}")
+        tokens = int(gigabytes * 1e9) // bytes_per_token(cfg, dtype)
+    if tokens < page_size:
+        raise ValueError(f"a KV budget of {tokens} tokens is less than one page ({page_size} tokens)")
+    return tokens // page_size + 1
