@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_decode_cache import assert_matches_reference, forward
+from test_decode_cache import forward
 
 from internlm2_jax.config import preset
 from internlm2_jax.decode.engine import Engine, EngineConfig
@@ -107,7 +107,7 @@ def test_sampled_and_penalised_requests_do_not_depend_on_their_batch(model):
     crowd = Engine(model, None, EngineConfig(max_model_len=64, kv_budget_tokens=512, page_size=8, max_running=8))
     alone = Engine(model, None, EngineConfig(max_model_len=64, kv_budget_tokens=512, page_size=8, max_running=1))
     together, one_by_one = crowd.generate(reqs), [alone.generate([r])[0] for r in reqs]
-    for request, a, b in zip(reqs, together, one_by_one, strict=True):
+    for a, b in zip(together, one_by_one, strict=True):
         assert a.tokens == b.tokens
     for request, got in zip(reqs[1::3], together[1::3], strict=True):  # penalties: as the static path applies them
         assert got.tokens == solo(model, request).tokens
@@ -198,6 +198,9 @@ def test_rejections_queue_limit_cancel_and_errors(model, monkeypatch):
 def test_background_loop_serves_threads_and_bounds_compiled_shapes(model):
     engine = Engine(model, None, EngineConfig(max_model_len=64, kv_budget_tokens=1024, page_size=8, max_running=8,
                                               prefill_chunk=32))
+    programs = engine.warmup()
+    warm = set(engine.shapes)
+    assert programs == len(warm) == 4 * 2 + 2 * 2  # decode rows 1-8 x widths {2, 8}; prefill rows {1, 4} x {2, 8}
     engine.start()
     results, lock = {}, threading.Lock()
 
@@ -223,6 +226,5 @@ def test_background_loop_serves_threads_and_bounds_compiled_shapes(model):
     engine.stop()
     assert sorted(results) == list(range(24))
     assert all(sum(len(e.tokens) for e in results[i]) == 4 + i % 9 for i in results)
-    # rows <= 8 (4 buckets), chunk 1 or 8..32 (3), page-table width <= 8 (4): far fewer than one per request
-    assert len(engine.shapes) <= 4 * 4 * 4
+    assert engine.shapes == warm  # the load ran only programs compiled at warm-up
     assert pages_for_budget(CFG, 8, tokens=1024) == 129

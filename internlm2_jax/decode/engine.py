@@ -53,7 +53,7 @@ class EngineConfig:
     max_running: int = 32  # sequences in the running batch
     max_waiting: int = 256  # queued requests beyond those; more are refused (EngineFull)
     prefill_chunk: int = 256  # prompt tokens per prefill call (a power of two)
-    max_prefill_rows: int = 8
+    max_prefill_rows: int = 4  # prefill calls run 1 or this many rows
     cache_dtype: str | None = None  # default: the model's compute dtype
     prefix_caching: bool = True
     max_top_n: int = 20
@@ -68,30 +68,36 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name}: invalid value {getattr(self, name)!r}")
 
 
-def _bucket(n: int, *, low: int = 1) -> int:
-    return max(low, 1 << (n - 1).bit_length())
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
-@partial(jax.jit, static_argnums=0, static_argnames=("top_n", "penalties"),
-         donate_argnames=("cache", "counts", "seen"))
+def _ladder(top: int, floor: int = 1) -> list[int]:
+    """top, top/4, top/16, ... down to `floor`: the few sizes a dimension is padded to (a coarse ladder keeps the
+    number of compiled programs small enough to compile them all at start-up)."""
+    sizes = [top]
+    while sizes[-1] // 4 >= floor:
+        sizes.append(sizes[-1] // 4)
+    return sizes[::-1]
+
+
+def _fit(n: int, sizes: list[int]) -> int:
+    return next(size for size in sizes if size >= n)
+
+
+@partial(jax.jit, static_argnums=0, static_argnames="top_n", donate_argnames=("cache", "counts", "seen"))
 def _engine_step(graphdef, params, cache, counts, seen, tokens, page_table, lengths, q_lengths, rope_lengths, slots,
-                 emit, steps, sampling: SamplingParams, *, top_n: int, penalties: bool):
+                 emit, steps, sampling: SamplingParams, *, top_n: int):
     """Runs [rows, chunk] new tokens through the model over the paged cache and samples after each row's last one.
-    counts/seen [slots, vocab] are the penalty state, read and updated only when some row uses penalties."""
+    counts/seen [slots, vocab] are the penalty state: rows are gathered only when some row uses penalties, and the
+    update touches one entry per row."""
     model = nnx.merge(graphdef, params)
     hidden, cache = model.model(tokens, cache=cache.with_step(page_table, lengths, q_lengths, rope_lengths))
     last = jnp.maximum(q_lengths - 1, 0)
     logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
-    rows = tokens.shape[0]
-    if penalties:
-        row_counts, row_seen = counts[slots], seen[slots]
-    else:  # no row reads them: skip gathering [rows, vocab] state
-        row_counts, row_seen = jnp.zeros((rows, 1), jnp.int32), jnp.zeros((rows, 1), bool)
-    token, logprob, top_ids, top_logprobs = sample(logits, sampling, steps, row_counts, row_seen, top_n)
-    if penalties:
-        hit = jax.nn.one_hot(token, counts.shape[1], dtype=jnp.int32) * emit[:, None]
-        counts = counts.at[slots].add(hit)
-        seen = seen.at[slots].set(row_seen | (hit > 0))
+    token, logprob, top_ids, top_logprobs = sample(logits, sampling, steps, counts, seen, top_n, rows=slots)
+    counts = counts.at[slots, token].add(emit.astype(jnp.int32))
+    seen = seen.at[slots, token].set(seen[slots, token] | emit)
     empty = jnp.zeros((0,), jnp.int32)  # the step's view is not part of the cache between calls
     return cache.with_step(jnp.zeros((0, 0), jnp.int32), empty, empty, empty), counts, seen, token, logprob, \
         top_ids, top_logprobs
@@ -100,6 +106,10 @@ def _engine_step(graphdef, params, cache, counts, seen, tokens, page_table, leng
 @partial(jax.jit, donate_argnums=(0, 1))
 def _set_penalty_row(counts, seen, slot, counts_row, seen_row):
     return counts.at[slot].set(counts_row), seen.at[slot].set(seen_row)
+
+
+def _key_data(seed: int) -> tuple[int, ...]:
+    return tuple(np.asarray(jax.random.key_data(jax.random.key(seed))).tolist())
 
 
 def _uses_penalties(config: SamplingConfig) -> bool:
@@ -136,8 +146,15 @@ class Engine:
         self._admissions = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.shapes: set[tuple] = set()  # (rows, chunk, pages, top_n, penalties) of every program run
+        self.shapes: set[tuple] = set()  # (rows, chunk, page-table width) of every program run
+        # The padded sizes: decode rows in powers of two; prefill rows 1 or max_prefill_rows; chunks and page-table
+        # widths on a ladder of powers of four.
+        self._decode_rows = [1 << i for i in range(_pow2(config.max_running).bit_length())]
+        self._prefill_rows = sorted({1, config.max_prefill_rows})
+        self._chunks = _ladder(config.prefill_chunk, floor=min(16, config.prefill_chunk))
+        self._widths = _ladder(_pow2(-(-config.max_model_len // page_size)))
         self.counters = collections.Counter()
+        self._pad_key = _key_data(0)
 
     # ---- the caller's side (thread-safe) ---------------------------------------------------------------------------
 
@@ -145,7 +162,7 @@ class Engine:
         """Queues `request`; `on_event` gets its events (on the engine's thread when it runs in the background).
         Raises RequestRejected naming the bad field, or EngineFull when the queue is full."""
         self._check(request)
-        key_data = tuple(np.asarray(jax.random.key_data(jax.random.key(request.sampling.seed))).tolist())
+        key_data = _key_data(request.sampling.seed)
         with self._wake:
             if self._outstanding >= self.config.max_running + self.config.max_waiting:
                 raise EngineFull(f"{self._outstanding} requests are running or queued (max_running="
@@ -229,10 +246,10 @@ class Engine:
         self._admit()
         prefill = self._plan_prefill()
         if prefill:
-            self._run(prefill, chunk=_bucket(max(n for _, n in prefill), low=8))
+            self._run(prefill, prefill=True)
         decode = self._reserve_decode_pages([s for s in self._running if s.pending == 1])
         if decode:
-            self._run([(s, 1) for s in decode], chunk=1)
+            self._run([(s, 1) for s in decode], prefill=False)
         return bool(prefill or decode)
 
     def generate(self, requests: Seq[Request]) -> list[Completion]:
@@ -270,7 +287,7 @@ class Engine:
         while self._waiting and self._free_slots:
             seq = self._waiting[0]
             request = seq.request
-            if request.prompt_logprobs is not None and seq.prompt_scores is None:
+            if (request.prompt_logprobs is not None or request.max_new_tokens == 0) and seq.prompt_scores is None:
                 if not self._score_prompt(seq):
                     continue
             shareable = min(len(seq.tokens) - 1, seq.prompt_len) // page_size if self._prefix_ok(seq) else 0
@@ -304,9 +321,9 @@ class Engine:
         """Prompt log-probs (echo, perplexity), before the sequence takes pages. False if it finished here."""
         request = seq.request
         n = request.prompt_logprobs
-        lps: list[float | None] = [None]
-        tops: list[dict[int, float] | None] = [None]
-        if seq.prompt_len > 1:
+        lps: list[float | None] | None = [None] if n is not None else None
+        tops: list[dict[int, float] | None] | None = [None] if n is not None else None
+        if seq.prompt_len > 1 and n is not None:
             try:
                 (chosen, top_ids, top_lps), = score_tokens((self.graphdef, self.params), [list(request.prompt_ids)],
                                                            top_n=self.config.max_top_n if n else 0)
@@ -373,9 +390,29 @@ class Engine:
 
     # ---- running a batch -----------------------------------------------------------------------------------------
 
-    def _run(self, rows: list[tuple[Sequence, int]], *, chunk: int) -> None:
+    def warmup(self) -> int:
+        """Compiles every program the engine can run (all padding rows: nothing is written but the null page), so
+        no request waits for a compile and memory does not grow later. Returns the number of programs."""
+        shapes = [(rows, 1, width) for rows in self._decode_rows for width in self._widths]
+        shapes += [(rows, chunk, width) for rows in self._prefill_rows for chunk in self._chunks
+                   for width in self._widths]
+        for rows, chunk, width in shapes:
+            self._call(np.zeros((rows, chunk), np.int32), np.zeros((rows, width), np.int32),
+                       *(np.zeros(rows, np.int32) for _ in range(3)), np.full(rows, self.config.max_running, np.int32),
+                       np.zeros(rows, bool), np.zeros(rows, np.int32), _stack_sampling([], [], rows, self._pad_key))
+        return len(shapes)
+
+    def _call(self, tokens, page_table, lengths, q_lengths, rope_lengths, slots, emit, steps, sampling):
+        self.shapes.add((*tokens.shape, page_table.shape[1]))
+        self.cache, self.counts, self.seen, *out = _engine_step(
+            self.graphdef, self.params, self.cache, self.counts, self.seen, tokens, page_table, lengths, q_lengths,
+            rope_lengths, slots, emit, steps, sampling, top_n=self.config.max_top_n)
+        self.counters["model_calls"] += 1
+        return jax.device_get(out)
+
+    def _run(self, rows: list[tuple[Sequence, int]], *, prefill: bool) -> None:
         try:
-            self._run_batch(rows, chunk)
+            self._run_batch(rows, prefill)
         except Exception as e:  # noqa: BLE001 - every request of the batch gets the error, the engine goes on
             log.exception("engine step failed")
             if self.cache.k.is_deleted():  # the donated cache died with the call: nobody's pages are valid
@@ -392,10 +429,10 @@ class Engine:
             for seq in failed:
                 self._finish(seq, error=f"internal error in the engine step: {type(e).__name__}: {e}")
 
-    def _run_batch(self, rows: list[tuple[Sequence, int]], chunk: int) -> None:
-        batch = min(_bucket(len(rows)), _bucket(self.config.max_running))
-        max_pages = _bucket(-(-self.max_model_len // self.config.page_size))
-        width = min(_bucket(max(len(seq.pages) for seq, _ in rows)), max_pages)
+    def _run_batch(self, rows: list[tuple[Sequence, int]], prefill: bool) -> None:
+        batch = _fit(len(rows), self._prefill_rows if prefill else self._decode_rows)
+        chunk = _fit(max(n for _, n in rows), self._chunks) if prefill else 1
+        width = _fit(max(len(seq.pages) for seq, _ in rows), self._widths)
         tokens = np.zeros((batch, chunk), np.int32)
         page_table = np.zeros((batch, width), np.int32)
         lengths, q_lengths, rope_lengths, steps = (np.zeros(batch, np.int32) for _ in range(4))
@@ -409,16 +446,10 @@ class Engine:
             # A prompt's tokens take the NTK base of the whole prompt, as a one-shot prefill gives them.
             rope_lengths[i] = len(seq.tokens)
             emit[i] = start + n == len(seq.tokens)
-        configs = [seq.request.sampling for seq, _ in rows]
-        penalties = any(map(_uses_penalties, configs))
-        top_n = self.config.max_top_n if any(seq.request.top_n for seq, _ in rows) else 0
-        sampling = _stack_sampling(configs, [seq.key_data for seq, _ in rows], batch)
-        self.shapes.add((batch, chunk, width, top_n, penalties))
-        self.cache, self.counts, self.seen, *out = _engine_step(
-            self.graphdef, self.params, self.cache, self.counts, self.seen, tokens, page_table, lengths, q_lengths,
-            rope_lengths, slots, emit, steps, sampling, top_n=top_n, penalties=penalties)
-        token, logprob, top_ids, top_logprobs = jax.device_get(out)
-        self.counters["model_calls"] += 1
+        sampling = _stack_sampling([seq.request.sampling for seq, _ in rows], [seq.key_data for seq, _ in rows],
+                                   batch, self._pad_key)
+        token, logprob, top_ids, top_logprobs = self._call(tokens, page_table, lengths, q_lengths, rope_lengths,
+                                                           slots, emit, steps, sampling)
         for i, (seq, n) in enumerate(rows):
             seq.num_cached += n
             if seq.num_cached >= seq.prompt_len and not seq.registered:
@@ -492,11 +523,12 @@ class Engine:
         self.counters["finished"] += 1
 
 
-def _stack_sampling(configs: list[SamplingConfig], keys: list[tuple[int, ...]], batch: int) -> SamplingParams:
+def _stack_sampling(configs: list[SamplingConfig], keys: list[tuple[int, ...]], batch: int,
+                    pad_key: tuple[int, ...]) -> SamplingParams:
     """Per-row sampling arrays, padding rows greedy; built on the host (no device work per request per step)."""
     pad = batch - len(configs)
     configs = configs + [SamplingConfig()] * pad
-    keys = np.asarray(keys + [keys[0]] * pad, np.uint32)
+    keys = np.asarray(keys + [pad_key] * pad, np.uint32)
 
     def column(name, dtype):
         return np.asarray([getattr(c, name) for c in configs], dtype)

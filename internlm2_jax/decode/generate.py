@@ -132,7 +132,9 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     configs = list(sampling) if isinstance(sampling, Sequence) else [sampling] * len(prompts)
     if len(configs) != len(prompts):
         raise ValueError(f"{len(configs)} sampling configs for {len(prompts)} prompts")
-    batch, longest = len(prompts), max(len(p) for p in prompts)
+    # Prompts are right-padded to a power of two, so a notebook's stream of prompts compiles a few shapes, not one
+    # per length (padding slots hold segment 0 and are never attended).
+    batch, longest = len(prompts), max(16, 1 << (max(len(p) for p in prompts) - 1).bit_length())
     tokens = np.zeros((batch, longest), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p

@@ -93,8 +93,11 @@ def truncate(logits, params: SamplingParams):
     return jnp.where(scaled >= cut, scaled, _MASKED)
 
 
-def sample(logits, params: SamplingParams, step, counts, seen, top_n: int = 0):
+def sample(logits, params: SamplingParams, step, counts, seen, top_n: int = 0, rows=None):
     """(tokens [batch], their log-probs [batch], top-n ids and log-probs [batch, top_n]) for fp32 `logits`.
+
+    counts/seen hold the penalty state of these rows, or, with `rows` [batch], of all slots (this batch's rows are
+    gathered only when some row uses penalties).
 
     Row i draws with `fold_in(keys[i], step[i])` (`step` a scalar or [batch]: the index of the token being drawn),
     so its tokens depend on its own seed and step only, not on the batch it runs in.
@@ -104,7 +107,9 @@ def sample(logits, params: SamplingParams, step, counts, seen, top_n: int = 0):
     # forward of a 57M model at batch 16 on CPU, and a greedy batch needs none of it.
     penalised = jax.lax.cond((params.repetition_penalty != 1).any() | (params.presence_penalty != 0).any()
                              | (params.frequency_penalty != 0).any(),
-                             lambda: apply_penalties(logits, params, counts, seen), lambda: logits)
+                             lambda: apply_penalties(logits, params, *((counts, seen) if rows is None else
+                                                                       (counts[rows], seen[rows]))),
+                             lambda: logits)
     sampled = params.temperature > 0
     needs_cut = (sampled & ((params.top_k > 0) | (params.top_p < 1) | (params.min_p > 0))).any()
 

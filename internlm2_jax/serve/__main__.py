@@ -1,0 +1,93 @@
+"""`python -m internlm2_jax.serve --checkpoint DIR [--port 8000] [options]`: the OpenAI-compatible server.
+
+DIR is a model directory (config.json, safetensors, tokenizer) or an orbax run directory (its latest complete
+checkpoint). Binds to 127.0.0.1 unless --host says otherwise; --api-key (or $INTERNLM2_API_KEY) makes /v1/* require
+`Authorization: Bearer KEY`. The KV cache is an absolute budget (--kv-budget-tokens or --kv-budget-gb), and
+--max-model-len (prompt + completion per request) is independent of the model's max_position_embeddings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m internlm2_jax.serve", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--checkpoint", required=True, help="a model directory or a run directory")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("INTERNLM2_API_KEY"))
+    parser.add_argument("--model-name", help="the id clients send as `model` (default: the directory's name)")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--kv-budget-tokens", type=int)
+    budget.add_argument("--kv-budget-gb", type=float)
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--max-running", type=int, default=32, help="sequences decoded together")
+    parser.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond those (then 429)")
+    parser.add_argument("--prefill-chunk", type=int, default=256)
+    parser.add_argument("--cache-dtype", choices=["float32", "bfloat16"])
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--int8", action="store_true", help="weight-only int8 projections")
+    parser.add_argument("--no-warmup", action="store_true", help="compile programs on first use, not at start")
+    parser.add_argument("--log-level", default="info")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    from internlm2_jax.chat_template import chat_template_for_directory, get_chat_template
+    from internlm2_jax.convert import CheckpointError
+    from internlm2_jax.decode.engine import Engine, EngineConfig
+    from internlm2_jax.generate import load_for_decoding
+    from internlm2_jax.model.paged_cache import bytes_per_token
+    from internlm2_jax.train.checkpoint import CheckpointMismatch, is_run_directory
+
+    path = Path(args.checkpoint)
+    tokens = args.kv_budget_tokens
+    if tokens is None and args.kv_budget_gb is None:
+        tokens = 8 * args.max_model_len  # room for eight full-length sequences
+    config = EngineConfig(max_model_len=args.max_model_len, kv_budget_tokens=tokens, kv_budget_gb=args.kv_budget_gb,
+                          page_size=args.page_size, max_running=args.max_running, max_waiting=args.max_waiting,
+                          prefill_chunk=args.prefill_chunk, cache_dtype=args.cache_dtype,
+                          prefix_caching=not args.no_prefix_caching)
+    try:
+        config.validate()
+        model, tokenizer = load_for_decoding(path, quantize="int8" if args.int8 else None)
+        template = (get_chat_template("internlm2_chat") if is_run_directory(path)
+                    else chat_template_for_directory(path))
+        engine = Engine(model, tokenizer, config)
+    except (CheckpointError, CheckpointMismatch, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    import uvicorn
+
+    from internlm2_jax.serve.app import create_app
+
+    name = args.model_name or path.resolve().name
+    app = create_app(engine, tokenizer, model_name=name, chat_template=template, api_key=args.api_key)
+    pages = engine.pool.capacity
+    gigabytes = pages * config.page_size * bytes_per_token(engine.model_config, config.cache_dtype) / 1e9
+    print(f"serving {name!r} on http://{args.host}:{args.port}: KV cache {pages} pages x {config.page_size} tokens "
+          f"({gigabytes:.3f} GB), max_model_len {config.max_model_len}, up to {config.max_running} running + "
+          f"{config.max_waiting} queued", flush=True)
+    if not args.no_warmup:
+        started = time.perf_counter()
+        programs = engine.warmup()
+        print(f"compiled {programs} programs in {time.perf_counter() - started:.1f} s", flush=True)
+    engine.start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
