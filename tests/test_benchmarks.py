@@ -29,3 +29,12 @@ def test_decode_benchmark_quick_run_prints_its_table_and_matches_transformers():
                               env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert gpu_form.returncode == 0, gpu_form.stderr[-3000:]
     assert "ours (jax, static KV cache, bfloat16)" in gpu_form.stdout
+
+
+@pytest.mark.slow
+def test_serving_benchmark_quick_run_prints_its_table_and_checks_every_request():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| static batching (baseline) |" in done.stdout and "| continuous batching (ours) |" in done.stdout
+    assert "equal to the same request run alone: 24/24 requests" in done.stdout
