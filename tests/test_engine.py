@@ -89,7 +89,7 @@ def test_every_request_equals_itself_alone_under_preemption_and_prefix_sharing(m
     system = prompts(1, 24, 25, seed=7)[0]
     reqs = [Request((system + p) if i % 2 else p, 20, top_n=3) for i, p in enumerate(prompts(12, 1, 20))]
     engine = Engine(model, None, EngineConfig(max_model_len=64, kv_budget_tokens=160, page_size=8, max_running=6,
-                                              prefill_chunk=16, max_prefill_rows=3))
+                                              prefill_chunk=32, max_prefill_rows=2))
     out = engine.generate(reqs)
     stats = engine.stats()
     assert stats["preemptions"] > 0 and stats["prefix_cache_hit_tokens"] >= 24, stats
@@ -200,7 +200,8 @@ def test_background_loop_serves_threads_and_bounds_compiled_shapes(model):
                                               prefill_chunk=32))
     programs = engine.warmup()
     warm = set(engine.shapes)
-    assert programs == len(warm) == 4 * 2 + 2 * 2  # decode rows 1-8 x widths {2, 8}; prefill rows {1, 4} x {2, 8}
+    # decode: rows 1-8 x widths {2, 8}; prefill: (rows, chunk) (1, 16), (1, 32), (2, 16) x widths {2, 8}
+    assert programs == len(warm) == 4 * 2 + 3 * 2
     engine.start()
     results, lock = {}, threading.Lock()
 

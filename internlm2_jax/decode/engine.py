@@ -1,11 +1,11 @@
 """The continuous-batching engine: requests join and leave a running batch at every step, over a paged KV cache.
 
 Each `step()` runs at most two jitted calls of one function (`_engine_step`): a chunked prefill for sequences with
-prompt tokens still to cache (several rows, up to `prefill_chunk` tokens in all), and one decode token for every
-sequence that is generating. Both sample on device with each row's own settings; the host appends tokens, checks
-stop ids, stop strings and lengths, sends `Event`s and frees finished sequences' pages. Shapes are bucketed (rows,
-chunk and page-table width to powers of two), so a stream of requests compiles a bounded set of programs, never one
-per request.
+prompt tokens still to cache (up to `max_prefill_rows` rows and `prefill_chunk` padded tokens), and one decode token
+for every sequence that is generating. Both sample on device with each row's own settings; the host appends tokens,
+checks stop ids, stop strings and lengths, sends `Event`s and frees finished sequences' pages. Shapes are padded to
+a few sizes (rows and chunks to powers of two, page-table widths to powers of four), so the engine runs a bounded
+set of programs, all compiled by `warmup()`, never one per request.
 
 Memory is an absolute budget (`kv_budget_tokens` or `kv_budget_gb`), split into pages. A request is admitted when
 its whole prompt fits (its shared prefix pages from the prefix cache cost nothing) with a page of headroom per
@@ -52,8 +52,8 @@ class EngineConfig:
     page_size: int = 16
     max_running: int = 32  # sequences in the running batch
     max_waiting: int = 256  # queued requests beyond those; more are refused (EngineFull)
-    prefill_chunk: int = 256  # prompt tokens per prefill call (a power of two)
-    max_prefill_rows: int = 4  # prefill calls run 1 or this many rows
+    prefill_chunk: int = 256  # prompt tokens per prefill call at most, rows x chunk (a power of two)
+    max_prefill_rows: int = 4  # sequences per prefill call at most (a power of two)
     cache_dtype: str | None = None  # default: the model's compute dtype
     prefix_caching: bool = True
     max_top_n: int = 20
@@ -62,7 +62,8 @@ class EngineConfig:
         checks = {"max_model_len": self.max_model_len >= 2, "page_size": self.page_size >= 1,
                   "max_running": self.max_running >= 1, "max_waiting": self.max_waiting >= 0,
                   "prefill_chunk": self.prefill_chunk >= 8 and self.prefill_chunk & (self.prefill_chunk - 1) == 0,
-                  "max_prefill_rows": self.max_prefill_rows >= 1, "max_top_n": 0 <= self.max_top_n <= 100}
+                  "max_prefill_rows": _pow2(self.max_prefill_rows) == self.max_prefill_rows,
+                  "max_top_n": 0 <= self.max_top_n <= 100}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"EngineConfig.{name}: invalid value {getattr(self, name)!r}")
@@ -79,6 +80,11 @@ def _ladder(top: int, floor: int = 1) -> list[int]:
     while sizes[-1] // 4 >= floor:
         sizes.append(sizes[-1] // 4)
     return sizes[::-1]
+
+
+def _powers(low: int, high: int) -> list[int]:
+    """The powers of two from `low` to `high` (both powers of two)."""
+    return [1 << i for i in range(low.bit_length() - 1, high.bit_length())]
 
 
 def _fit(n: int, sizes: list[int]) -> int:
@@ -147,11 +153,14 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.shapes: set[tuple] = set()  # (rows, chunk, page-table width) of every program run
-        # The padded sizes: decode rows in powers of two; prefill rows 1 or max_prefill_rows; chunks and page-table
-        # widths on a ladder of powers of four.
-        self._decode_rows = [1 << i for i in range(_pow2(config.max_running).bit_length())]
-        self._prefill_rows = sorted({1, config.max_prefill_rows})
-        self._chunks = _ladder(config.prefill_chunk, floor=min(16, config.prefill_chunk))
+        # The padded sizes: decode rows 1, 2, 4, then multiples of 8 (a padded row costs as much as a real one);
+        # prefill (rows, chunk) pairs of powers of two within prefill_chunk tokens; page-table widths on a ladder of
+        # powers of four.
+        rows = sorted({1, 2, 4} | set(range(8, config.max_running + 8, 8)))
+        self._decode_rows = [r for r in rows if r < config.max_running] + [_fit(config.max_running, rows)]
+        smallest = min(16, config.prefill_chunk)
+        self._prefill_shapes = [(rows, chunk) for rows in _powers(1, config.max_prefill_rows)
+                                for chunk in _powers(smallest, config.prefill_chunk // rows) if chunk >= smallest]
         self._widths = _ladder(_pow2(-(-config.max_model_len // page_size)))
         self.counters = collections.Counter()
         self._pad_key = _key_data(0)
@@ -244,12 +253,12 @@ class Engine:
         run."""
         self._take_inbox()
         self._admit()
-        prefill = self._plan_prefill()
+        prefill, shape = self._plan_prefill()
         if prefill:
-            self._run(prefill, prefill=True)
+            self._run(prefill, shape)
         decode = self._reserve_decode_pages([s for s in self._running if s.pending == 1])
         if decode:
-            self._run([(s, 1) for s in decode], prefill=False)
+            self._run([(s, 1) for s in decode], (_fit(len(decode), self._decode_rows), 1))
         return bool(prefill or decode)
 
     def generate(self, requests: Seq[Request]) -> list[Completion]:
@@ -345,19 +354,22 @@ class Engine:
         seq.prompt_scores = (lps, tops)
         return True
 
-    def _plan_prefill(self) -> list[tuple[Sequence, int]]:
-        rows, total = [], 0
-        chunk = self.config.prefill_chunk
-        for seq in self._running:
-            if seq.pending > 1:
-                take = min(seq.pending, chunk)
-                if rows and total + take > chunk:
-                    break
-                rows.append((seq, take))
-                total += take
-                if len(rows) == self.config.max_prefill_rows:
-                    break
-        return rows
+    def _plan_prefill(self) -> tuple[list[tuple[Sequence, int]], tuple[int, int]]:
+        """The first sequences with prompt tokens to cache (in admission order) and how many each caches now, in the
+        (rows, chunk) shape that caches the most tokens per unit of cost: a call costs about its padded tokens plus
+        a fixed part (reading the weights), taken as 64 tokens' worth. Prompts longer than the chunk continue in
+        later steps."""
+        waiting = [seq for seq in self._running if seq.pending > 1]
+        if not waiting:
+            return [], (0, 0)
+
+        def value(shape):
+            rows, chunk = shape
+            real = sum(min(seq.pending, chunk) for seq in waiting[:rows])
+            return real / (64 + rows * chunk), real
+
+        rows, chunk = max(self._prefill_shapes, key=value)
+        return [(seq, min(seq.pending, chunk)) for seq in waiting[:rows]], (rows, chunk)
 
     def _reserve_decode_pages(self, rows: list[Sequence]) -> list[Sequence]:
         """Gives each decoding row room for its next token, preempting the newest sequences when pages run out."""
@@ -394,8 +406,7 @@ class Engine:
         """Compiles every program the engine can run (all padding rows: nothing is written but the null page), so
         no request waits for a compile and memory does not grow later. Returns the number of programs."""
         shapes = [(rows, 1, width) for rows in self._decode_rows for width in self._widths]
-        shapes += [(rows, chunk, width) for rows in self._prefill_rows for chunk in self._chunks
-                   for width in self._widths]
+        shapes += [(rows, chunk, width) for rows, chunk in self._prefill_shapes for width in self._widths]
         for rows, chunk, width in shapes:
             self._call(np.zeros((rows, chunk), np.int32), np.zeros((rows, width), np.int32),
                        *(np.zeros(rows, np.int32) for _ in range(3)), np.full(rows, self.config.max_running, np.int32),
@@ -410,9 +421,14 @@ class Engine:
         self.counters["model_calls"] += 1
         return jax.device_get(out)
 
-    def _run(self, rows: list[tuple[Sequence, int]], *, prefill: bool) -> None:
+    def _run(self, rows: list[tuple[Sequence, int]], shape: tuple[int, int]) -> None:
+        started = time.perf_counter()
         try:
-            self._run_batch(rows, prefill)
+            self._run_batch(rows, *shape)
+            kind = "prefill" if shape[1] > 1 else "decode"
+            self.counters[f"{kind}_seconds"] += time.perf_counter() - started
+            self.counters[f"{kind}_tokens"] += sum(n for _, n in rows)
+            self.counters[f"{kind}_padded_tokens"] += shape[0] * shape[1]
         except Exception as e:  # noqa: BLE001 - every request of the batch gets the error, the engine goes on
             log.exception("engine step failed")
             if self.cache.k.is_deleted():  # the donated cache died with the call: nobody's pages are valid
@@ -429,9 +445,7 @@ class Engine:
             for seq in failed:
                 self._finish(seq, error=f"internal error in the engine step: {type(e).__name__}: {e}")
 
-    def _run_batch(self, rows: list[tuple[Sequence, int]], prefill: bool) -> None:
-        batch = _fit(len(rows), self._prefill_rows if prefill else self._decode_rows)
-        chunk = _fit(max(n for _, n in rows), self._chunks) if prefill else 1
+    def _run_batch(self, rows: list[tuple[Sequence, int]], batch: int, chunk: int) -> None:
         width = _fit(max(len(seq.pages) for seq, _ in rows), self._widths)
         tokens = np.zeros((batch, chunk), np.int32)
         page_table = np.zeros((batch, width), np.int32)
