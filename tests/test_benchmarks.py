@@ -38,3 +38,11 @@ def test_serving_benchmark_quick_run_prints_its_table_and_checks_every_request()
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| static batching (baseline) |" in done.stdout and "| continuous batching (ours) |" in done.stdout
     assert "equal to the same request run alone: 24/24 requests" in done.stdout
+
+
+@pytest.mark.slow
+def test_eval_throughput_quick_run_agrees_with_lm_eval():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_throughput.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| lm-eval 0.4 HF backend, batch 16 (baseline) |" in done.stdout and "same predictions: 8/8" in done.stdout
