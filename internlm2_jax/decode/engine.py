@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from internlm2_jax.decode.generate import Completion
 from internlm2_jax.decode.requests import EngineFull, Event, Request, RequestRejected
@@ -261,17 +262,28 @@ class Engine:
             self._run([(s, 1) for s in decode], (_fit(len(decode), self._decode_rows), 1))
         return bool(prefill or decode)
 
-    def generate(self, requests: Seq[Request]) -> list[Completion]:
+    def generate(self, requests: Seq[Request], *, progress: bool = False) -> list[Completion]:
         """Runs `requests` to completion on the caller's thread (no background loop) and returns their completions
-        in order; an internal error raises."""
+        in order; an internal error raises. `progress` shows finished requests and generated tokens/s."""
         if self._thread is not None:
             raise RuntimeError("generate() drives the engine itself; do not call it while start()ed")
         events: dict[int, list[Event]] = collections.defaultdict(list)
+        bar = tqdm(total=len(requests), desc="generating", unit="req", disable=not progress)
+        started, tokens = time.perf_counter(), self.counters["generated_tokens"]
+
+        def on_event(event: Event) -> None:
+            events[event.request_id].append(event)
+            if event.finished:
+                bar.update(1)
+                rate = (self.counters["generated_tokens"] - tokens) / (time.perf_counter() - started)
+                bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
+
         todo, ids = collections.deque(requests), []
         while todo or not self.idle:
             while todo and self._outstanding < self.config.max_running + self.config.max_waiting:
-                ids.append(self.submit(todo.popleft(), lambda e: events[e.request_id].append(e)))
+                ids.append(self.submit(todo.popleft(), on_event))
             self.step()
+        bar.close()
         return [completion_from_events(events[i]) for i in ids]
 
     def stats(self) -> dict:

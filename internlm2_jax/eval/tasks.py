@@ -191,7 +191,7 @@ def suite_table(results: Sequence[Mapping[str, Any]]) -> str:
     """A markdown table: dataset, prompt hash, metric, mode, score."""
     lines = ["| dataset | prompt hash | metric | mode | score |", "|---|---|---|---|---:|"]
     for r in results:
-        for metric in ("accuracy", "accuracy_norm", "pass@1", "perplexity", "retrieval"):
+        for metric in ("accuracy", "accuracy_norm", "pass@1", "perplexity", "bits_per_byte", "retrieval"):
             if metric in r:
                 lines.append(f"| {r['task']} | {r['prompt_hash']} | {metric} | {r['mode']} | {r[metric]:.4f} |")
     return "\n".join(lines)
