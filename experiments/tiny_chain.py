@@ -3,7 +3,8 @@
 Python standard library source (real code, on every machine) with a held-out split -> our own 8K tokenizer ->
 the curation pipeline (clean -> dedup -> code-quality tiers -> weighted mixture manifest) -> pretrain a
 ~10M-parameter InternLM2 -> checkpoint -> held-out perplexity against the unigram baseline -> greedy completion of
-code prompts -> a short report with the curation stage table.
+code prompts -> the evaluation demo suite (held-out perplexity, HumanEval-style code completion executed in the
+sandbox, a needle sweep crossing max_position_embeddings) -> a short report with the curation stage table.
 Run: python -m internlm2_jax.launch experiments/tiny_chain.py [--set train.steps=50 ...]
 """
 
@@ -20,6 +21,8 @@ from internlm2_jax.data import PretrainDataIterator
 from internlm2_jax.data.corpus import prepare_stdlib_dataset
 from internlm2_jax.data.curation.report import format_report
 from internlm2_jax.decode import greedy_generate
+from internlm2_jax.eval.suites import demo_suite
+from internlm2_jax.eval.tasks import suite_table
 from internlm2_jax.launch import DataConfig, Experiment, run_pretraining
 from internlm2_jax.parallel import MeshConfig
 from internlm2_jax.model.quantize import quantize_int8, weight_bytes
@@ -103,6 +106,9 @@ def main(exp: Experiment) -> None:
     ]
     for prompt, ids in zip(PROMPTS, completions, strict=True):
         lines.append(f"  {prompt!r} -> {tokenizer.decode(ids, skip_special_tokens=True)!r}")
+    evaluation = demo_suite(fp32, tokenizer, result.run_dir, progress=True)
+    lines += ["", "Evaluation (the demo suite of `python -m internlm2_jax.eval`; needle heat map "
+              f"{result.run_dir / 'needle.png'}):", "", suite_table(evaluation)]
     lines += ["", f"Data curation ({curation.output_dir}):", "", format_report(curation.report)]
     report = "\n".join(lines)
     (result.run_dir / "report.md").write_text(report + "\n")

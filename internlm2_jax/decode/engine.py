@@ -1,6 +1,6 @@
 """The continuous-batching engine: requests join and leave a running batch at every step, over a paged KV cache.
 
-Each `step()` runs at most two jitted calls of one function (`_engine_step`): a chunked prefill for sequences with
+Each `step()` runs at most two jitted calls of one function (`engine_step`): a chunked prefill for sequences with
 prompt tokens still to cache (up to `max_prefill_rows` rows and `prefill_chunk` padded tokens), and one decode token
 for every sequence that is generating. Both sample on device with each row's own settings; the host appends tokens,
 checks stop ids, stop strings and lengths, sends `Event`s and frees finished sequences' pages. Shapes are padded to
@@ -27,7 +27,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence as Seq
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +35,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from internlm2_jax.decode.generate import Completion
+from internlm2_jax.decode.engine_step import engine_step, key_data, set_penalty_row, stack_sampling, uses_penalties
 from internlm2_jax.decode.requests import EngineFull, Event, Request, RequestRejected
-from internlm2_jax.decode.sampling import SamplingConfig, SamplingParams, sample
 from internlm2_jax.decode.scheduler import PagePool, Sequence
 from internlm2_jax.decode.scoring import score_tokens
 from internlm2_jax.model.paged_cache import init_paged_cache, pages_for_budget
@@ -92,37 +91,6 @@ def _fit(n: int, sizes: list[int]) -> int:
     return next(size for size in sizes if size >= n)
 
 
-@partial(jax.jit, static_argnums=0, static_argnames="top_n", donate_argnames=("cache", "counts", "seen"))
-def _engine_step(graphdef, params, cache, counts, seen, tokens, page_table, lengths, q_lengths, rope_lengths, slots,
-                 emit, steps, sampling: SamplingParams, *, top_n: int):
-    """Runs [rows, chunk] new tokens through the model over the paged cache and samples after each row's last one.
-    counts/seen [slots, vocab] are the penalty state: rows are gathered only when some row uses penalties, and the
-    update touches one entry per row."""
-    model = nnx.merge(graphdef, params)
-    hidden, cache = model.model(tokens, cache=cache.with_step(page_table, lengths, q_lengths, rope_lengths))
-    last = jnp.maximum(q_lengths - 1, 0)
-    logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
-    token, logprob, top_ids, top_logprobs = sample(logits, sampling, steps, counts, seen, top_n, rows=slots)
-    counts = counts.at[slots, token].add(emit.astype(jnp.int32))
-    seen = seen.at[slots, token].set(seen[slots, token] | emit)
-    empty = jnp.zeros((0,), jnp.int32)  # the step's view is not part of the cache between calls
-    return cache.with_step(jnp.zeros((0, 0), jnp.int32), empty, empty, empty), counts, seen, token, logprob, \
-        top_ids, top_logprobs
-
-
-@partial(jax.jit, donate_argnums=(0, 1))
-def _set_penalty_row(counts, seen, slot, counts_row, seen_row):
-    return counts.at[slot].set(counts_row), seen.at[slot].set(seen_row)
-
-
-def _key_data(seed: int) -> tuple[int, ...]:
-    return tuple(np.asarray(jax.random.key_data(jax.random.key(seed))).tolist())
-
-
-def _uses_penalties(config: SamplingConfig) -> bool:
-    return config.repetition_penalty != 1 or config.presence_penalty != 0 or config.frequency_penalty != 0
-
-
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
         config.validate()
@@ -164,7 +132,7 @@ class Engine:
                                 for chunk in _powers(smallest, config.prefill_chunk // rows) if chunk >= smallest]
         self._widths = _ladder(_pow2(-(-config.max_model_len // page_size)))
         self.counters = collections.Counter()
-        self._pad_key = _key_data(0)
+        self._pad_key = key_data(0)
 
     # ---- the caller's side (thread-safe) ---------------------------------------------------------------------------
 
@@ -172,12 +140,12 @@ class Engine:
         """Queues `request`; `on_event` gets its events (on the engine's thread when it runs in the background).
         Raises RequestRejected naming the bad field, or EngineFull when the queue is full."""
         self._check(request)
-        key_data = _key_data(request.sampling.seed)
+        seed_key = key_data(request.sampling.seed)
         with self._wake:
             if self._outstanding >= self.config.max_running + self.config.max_waiting:
                 raise EngineFull(f"{self._outstanding} requests are running or queued (max_running="
                                  f"{self.config.max_running} + max_waiting={self.config.max_waiting})")
-            seq = Sequence(next(self._ids), request, on_event, key_data, time.monotonic(),
+            seq = Sequence(next(self._ids), request, on_event, seed_key, time.monotonic(),
                            tokens=list(request.prompt_ids))
             self._outstanding += 1
             self._inbox.append(seq)
@@ -323,11 +291,11 @@ class Engine:
             seq.shared_pages, seq.num_cached = len(shared), len(shared) * page_size
             self.counters["prefix_cache_hit_tokens"] += seq.num_cached
             seq.slot, seq.admitted = self._free_slots.pop(), next(self._admissions)
-            if _uses_penalties(request.sampling):
+            if uses_penalties(request.sampling):
                 counts = np.bincount(np.asarray(seq.generated, np.int64), minlength=self.model_config.vocab_size)
                 seen = np.zeros(self.model_config.vocab_size, bool)
                 seen[seq.tokens] = True
-                self.counts, self.seen = _set_penalty_row(self.counts, self.seen, seq.slot,
+                self.counts, self.seen = set_penalty_row(self.counts, self.seen, seq.slot,
                                                           counts.astype(np.int32), seen)
             self._running.append(seq)
 
@@ -422,12 +390,12 @@ class Engine:
         for rows, chunk, width in shapes:
             self._call(np.zeros((rows, chunk), np.int32), np.zeros((rows, width), np.int32),
                        *(np.zeros(rows, np.int32) for _ in range(3)), np.full(rows, self.config.max_running, np.int32),
-                       np.zeros(rows, bool), np.zeros(rows, np.int32), _stack_sampling([], [], rows, self._pad_key))
+                       np.zeros(rows, bool), np.zeros(rows, np.int32), stack_sampling([], [], rows, self._pad_key))
         return len(shapes)
 
     def _call(self, tokens, page_table, lengths, q_lengths, rope_lengths, slots, emit, steps, sampling):
         self.shapes.add((*tokens.shape, page_table.shape[1]))
-        self.cache, self.counts, self.seen, *out = _engine_step(
+        self.cache, self.counts, self.seen, *out = engine_step(
             self.graphdef, self.params, self.cache, self.counts, self.seen, tokens, page_table, lengths, q_lengths,
             rope_lengths, slots, emit, steps, sampling, top_n=self.config.max_top_n)
         self.counters["model_calls"] += 1
@@ -472,7 +440,7 @@ class Engine:
             # A prompt's tokens take the NTK base of the whole prompt, as a one-shot prefill gives them.
             rope_lengths[i] = len(seq.tokens)
             emit[i] = start + n == len(seq.tokens)
-        sampling = _stack_sampling([seq.request.sampling for seq, _ in rows], [seq.key_data for seq, _ in rows],
+        sampling = stack_sampling([seq.request.sampling for seq, _ in rows], [seq.key_data for seq, _ in rows],
                                    batch, self._pad_key)
         token, logprob, top_ids, top_logprobs = self._call(tokens, page_table, lengths, q_lengths, rope_lengths,
                                                            slots, emit, steps, sampling)
@@ -547,21 +515,6 @@ class Engine:
         with self._wake:
             self._outstanding -= 1
         self.counters["finished"] += 1
-
-
-def _stack_sampling(configs: list[SamplingConfig], keys: list[tuple[int, ...]], batch: int,
-                    pad_key: tuple[int, ...]) -> SamplingParams:
-    """Per-row sampling arrays, padding rows greedy; built on the host (no device work per request per step)."""
-    pad = batch - len(configs)
-    configs = configs + [SamplingConfig()] * pad
-    keys = np.asarray(keys + [pad_key] * pad, np.uint32)
-
-    def column(name, dtype):
-        return np.asarray([getattr(c, name) for c in configs], dtype)
-
-    return SamplingParams(column("temperature", np.float32), column("top_k", np.int32), column("top_p", np.float32),
-                          column("min_p", np.float32), column("repetition_penalty", np.float32),
-                          column("presence_penalty", np.float32), column("frequency_penalty", np.float32), keys)
 
 
 def completion_from_events(events: list[Event]) -> Completion:

