@@ -69,13 +69,13 @@ def run_engine(engine: Engine, arrivals, requests):
     return makespan, [completion_from_events(events[i]) for i in range(len(requests))], first, finish
 
 
-def run_static(model, arrivals, requests, batch: int):
+def run_static(model, arrivals, requests, batch: int, cache_dtype=None):
     """The static-batching server: one fixed shape per batch, every batch runs until its last row is done."""
     max_new = max(r.max_new_tokens for r in requests)
 
     def call(prompts):
         rows = [list(p) for p in prompts] + [[3]] * (batch - len(prompts))  # a short batch is padded to the shape
-        return generate_ids(model, rows, max_new_tokens=max_new, chunk=64)[:len(prompts)]
+        return generate_ids(model, rows, max_new_tokens=max_new, chunk=64, cache_dtype=cache_dtype)[:len(prompts)]
 
     # Warm-up: generate_ids pads prompts to a power of two (>= 16); compile every such length the trace can hit.
     longest = max(len(r.prompt_ids) for r in requests)
@@ -97,9 +97,10 @@ def run_static(model, arrivals, requests, batch: int):
     return time.perf_counter() - start, finish
 
 
-def check_against_solo(model, requests, completions) -> tuple[int, int]:
+def check_against_solo(model, requests, completions, cache_dtype=None) -> tuple[int, int]:
     """(requests equal to their solo run under the tolerance rule, tokens compared before a near tie)."""
-    alone = Engine(model, None, EngineConfig(max_model_len=4096, kv_budget_tokens=8192, max_running=1))
+    alone = Engine(model, None, EngineConfig(max_model_len=4096, kv_budget_tokens=8192, max_running=1,
+                                             cache_dtype=cache_dtype))
     good, compared = 0, 0
     for request, got in zip(requests, completions, strict=True):
         ref = alone.generate([request])[0]
@@ -132,6 +133,8 @@ def main():
     parser.add_argument("--batch", type=int, default=16, help="static batch; KV memory of both servers")
     parser.add_argument("--max-running", type=int, default=64, help="the engine's running sequences")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dtype", choices=["float32", "bfloat16"], help="KV cache dtype of both servers "
+                        "(default: the model's compute dtype)")
     parser.add_argument("--no-check", action="store_true", help="skip the check against solo runs")
     parser.add_argument("--quick", action="store_true", help="tiny model, 24 short requests: a smoke test")
     args = parser.parse_args()
@@ -143,18 +146,20 @@ def main():
     arrivals, requests = make_trace(args, cfg.vocab_size)
     max_len = args.prompt[1] + args.output[1]
     config = EngineConfig(max_model_len=max_len, kv_budget_tokens=args.batch * max_len,
-                          max_running=args.max_running, prefill_chunk=256 if not args.quick else 32)
+                          max_running=args.max_running, prefill_chunk=256 if not args.quick else 32,
+                          cache_dtype=args.cache_dtype)
     engine = Engine(model, None, config)
     started = time.perf_counter()
     programs = engine.warmup()
     warmup = time.perf_counter() - started
     makespan, completions, first, finish = run_engine(engine, arrivals, requests)
-    static_makespan, static_finish = run_static(model, arrivals, requests, args.batch)
+    static_makespan, static_finish = run_static(model, arrivals, requests, args.batch, args.cache_dtype)
 
     tokens = sum(len(c.tokens) for c in completions)
     print(f"{args.requests} requests, Poisson {args.rate}/s, prompts {args.prompt[0]}-{args.prompt[1]}, outputs "
           f"{args.output[0]}-{args.output[1]} tokens ({tokens} in all), preset {args.preset} "
-          f"({cfg.dtype}); static batch {args.batch}, KV memory {args.batch * max_len} tokens for both, engine up to "
+          f"({cfg.dtype}, KV cache {args.cache_dtype or cfg.dtype}); static batch {args.batch}, KV memory "
+          f"{args.batch * max_len} tokens for both, engine up to "
           f"{args.max_running} running; {platform.node()} ({os.cpu_count()} cores, "
           f"{jax.devices()[0].platform}), {time.strftime('%Y-%m-%d')}")
     print(f"engine warm-up: {programs} programs in {warmup:.1f} s; stats {engine.stats()}\n")
@@ -170,7 +175,7 @@ def main():
           f"{static_makespan / makespan:.2f}x | {percentile(latency, 50):.2f} | {percentile(latency, 99):.2f} | "
           f"{statistics.median(ttft):.2f} |")
     if not args.no_check:
-        good, compared = check_against_solo(model, requests, completions)
+        good, compared = check_against_solo(model, requests, completions, args.cache_dtype)
         print(f"\nequal to the same request run alone: {good}/{len(requests)} requests "
               f"({compared} tokens compared before a near tie)")
 
