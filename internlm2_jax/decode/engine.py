@@ -131,7 +131,12 @@ class Engine:
         self._prefill_shapes = [(rows, chunk) for rows in _powers(1, config.max_prefill_rows)
                                 for chunk in _powers(smallest, config.prefill_chunk // rows) if chunk >= smallest]
         self._widths = _ladder(_pow2(-(-config.max_model_len // page_size)))
-        self.counters = collections.Counter()
+        # Every key exists from the start: `stats()` reads them from another thread, and a dict must not grow
+        # while it is being read.
+        self.counters = collections.Counter(dict.fromkeys(
+            ("model_calls", "generated_tokens", "finished", "preemptions", "prefix_cache_hit_tokens",
+             "prefill_seconds", "prefill_tokens", "prefill_padded_tokens", "decode_seconds", "decode_tokens",
+             "decode_padded_tokens"), 0))
         self._pad_key = key_data(0)
 
     # ---- the caller's side (thread-safe) ---------------------------------------------------------------------------
@@ -246,6 +251,8 @@ class Engine:
                 rate = (self.counters["generated_tokens"] - tokens) / (time.perf_counter() - started)
                 bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
 
+        for request in requests:  # all or nothing: a bad request is refused before any is queued
+            self._check(request)
         todo, ids = collections.deque(requests), []
         while todo or not self.idle:
             while todo and self._outstanding < self.config.max_running + self.config.max_waiting:
@@ -259,7 +266,8 @@ class Engine:
             return {"running": len(self._running), "waiting": len(self._waiting) + len(self._inbox),
                     "kv_pages_total": self.pool.capacity, "kv_pages_available": self.pool.available,
                     "kv_pages_cached": self.pool.cached, "page_size": self.config.page_size,
-                    "max_model_len": self.max_model_len, "compiled_shapes": len(self.shapes), **self.counters}
+                    "max_model_len": self.max_model_len, "compiled_shapes": len(self.shapes),
+                    **{k: round(v, 3) if isinstance(v, float) else v for k, v in self.counters.items()}}
 
     # ---- scheduling --------------------------------------------------------------------------------------------------
 
