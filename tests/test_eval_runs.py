@@ -93,8 +93,8 @@ def test_eval_runner_on_a_task_file_and_errors(tmp_path, tiny, trained):
         json.dumps({"question": q, "choices": ["yes", "no", "maybe"], "answer": i % 3}) + "\n"
         for i, q in enumerate(["is it red", "is it blue", "is it big", "is it old"])))
     (tmp_path / "suite.json").write_text(json.dumps({"tasks": [
-        {"name": "mc", "reader": {"path": "mc.jsonl"}, "rule": "opencompass"},
-        {"name": "mc_lm_eval", "reader": {"path": "mc.jsonl"}}]}))
+        {"name": "mc", "reader": {"path": "mc.jsonl"}, "rule": "opencompass", "group": "both"},
+        {"name": "mc_lm_eval", "reader": {"path": "mc.jsonl"}, "group": "both"}]}))
     run = subprocess.run([sys.executable, "-m", "internlm2_jax.eval", "--checkpoint", str(tmp_path / "model"),
                           "--suite", str(tmp_path / "suite.json"), "--no-progress"], capture_output=True, text=True,
                          timeout=600)
@@ -102,6 +102,9 @@ def test_eval_runner_on_a_task_file_and_errors(tmp_path, tiny, trained):
     assert "| mc | " in run.stdout and "| mc_lm_eval | " in run.stdout and "accuracy_norm" in run.stdout
     record = json.loads((tmp_path / "model" / "eval" / "results.json").read_text())
     assert [r["task"] for r in record["results"]] == ["mc", "mc_lm_eval"]
+    mean = (record["results"][0]["accuracy"] + record["results"][1]["accuracy"]) / 2
+    average = [line for line in run.stdout.splitlines() if line.startswith("| **both** (average of 2) |")]
+    assert any(line.endswith(f"| accuracy | ppl | {mean:.4f} |") for line in average), run.stdout
     assert record["tokenizer_sha256"] == trained.sha256 and record["git_commit"]
     (tmp_path / "broken.json").write_text(json.dumps({"tasks": [{"name": "x", "reader": {}}]}))
     bad = subprocess.run([sys.executable, "-m", "internlm2_jax.eval", "--checkpoint", str(tmp_path / "model"),

@@ -55,7 +55,8 @@ def run_gen(model, tokenizer, task: Task, *, progress: bool = False, max_running
             raise ValueError(f"{task.reader.path} row {i}: no answer field {task.reader.answer!r}")
         references.append(post(str(row[task.reader.answer])))
     correct = [p == r for p, r in zip(predictions, references, strict=True)]
-    return {"task": task.name, "prompt_hash": task.prompt_hash(), "mode": "gen", "rows": len(rows),
+    return {"task": task.name, "group": task.group, "prompt_hash": task.prompt_hash(), "mode": "gen",
+            "rows": len(rows),
             "accuracy": sum(correct) / len(rows),
             "details": [{"output": o, "prediction": p, "reference": r}
                         for o, p, r in zip(outputs, predictions, references, strict=True)]}

@@ -59,6 +59,7 @@ class Task:
     max_new_tokens: int = 64  # GEN
     stop: tuple[str, ...] = ("\n\n",)  # GEN
     max_empty_share: float = 0.1  # GEN: more predictions extracting to "" fails the run
+    group: str | None = None  # tasks of a group are also reported as their average (e.g. "mmlu" subjects)
 
     def validate(self) -> None:
         checks = {"inferencer": self.inferencer in INFERENCERS, "rule": self.rule in RULES,
@@ -180,18 +181,30 @@ def run_ppl(model, tokenizer, task: Task, *, progress: bool = False, batch_token
             entry["prediction_norm"] = choose(row_scores, task.rule, choices)
             correct_norm += entry["prediction_norm"] == answer
         details.append(entry)
-    result = {"task": task.name, "prompt_hash": task.prompt_hash(), "mode": "ppl", "rule": task.rule,
+    result = {"task": task.name, "group": task.group, "prompt_hash": task.prompt_hash(), "mode": "ppl",
+              "rule": task.rule,
               "rows": len(rows), "accuracy": correct / len(rows), "details": details}
     if task.rule == "lm_eval":
         result["accuracy_norm"] = correct_norm / len(rows)
     return result
 
 
+METRICS = ("accuracy", "accuracy_norm", "pass@1", "perplexity", "bits_per_byte", "retrieval")
+
+
 def suite_table(results: Sequence[Mapping[str, Any]]) -> str:
-    """A markdown table: dataset, prompt hash, metric, mode, score."""
+    """A markdown table: dataset, prompt hash, metric, mode, score; then each group's unweighted average per
+    metric (its prompt hashes joined, so a group average is comparable only when all of them match)."""
     lines = ["| dataset | prompt hash | metric | mode | score |", "|---|---|---|---|---:|"]
+    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
     for r in results:
-        for metric in ("accuracy", "accuracy_norm", "pass@1", "perplexity", "bits_per_byte", "retrieval"):
+        for metric in METRICS:
             if metric in r:
                 lines.append(f"| {r['task']} | {r['prompt_hash']} | {metric} | {r['mode']} | {r[metric]:.4f} |")
+                if r.get("group"):
+                    groups.setdefault((r["group"], metric, r["mode"]), []).append(r)
+    for (group, metric, mode), members in groups.items():
+        hashes = "+".join(sorted({m["prompt_hash"] for m in members}))
+        average = sum(m[metric] for m in members) / len(members)
+        lines.append(f"| **{group}** (average of {len(members)}) | {hashes} | {metric} | {mode} | {average:.4f} |")
     return "\n".join(lines)
