@@ -45,18 +45,21 @@ def _score(graphdef, params, tokens, lengths, *, top_n: int):
     return unchunk(chosen), unchunk(top_ids), unchunk(top_logprobs)
 
 
-def _bucket(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
+def padded_length(n: int) -> int:
+    """Rows are padded to a power of two up to 256 tokens, then to a multiple of 256: a handful of shapes for a
+    stream of lengths, without padding a 300-token row to 512."""
+    return max(16, 1 << (n - 1).bit_length()) if n <= 256 else -(-n // 256) * 256
 
 
 def score_tokens(model, prompts, *, top_n: int = 0):
     """Per prompt, (log-probs [len - 1] of tokens 1.. given their prefix, top-n ids [len - 1, top_n] and their
     log-probs), as numpy arrays. `model` is an `InternLM2ForCausalLM` or its (graphdef, params). Rows are padded to
-    a power-of-two length, so a stream of different lengths compiles a handful of shapes, not one per length."""
+    few lengths (`padded_length`), so a stream of different lengths compiles a handful of shapes, not one per
+    length."""
     graphdef, params = model if isinstance(model, tuple) else nnx.split(model)
     if any(len(p) < 2 for p in prompts):
         raise ValueError("scoring needs prompts of at least 2 tokens (the first token has no log-prob)")
-    size = _bucket(max(len(p) for p in prompts))
+    size = padded_length(max(len(p) for p in prompts))
     tokens = np.zeros((len(prompts), size), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p

@@ -6,7 +6,7 @@ Two scoring rules, named after the harnesses that use them (spec §8.2):
   spaces of the context move to the continuation, the pair is encoded whole and split after the context's tokens).
 - "opencompass": the mean per-token loss over the whole sequence (context and option), lowest wins.
 
-Pairs are scored in batches of similar length (sorted, padded to a power of two), with the vocabulary-sized logits
+Pairs are scored in batches of similar length (sorted, padded to a few lengths), with the vocabulary-sized logits
 made one chunk of positions at a time (`decode.scoring.score_tokens`).
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from internlm2_jax.decode.scoring import score_tokens
+from internlm2_jax.decode.scoring import padded_length, score_tokens
 
 RULES = ("lm_eval", "opencompass")
 
@@ -56,7 +56,7 @@ def score_pairs(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, 
     start = 0
     while start < len(order):
         longest = len(pairs[order[start]][0]) + len(pairs[order[start]][1])
-        size = max(16, 1 << (longest - 1).bit_length())
+        size = padded_length(longest)
         rows = max(1, batch_tokens // size)
         batch = order[start:start + rows]
         sequences = [list(pairs[i][0]) + list(pairs[i][1]) for i in batch]
