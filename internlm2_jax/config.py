@@ -29,6 +29,35 @@ class RopeScaling:
     factor: float
 
 
+LORA_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the named projections: W x + (alpha / rank) * B A dropout(x), B zero at init."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ConfigError(f"lora.rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"lora.alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets:
+            raise ConfigError(f"lora.targets must be a non-empty subset of {LORA_TARGETS}, got {self.targets!r}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 92544
@@ -54,6 +83,7 @@ class ModelConfig:
     remat: str = "none"
     scan_layers: bool = False
     attention_impl: str = "auto"
+    lora: LoraConfig | None = None  # adapters on the projections (fine-tuning); merged away for export
 
     def __post_init__(self):
         self.validate()
@@ -92,6 +122,8 @@ class ModelConfig:
             raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.lora is not None and not isinstance(self.lora, LoraConfig):
+            raise ConfigError(f"lora must be a LoraConfig or None, got {type(self.lora).__name__}")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -102,6 +134,8 @@ class ModelConfig:
         fields = dict(fields)
         if fields.get("rope_scaling") is not None:
             fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+        if fields.get("lora") is not None:
+            fields["lora"] = LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields["lora"].items()})
         unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown model config fields {sorted(unknown)}")

@@ -1,4 +1,4 @@
-"""Building blocks of the InternLM2 decoder: parameters with logical axes, RMSNorm, rotary embedding, SwiGLU.
+"""Building blocks of the InternLM2 decoder: parameters with logical axes, the dense matmul, RMSNorm, rotary embedding.
 
 Every parameter carries `logical_axes` metadata (names like `embed`, `mlp`, `kv_heads`); the sharding rules table
 in `internlm2_jax.parallel` maps them to mesh axes, so the model itself never names a mesh.
@@ -154,22 +154,3 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
     return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
-
-
-# ---- feed-forward ----------------------------------------------------------------------------------------------
-
-class FeedForward(nnx.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x); w1 = gate, w3 = up, w2 = down. Never biased (HF hard-codes bias=False)."""
-
-    def __init__(self, cfg: ModelConfig, *, out_std: float, rngs: nnx.Rngs):
-        h, i, pdt = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.param_dtype)
-        std = cfg.initializer_range
-        self.dtype = jnp.dtype(cfg.dtype)
-        self.w1 = normal_param(rngs, (h, i), ("embed", "mlp"), std, pdt)
-        self.w3 = normal_param(rngs, (h, i), ("embed", "mlp"), std, pdt)
-        self.w2 = normal_param(rngs, (i, h), ("mlp", "embed"), out_std, pdt)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate = dense("bte,ei->bti", x, self.w1[...], self.dtype)
-        up = dense("bte,ei->bti", x, self.w3[...], self.dtype)
-        return dense("bti,ie->bte", jax.nn.silu(gate) * up, self.w2[...], self.dtype)

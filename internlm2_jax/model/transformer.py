@@ -17,14 +17,13 @@ from internlm2_jax.model.paged_cache import PagedKVCache
 from internlm2_jax.model.quantize import Int8Weight
 from internlm2_jax.model.layers import (
     DENSE_OUTPUT,
-    FeedForward,
     RMSNorm,
     apply_rotary,
     constant_param,
-    dense,
     normal_param,
     rotary_tables,
 )
+from internlm2_jax.model.lora import EQUATIONS, lora_dense, make_adapter
 from internlm2_jax.parallel.sharding import constrain
 
 _policies = jax.checkpoint_policies
@@ -55,15 +54,18 @@ class Attention(nnx.Module):
         if cfg.bias:
             self.wqkv_bias = constant_param(0.0, (kv, g + 2, d), ("kv_heads", "qkv_group", "head_dim"), pdt)
             self.wo_bias = constant_param(0.0, (h,), ("embed",), pdt)
+        self.wqkv_lora = make_adapter(cfg.lora, "wqkv", self.wqkv, rngs)
+        self.wo_lora = make_adapter(cfg.lora, "wo", self.wo, rngs)
 
-    def __call__(self, x, cos, sin, positions, segment_ids, cache=None):
+    def __call__(self, x, cos, sin, positions, segment_ids, cache=None, dropout_rng=None):
         """Without `cache`: attention over this call's tokens. With `cache = (kv, layer)`, a `KVCache` (positions
         of this call already recorded) or a `PagedKVCache` (this step's page table set) and this layer's index:
         the new K/V are written to the cache in place, only this call's slots, and the queries attend over every
-        cached token of their sequence; returns (out, kv)."""
+        cached token of their sequence; returns (out, kv). `dropout_rng` drives LoRA dropout (training only)."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        qkv = dense("bte,ekgd->btkgd", x, self.wqkv[...], dtype)
+        rngs = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+        qkv = lora_dense(EQUATIONS["wqkv"], x, self.wqkv[...], self.wqkv_lora, dtype, cfg.lora, rngs[0])
         if cfg.bias:
             qkv = qkv + self.wqkv_bias[...].astype(dtype)
         batch, seq = x.shape[:2]
@@ -86,10 +88,32 @@ class Attention(nnx.Module):
             out = attention(q, kv.k[layer].swapaxes(1, 2).astype(q.dtype), kv.v[layer].swapaxes(1, 2).astype(q.dtype),
                             q_positions=positions, kv_positions=kv.positions, q_segment_ids=segment_ids,
                             kv_segment_ids=kv.segments, causal=True, impl="xla")
-        out = dense("bthd,hde->bte", out, self.wo[...], dtype)
+        out = lora_dense(EQUATIONS["wo"], out, self.wo[...], self.wo_lora, dtype, cfg.lora, rngs[1])
         if cfg.bias:
             out = out + self.wo_bias[...].astype(dtype)
         return out if cache is None else (out, kv)
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 = gate, w3 = up, w2 = down. Never biased (HF hard-codes bias=False)."""
+
+    def __init__(self, cfg: ModelConfig, *, out_std: float, rngs: nnx.Rngs):
+        h, i, pdt = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.param_dtype)
+        std = cfg.initializer_range
+        self.cfg = cfg
+        self.w1 = normal_param(rngs, (h, i), ("embed", "mlp"), std, pdt)
+        self.w3 = normal_param(rngs, (h, i), ("embed", "mlp"), std, pdt)
+        self.w2 = normal_param(rngs, (i, h), ("mlp", "embed"), out_std, pdt)
+        for name in ("w1", "w3", "w2"):
+            setattr(self, f"{name}_lora", make_adapter(cfg.lora, name, getattr(self, name), rngs))
+
+    def __call__(self, x: jax.Array, dropout_rng=None) -> jax.Array:
+        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        rngs = (None,) * 3 if dropout_rng is None else jax.random.split(dropout_rng, 3)
+        gate = lora_dense(EQUATIONS["w1"], x, self.w1[...], self.w1_lora, dtype, cfg.lora, rngs[0])
+        up = lora_dense(EQUATIONS["w3"], x, self.w3[...], self.w3_lora, dtype, cfg.lora, rngs[1])
+        return lora_dense(EQUATIONS["w2"], jax.nn.silu(gate) * up, self.w2[...], self.w2_lora, dtype, cfg.lora,
+                          rngs[2])
 
 
 class DecoderLayer(nnx.Module):
@@ -101,10 +125,11 @@ class DecoderLayer(nnx.Module):
         self.ffn_norm = RMSNorm(cfg)
         self.feed_forward = FeedForward(cfg, out_std=out_std, rngs=rngs)
 
-    def __call__(self, x, cos, sin, positions, segment_ids, cache=None):
+    def __call__(self, x, cos, sin, positions, segment_ids, cache=None, dropout_rng=None):
         if cache is None:
-            h = x + self.attention(self.attention_norm(x), cos, sin, positions, segment_ids)
-            return h + self.feed_forward(self.ffn_norm(h))
+            rngs = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+            h = x + self.attention(self.attention_norm(x), cos, sin, positions, segment_ids, dropout_rng=rngs[0])
+            return h + self.feed_forward(self.ffn_norm(h), rngs[1])
         out, kv = self.attention(self.attention_norm(x), cos, sin, positions, segment_ids, cache)
         h = x + out
         return h + self.feed_forward(self.ffn_norm(h)), kv
@@ -138,9 +163,11 @@ class InternLM2Model(nnx.Module):
                                     for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg)
 
-    def __call__(self, input_ids, positions=None, segment_ids=None, cache: KVCache | PagedKVCache | None = None):
+    def __call__(self, input_ids, positions=None, segment_ids=None, cache: KVCache | PagedKVCache | None = None,
+                 dropout_rng: jax.Array | None = None):
         """Final hidden states; with a cache, (hidden states, the cache with this call's tokens written). A
-        `PagedKVCache` places the tokens itself (its step's lengths), so positions and segment ids are not given."""
+        `PagedKVCache` places the tokens itself (its step's lengths), so positions and segment ids are not given.
+        `dropout_rng` (training) drives LoRA dropout; without it the model is deterministic."""
         cfg = self.cfg
         input_ids = jnp.asarray(input_ids, jnp.int32)
         rope_lengths = None
@@ -158,18 +185,19 @@ class InternLM2Model(nnx.Module):
         if cache is not None:
             return self._cached(x, cos, sin, positions, segment_ids, cache)
 
-        def run_layer(graphdef, state, x):
-            x = nnx.merge(graphdef, state)(x, cos, sin, positions, segment_ids)
+        def run_layer(graphdef, state, x, key):
+            x = nnx.merge(graphdef, state)(x, cos, sin, positions, segment_ids, dropout_rng=key)
             return constrain(x, ("batch", "length", "embed"))
 
         if cfg.remat != "none":
             run_layer = jax.checkpoint(run_layer, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(0,))
+        keys = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_hidden_layers)
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
-            x, _ = jax.lax.scan(lambda h, layer_state: (run_layer(graphdef, layer_state, h), None), x, state)
+            x, _ = jax.lax.scan(lambda h, xs: (run_layer(graphdef, xs[0], h, xs[1]), None), x, (state, keys))
         else:
-            for layer in self.layers:
-                x = run_layer(*nnx.split(layer), x)
+            for i, layer in enumerate(self.layers):
+                x = run_layer(*nnx.split(layer), x, None if keys is None else keys[i])
         return self.norm(x)
 
     def _cached(self, x, cos, sin, positions, segment_ids, cache: KVCache | PagedKVCache):
@@ -239,8 +267,9 @@ class InternLM2ForCausalLM(nnx.Module):
             return self.model.tok_embeddings[...].T
         return self.output[...]
 
-    def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden: bool = False) -> jax.Array:
-        hidden = self.model(input_ids, positions, segment_ids)
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden: bool = False,
+                 dropout_rng: jax.Array | None = None) -> jax.Array:
+        hidden = self.model(input_ids, positions, segment_ids, dropout_rng=dropout_rng)
         return hidden if return_hidden else self.logits(hidden)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -271,8 +300,9 @@ class InternLM2ForRewardModel(nnx.Module):
         self.v_head = normal_param(rngs, (cfg.hidden_size, 1), ("embed", None), cfg.initializer_range,
                                    jnp.dtype(cfg.param_dtype))
 
-    def __call__(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
-        hidden = self.model(input_ids, positions, segment_ids)
+    def __call__(self, input_ids, positions=None, segment_ids=None, *,
+                 dropout_rng: jax.Array | None = None) -> jax.Array:
+        hidden = self.model(input_ids, positions, segment_ids, dropout_rng=dropout_rng)
         scores = jnp.einsum("bte,eo->bto", hidden, self.v_head[...].astype(hidden.dtype),
                             preferred_element_type=jnp.float32)
         return scores[..., 0]

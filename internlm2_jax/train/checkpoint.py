@@ -166,11 +166,14 @@ def run_tokenizer(meta: dict):
 def load_run(run_dir: str | Path, *, mesh=None):
     """(model config, model, metadata) from the latest complete checkpoint of a run directory.
 
-    The optimizer state is restored too (the state is one tree) and dropped; the model config and optimizer come
-    from the checkpoint's own metadata, so nothing about the run needs to be known.
+    The optimizer state is restored too (the state is one tree) and dropped; the model config, model class and
+    optimizer come from the checkpoint's own metadata, so nothing about the run needs to be known. LoRA adapters
+    are merged into their weights: what comes back is a plain model for decoding, evaluation or export.
     """
     from flax import nnx
 
+    from internlm2_jax.model import InternLM2ForCausalLM, InternLM2ForRewardModel
+    from internlm2_jax.model.lora import merge_lora
     from internlm2_jax.parallel import MeshConfig, make_mesh
     from internlm2_jax.train.optim import OptimizerConfig, make_optimizer
     from internlm2_jax.train.state import abstract_train_state, model_graphdef
@@ -183,10 +186,15 @@ def load_run(run_dir: str | Path, *, mesh=None):
     meta = checkpointer.manager.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     model = ModelConfig.from_dict(meta["model"])
     optimizer = OptimizerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["optimizer"].items()})
+    model_class = {c.__name__: c for c in (InternLM2ForCausalLM, InternLM2ForRewardModel)}[
+        meta.get("model_class", InternLM2ForCausalLM.__name__)]
     mesh = mesh if mesh is not None else make_mesh(MeshConfig(), jax.devices()[:1])
-    found = checkpointer.restore_latest(abstract_train_state(model, make_optimizer(optimizer), mesh), model)
+    abstract = abstract_train_state(model, make_optimizer(optimizer), mesh, model_class=model_class,
+                                    trainable=optimizer.trainable)
+    found = checkpointer.restore_latest(abstract, model)
     checkpointer.close()
     if found is None:
         raise FileNotFoundError(f"{run_dir}: no readable checkpoint")
-    graphdef, _ = model_graphdef(model)
-    return model, nnx.merge(graphdef, found[1].params), found[3]
+    graphdef, _ = model_graphdef(model, model_class)
+    merged = merge_lora(nnx.merge(graphdef, found[1].params))
+    return merged.cfg, merged, found[3]

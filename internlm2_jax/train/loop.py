@@ -22,7 +22,9 @@ from tqdm import tqdm
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.parallel import MeshConfig, batch_sharding, make_mesh
 from internlm2_jax.train.checkpoint import Checkpointer, provenance
+from internlm2_jax.train.init_weights import initial_params
 from internlm2_jax.train.metrics import PEAK_FLOPS, mfu
+from internlm2_jax.train.objectives import LM, Objective
 from internlm2_jax.train.optim import OptimizerConfig, lr_schedule, make_optimizer
 from internlm2_jax.train.state import abstract_train_state, init_train_state, model_graphdef, train_state_shardings
 from internlm2_jax.train.step import StepConfig, jit_eval_step, jit_train_step, make_eval_step, make_train_step
@@ -39,6 +41,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     run_dir: str = "runs/default"
     init_from: str | None = None  # another run's directory: start from its latest state (e.g. 4K -> 32K phase)
+    # A model directory or run directory whose weights start this run (fine-tuning): fresh optimizer, step 0;
+    # parameters it lacks (LoRA adapters, a new reward head) keep their fresh initialisation.
+    init_weights: str | None = None
     peak_flops: str = "auto"  # a key of PEAK_FLOPS, or "auto" from the device kind and compute dtype
 
     def __post_init__(self):
@@ -122,12 +127,16 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
     return out_path
 
 
-def window_summary(window: list[dict]) -> dict[str, float]:
-    """One log line for the steps since the last: token-weighted loss, mean grad norm, last lr, skipped count."""
-    tokens = sum(float(m["tokens"]) for m in window)
-    return {"loss": sum(float(m["loss"]) * float(m["tokens"]) for m in window) / max(tokens, 1.0),
-            "grad_norm": sum(float(m["grad_norm"]) for m in window) / len(window),
-            "lr": float(window[-1]["lr"]), "tokens": tokens, "skipped": float(sum(bool(m["skipped"]) for m in window))}
+def window_summary(window: list[dict], count_name: str = "tokens") -> dict[str, float]:
+    """One log line for the steps since the last: the loss and the objective's metrics weighted by what they
+    average over (tokens or pairs), mean grad norm, last lr, skipped count."""
+    counts = [float(m[count_name]) for m in window]
+    total = max(sum(counts), 1.0)
+    weighted = [k for k in window[-1] if k not in ("grad_norm", "lr", "skipped", count_name)]
+    out = {k: sum(float(m[k]) * c for m, c in zip(window, counts, strict=True)) / total for k in weighted}
+    return {**out, "grad_norm": sum(float(m["grad_norm"]) for m in window) / len(window),
+            "lr": float(window[-1]["lr"]), count_name: sum(counts),
+            "skipped": float(sum(bool(m["skipped"]) for m in window))}
 
 
 @dataclasses.dataclass
@@ -145,22 +154,30 @@ def to_global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Arr
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def evaluate(eval_step, state, batches: Iterator[dict[str, np.ndarray]], sharding) -> dict[str, float]:
-    """Token-weighted held-out loss and perplexity over all `batches`."""
-    loss_sum = tokens = 0.0
+def evaluate(eval_step, state, batches: Iterator[dict[str, np.ndarray]], sharding,
+             count_name: str = "tokens") -> dict[str, float]:
+    """Held-out loss (and perplexity, or the objective's metrics) over all `batches`, weighted by their count."""
+    sums: dict[str, float] = {}
     for batch in batches:
-        out = eval_step(state, to_global_batch(batch, sharding))
-        loss_sum += float(out["loss_sum"])
-        tokens += float(out["tokens"])
-    loss = loss_sum / max(tokens, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)), "eval_tokens": tokens}
+        out = jax.device_get(eval_step(state, to_global_batch(batch, sharding)))
+        for key, value in out.items():
+            if key not in ("loss", "perplexity"):
+                sums[key] = sums.get(key, 0.0) + float(value)
+    count = sums.pop(count_name, 0.0)
+    loss = sums.pop("loss_sum", 0.0) / max(count, 1.0)
+    result = {"eval_loss": loss, f"eval_{count_name}": count}
+    if count_name == "tokens":
+        result["eval_perplexity"] = math.exp(min(loss, 700.0))
+    result.update({f"eval_{key}": value / max(count, 1.0) for key, value in sums.items()})
+    return result
 
 
 def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, mesh_cfg: MeshConfig,
           cfg: TrainConfig, data: DataIterator, *, metadata: dict[str, Any],
           eval_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None,
-          progress: bool = True) -> RunResult:
-    """Runs (or resumes) pretraining to `cfg.steps`; returns the final state and the logged losses.
+          progress: bool = True, objective: Objective = LM) -> RunResult:
+    """Runs (or resumes) training of `objective` (pretraining, SFT, reward model, DPO) to `cfg.steps`; returns the
+    final state and the logged losses.
 
     `metadata` is what the checkpoints should record beyond the provenance added here (schema, git commit,
     package versions, model config, seed): the resolved experiment config, tokenizer and data-manifest hashes.
@@ -168,14 +185,15 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metadata = provenance(model=dataclasses.asdict(model), optimizer=dataclasses.asdict(optimizer), seed=cfg.seed,
-                          **metadata)
+                          objective=objective.name, model_class=objective.model_class.__name__, **metadata)
     mesh = make_mesh(mesh_cfg)
     tx = make_optimizer(optimizer)
-    graphdef, _ = model_graphdef(model)
-    shardings = train_state_shardings(model, tx, mesh)
+    classes = dict(model_class=objective.model_class, trainable=optimizer.trainable)
+    graphdef, _ = model_graphdef(model, objective.model_class)
+    shardings = train_state_shardings(model, tx, mesh, **classes)
     checkpointer = Checkpointer(run_dir / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
 
-    abstract = abstract_train_state(model, tx, mesh)
+    abstract = abstract_train_state(model, tx, mesh, **classes)
     restored = checkpointer.restore_latest(abstract, model)
     if restored is not None:
         start, state, data_state, _ = restored
@@ -189,9 +207,13 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
             raise FileNotFoundError(f"train.init_from={cfg.init_from}: no checkpoint found there")
         start, state = found[0], found[1]
     else:
-        start, state = 0, init_train_state(model, tx, mesh, seed=cfg.seed)
+        params = None
+        if cfg.init_weights:
+            params = initial_params(cfg.init_weights, model, objective.model_class, mesh, seed=cfg.seed)
+        start, state = 0, init_train_state(model, tx, mesh, seed=cfg.seed, params=params, **classes)
 
-    step_fn = jit_train_step(make_train_step(graphdef, tx, lr_schedule(optimizer), step_cfg), shardings, mesh)
+    step_fn = jit_train_step(make_train_step(graphdef, tx, lr_schedule(optimizer), step_cfg, objective=objective,
+                                             trainable=optimizer.trainable), shardings, mesh)
     sharding = batch_sharding(mesh)
     log = MetricsLog(run_dir)
     stop = {"requested": False}
@@ -207,14 +229,15 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
             window.append(metrics)  # device arrays: reading them now would stall the asynchronous dispatch
             step += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
-                values = window_summary(jax.device_get(window))
+                values = window_summary(jax.device_get(window), objective.count_name)
                 elapsed = time.perf_counter() - window_start
-                values["tokens_per_s"] = len(window) * cfg.batch_size * cfg.seq_len / elapsed
+                values["tokens_per_s"] = len(window) * cfg.batch_size * cfg.seq_len / elapsed  # row slots
                 values["step_time_s"] = elapsed / len(window)
                 values["mfu"] = mfu(model, cfg.seq_len, values["tokens_per_s"], peak, jax.device_count())
                 losses[step] = values["loss"]
                 log.write(step, values)
-                bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}",
+                                **({"acc": f"{values['accuracy']:.2f}"} if "accuracy" in values else {}))
                 window_start, window = time.perf_counter(), []
             bar.update(1)
             if checkpointer.manager.should_save(step):
@@ -225,8 +248,8 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
         result = RunResult(state=state, final_step=step, losses=losses, interrupted=stop["requested"],
                            run_dir=run_dir)
         if eval_batches is not None and not stop["requested"]:
-            eval_fn = jit_eval_step(make_eval_step(graphdef, step_cfg), shardings, mesh)
-            result.eval = evaluate(eval_fn, state, eval_batches(), sharding)
+            eval_fn = jit_eval_step(make_eval_step(graphdef, step_cfg, objective=objective), shardings, mesh)
+            result.eval = evaluate(eval_fn, state, eval_batches(), sharding, objective.count_name)
             log.write(step, result.eval)
     finally:
         bar.close()

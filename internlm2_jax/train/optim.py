@@ -25,6 +25,9 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     no_decay: tuple[str, ...] = ()
     clip_norm: float = 1.0
+    # Regular expressions over parameter paths: only these are trained (and get optimizer moments); empty = all.
+    # LoRA: ("lora_",); a LoRA reward model also trains its head: ("lora_", "v_head").
+    trainable: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.warmup_steps < 0 or self.total_steps <= 0:
@@ -35,8 +38,11 @@ class OptimizerConfig:
                              f"({self.total_steps})")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for pattern in self.no_decay:
-            re.compile(pattern)
+        for pattern in (*self.no_decay, *self.trainable):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"optimizer pattern {pattern!r} is not a regular expression: {e}") from None
 
 
 def lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -30,39 +32,62 @@ def model_graphdef(cfg: ModelConfig, model_class=InternLM2ForCausalLM):
     return nnx.split(nnx.eval_shape(lambda: model_class(cfg, rngs=nnx.Rngs(0))))
 
 
+def trainable_filter(patterns: tuple[str, ...]) -> Callable[[tuple, object], bool]:
+    """An nnx filter: the parameters whose path matches one of `patterns` (regular expressions); all when empty."""
+    compiled = [re.compile(p) for p in patterns]
+    return lambda path, _: not compiled or any(p.search("/".join(map(str, path))) for p in compiled)
+
+
+def split_trainable(params: nnx.State, patterns: tuple[str, ...]) -> tuple[nnx.State, nnx.State]:
+    """(trainable, frozen) halves of the parameters; `nnx.merge_state` puts them back together."""
+    if not patterns:
+        return params, nnx.State({})
+    return nnx.split_state(params, trainable_filter(patterns), ...)
+
+
+def optimizer_init(tx: optax.GradientTransformation, params, trainable: tuple[str, ...] = ()):
+    """Optimizer state for the trainable parameters only (LoRA: moments for the adapters, nothing for the base)."""
+    return tx.init(split_trainable(params, trainable)[0])
+
+
 def train_state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, *,
-                          model_class=InternLM2ForCausalLM, rules=DEFAULT_RULES) -> TrainState:
+                          model_class=InternLM2ForCausalLM, rules=DEFAULT_RULES,
+                          trainable: tuple[str, ...] = ()) -> TrainState:
     """NamedShardings for every leaf of the TrainState: optimizer moments follow their parameters."""
     _, abstract_params = model_graphdef(cfg, model_class)
     params = state_shardings(abstract_params, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt = optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, abstract_params), params,
-                                transform_non_params=lambda _: replicated)
+    opt = optax.tree_map_params(tx, lambda _, sharding: sharding,
+                                jax.eval_shape(lambda p: optimizer_init(tx, p, trainable), abstract_params),
+                                split_trainable(params, trainable)[0], transform_non_params=lambda _: replicated)
     return TrainState(params=params, opt_state=opt, step=replicated, rng=replicated, skipped_steps=replicated)
 
 
 def init_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, *, seed: int = 0,
-                     model_class=InternLM2ForCausalLM, rules=DEFAULT_RULES) -> TrainState:
-    """Initialises parameters and optimizer state inside one jit, so each shard is born on its own device."""
-    shardings = train_state_shardings(cfg, tx, mesh, model_class=model_class, rules=rules)
+                     model_class=InternLM2ForCausalLM, rules=DEFAULT_RULES, trainable: tuple[str, ...] = (),
+                     params: nnx.State | None = None) -> TrainState:
+    """Initialises parameters and optimizer state inside one jit, so each shard is born on its own device.
+    `params` (e.g. pretrained weights with fresh adapters, `initial_params`) replace the random ones."""
+    shardings = train_state_shardings(cfg, tx, mesh, model_class=model_class, rules=rules, trainable=trainable)
 
-    def init() -> TrainState:
-        params = nnx.state(model_class(cfg, rngs=nnx.Rngs(seed)))
-        return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+    def init(given) -> TrainState:
+        params = nnx.state(model_class(cfg, rngs=nnx.Rngs(seed))) if given is None else given
+        return TrainState(params=params, opt_state=optimizer_init(tx, params, trainable), step=jnp.zeros((), jnp.int32),
                           rng=jax.random.PRNGKey(seed), skipped_steps=jnp.zeros((), jnp.int32))
 
     with jax.set_mesh(mesh):
-        return jax.jit(init, out_shardings=shardings)()
+        return jax.jit(init, out_shardings=shardings, donate_argnums=(0,))(params)
 
 
 def abstract_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, *,
-                         model_class=InternLM2ForCausalLM, rules=DEFAULT_RULES) -> TrainState:
+                         model_class=InternLM2ForCausalLM, rules=DEFAULT_RULES,
+                         trainable: tuple[str, ...] = ()) -> TrainState:
     """ShapeDtypeStructs carrying shardings: the target a checkpoint is restored onto (any mesh shape)."""
-    shardings = train_state_shardings(cfg, tx, mesh, model_class=model_class, rules=rules)
+    shardings = train_state_shardings(cfg, tx, mesh, model_class=model_class, rules=rules, trainable=trainable)
 
     def init() -> TrainState:
         params = nnx.state(model_class(cfg, rngs=nnx.Rngs(0)))
-        return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+        return TrainState(params=params, opt_state=optimizer_init(tx, params, trainable), step=jnp.zeros((), jnp.int32),
                           rng=jax.random.PRNGKey(0), skipped_steps=jnp.zeros((), jnp.int32))
 
     shapes = jax.eval_shape(init)

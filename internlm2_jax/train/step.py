@@ -1,4 +1,5 @@
-"""The pure, jitted steps: `train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> metrics`."""
+"""The pure, jitted steps: `train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> metrics`,
+for any `Objective` (LM pretraining and SFT, reward model, DPO), full or with only some parameters trainable."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from internlm2_jax.parallel import batch_sharding
-from internlm2_jax.train.loss import Batch, next_token_loss
-from internlm2_jax.train.state import TrainState
+from internlm2_jax.train.loss import Batch
+from internlm2_jax.train.objectives import LM, Objective
+from internlm2_jax.train.state import TrainState, split_trainable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,57 +25,78 @@ class StepConfig:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    cfg: StepConfig = StepConfig()) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    def loss_fn(params, batch):
-        return next_token_loss(nnx.merge(graphdef, params), batch, chunk_size=cfg.loss_chunk_size)
+                    cfg: StepConfig = StepConfig(), *, objective: Objective = LM,
+                    trainable: tuple[str, ...] = ()) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """The step of any objective. With `trainable` patterns only the matching parameters get gradients and
+    optimizer moments (LoRA: `("lora_",)`); the rest ride along in the state unchanged."""
+
+    def loss_fn(train_params, frozen_params, batch, rng):
+        params = nnx.merge_state(train_params, frozen_params) if trainable else train_params
+        loss_sum, count, sums = objective.loss(graphdef, params, batch, rng, cfg.loss_chunk_size)
+        return loss_sum, (count, sums)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def gradients(params, batch):
-        """Summed loss, token count and summed gradients over the micro-batches."""
+    def gradients(train_params, frozen_params, batch, rng):
+        """Summed loss, count, metric sums and gradients over the micro-batches."""
         if cfg.micro_batches == 1:
-            (loss_sum, count), grads = grad_fn(params, batch)
-            return loss_sum, count, grads
+            (loss_sum, (count, sums)), grads = grad_fn(train_params, frozen_params, batch, rng)
+            return loss_sum, count, sums, grads
         rows = batch["input_ids"].shape[0]
         if rows % cfg.micro_batches:
             raise ValueError(f"batch of {rows} rows cannot be split into {cfg.micro_batches} micro-batches")
         micro = jax.tree.map(lambda x: x.reshape(cfg.micro_batches, rows // cfg.micro_batches, *x.shape[1:]), batch)
+        keys = jax.random.split(rng, cfg.micro_batches)
 
-        def accumulate(carry, micro_batch):
-            loss_acc, count_acc, grads_acc = carry
-            (loss_sum, count), grads = grad_fn(params, micro_batch)
-            return (loss_acc + loss_sum, count_acc + count, jax.tree.map(jnp.add, grads_acc, grads)), None
+        def accumulate(carry, xs):
+            micro_batch, key = xs
+            (loss_sum, (count, sums)), grads = grad_fn(train_params, frozen_params, micro_batch, key)
+            return jax.tree.map(jnp.add, carry, (loss_sum, count, sums, grads)), None
 
         zero = jnp.zeros((), jnp.float32)
-        init = (zero, zero, jax.tree.map(jnp.zeros_like, params))
-        (loss_sum, count, grads), _ = jax.lax.scan(accumulate, init, micro)
-        return loss_sum, count, grads
+        shapes = jax.eval_shape(lambda: grad_fn(train_params, frozen_params, jax.tree.map(lambda x: x[0], micro),
+                                                keys[0]))
+        init = (zero, zero, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[0][1][1]),
+                jax.tree.map(jnp.zeros_like, train_params))
+        (loss_sum, count, sums, grads), _ = jax.lax.scan(accumulate, init, (micro, keys))
+        return loss_sum, count, sums, grads
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        loss_sum, count, grads = gradients(state.params, batch)
+        train_params, frozen_params = split_trainable(state.params, trainable)
+        rng = jax.random.fold_in(state.rng, state.step)  # dropout: new masks every step, reproducible on resume
+        loss_sum, count, sums, grads = gradients(train_params, frozen_params, batch, rng)
         denom = jnp.maximum(count, 1.0)  # a batch of pure padding gives loss 0, not NaN
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = loss_sum / denom
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, train_params)
+        new_params = optax.apply_updates(train_params, updates)
         # A non-finite loss or gradient skips the update (counted) instead of poisoning the weights.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = state.replace(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+        new_params = keep(new_params, train_params)
+        params = nnx.merge_state(new_params, frozen_params) if trainable else new_params
+        new_state = state.replace(params=params, opt_state=keep(opt_state, state.opt_state),
                                   step=state.step + 1, skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
-        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "skipped": ~finite,
-                   "lr": schedule(state.step - state.skipped_steps)}
+        metrics = {"loss": loss, "grad_norm": grad_norm, objective.count_name: count, "skipped": ~finite,
+                   "lr": schedule(state.step - state.skipped_steps),
+                   **{name: value / denom for name, value in sums.items()}}
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(graphdef, cfg: StepConfig = StepConfig()) -> Callable[[TrainState, Batch], dict]:
+def make_eval_step(graphdef, cfg: StepConfig = StepConfig(), *,
+                   objective: Objective = LM) -> Callable[[TrainState, Batch], dict]:
+    """Sums over the batch (`loss_sum`, the count, each metric's sum): the caller adds batches up and divides."""
+
     def eval_step(state: TrainState, batch: Batch) -> dict:
-        loss_sum, count = next_token_loss(nnx.merge(graphdef, state.params), batch, chunk_size=cfg.loss_chunk_size)
+        loss_sum, count, sums = objective.loss(graphdef, state.params, batch, None, cfg.loss_chunk_size)
         loss = loss_sum / jnp.maximum(count, 1.0)
-        return {"loss_sum": loss_sum, "tokens": count, "loss": loss, "perplexity": jnp.exp(loss)}
+        out = {"loss_sum": loss_sum, objective.count_name: count, "loss": loss, **sums}
+        if objective.count_name == "tokens":
+            out["perplexity"] = jnp.exp(loss)
+        return out
 
     return eval_step
 
