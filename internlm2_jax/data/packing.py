@@ -134,3 +134,85 @@ def pack_documents(documents: Iterable[Sequence[int] | np.ndarray], seq_len: int
     if not rows:
         return empty_rows(0, seq_len, pad_id)
     return {name: np.stack([row[name] for row in rows]) for name in PACKED_FIELDS}
+
+
+# ---- whole examples: SFT conversations and preference pairs -------------------------------------------------------
+
+Sequence_ = tuple[np.ndarray, np.ndarray]  # (token ids, per-token trained mask), e.g. from ChatTemplate.encode
+
+
+def example_length(example: Sequence[Sequence_]) -> int:
+    return sum(len(ids) for ids, _ in example)
+
+
+class ExamplePacker:
+    """Lays whole examples (one or more sequences each) into rows, in arrival order, never cutting one: an example
+    that does not fit what is left of the row closes it (padded) and starts the next. Each sequence is its own
+    segment, positions restart at 0, and `loss_mask[t]` is the trained mask of token t + 1 of the same sequence, so
+    only trained tokens are predicted (for chat: assistant content and its `<|im_end|>`).
+
+    `max_examples` caps the examples per row (preference rows: `pair_mask` has that many slots); with
+    `pairs=True` every example is a (chosen, rejected) pair and rows carry `pair_mask [max_examples]`.
+    """
+
+    def __init__(self, seq_len: int, pad_id: int, *, max_examples: int | None = None, pairs: bool = False):
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        if pairs and not max_examples:
+            raise ValueError("preference rows need max_examples (the number of pair slots per row)")
+        self.seq_len, self.pad_id, self.max_examples, self.pairs = seq_len, pad_id, max_examples, pairs
+        self._row: RowBuilder | None = None
+        self._count = 0
+
+    def fits(self, example: Sequence[Sequence_]) -> bool:
+        """Whether the example fits an empty row at all (callers drop or truncate those that do not)."""
+        return example_length(example) <= self.seq_len
+
+    def add(self, example: Sequence[Sequence_]) -> dict[str, np.ndarray] | None:
+        """Adds one example; returns the row it closed, if adding it closed one."""
+        if not self.fits(example):
+            raise ValueError(f"an example of {example_length(example)} tokens does not fit a row of {self.seq_len}")
+        if self.pairs and len(example) != 2:
+            raise ValueError(f"a preference example is (chosen, rejected), got {len(example)} sequences")
+        closed = None
+        full = self.max_examples is not None and self._count >= self.max_examples
+        if self._row is not None and (full or example_length(example) > self._row.room):
+            closed = self.flush()
+        if self._row is None:
+            self._row = RowBuilder(self.seq_len, self.pad_id)
+        for ids, trained in example:
+            ids, trained = np.asarray(ids, np.int32), np.asarray(trained, np.float32)
+            if len(ids) != len(trained) or not len(ids):
+                raise ValueError(f"a sequence needs ids and a trained mask of one non-zero length, got "
+                                 f"{len(ids)} and {len(trained)}")
+            start = self._row.used
+            self._row.add(ids, next_token=None)
+            self._row.row["loss_mask"][start:start + len(ids) - 1] = trained[1:]
+        self._count += 1
+        return closed
+
+    def flush(self) -> dict[str, np.ndarray] | None:
+        """The row being filled (padded), or None when it is empty."""
+        if self._row is None:
+            return None
+        row = self._row.finish()
+        if self.max_examples is not None and self.pairs:
+            row["pair_mask"] = (np.arange(self.max_examples) < self._count).astype(np.float32)
+        self._row, self._count = None, 0
+        return row
+
+
+def pack_examples(examples: Iterable[Sequence[Sequence_]], seq_len: int, pad_id: int, *,
+                  max_examples: int | None = None, pairs: bool = False) -> dict[str, np.ndarray]:
+    """Packs whole examples into `[rows, seq_len]` arrays (plus `pair_mask [rows, max_examples]` for pairs)."""
+    packer = ExamplePacker(seq_len, pad_id, max_examples=max_examples, pairs=pairs)
+    rows = [row for example in examples if (row := packer.add(example)) is not None]
+    if (last := packer.flush()) is not None:
+        rows.append(last)
+    fields = PACKED_FIELDS + (("pair_mask",) if pairs else ())
+    if not rows:
+        empty = empty_rows(0, seq_len, pad_id)
+        if pairs:
+            empty["pair_mask"] = np.zeros((0, max_examples), np.float32)
+        return empty
+    return {name: np.stack([row[name] for row in rows]) for name in fields}
