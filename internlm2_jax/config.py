@@ -135,7 +135,8 @@ class ModelConfig:
         if fields.get("rope_scaling") is not None:
             fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
         if fields.get("lora") is not None:
-            fields["lora"] = LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields["lora"].items()})
+            lora = fields["lora"]
+            fields["lora"] = LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in lora.items()})
         unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown model config fields {sorted(unknown)}")

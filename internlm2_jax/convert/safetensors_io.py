@@ -149,7 +149,7 @@ def write_checkpoint(directory: str | os.PathLike, tensors: Iterable[TensorSpec]
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, total = {}, 0
     for name, shard in zip(names, shards, strict=True):
-        total += _write_file(directory / name, shard, metadata or {"format": "pt"})
+        total += write_safetensors_file(directory / name, shard, metadata or {"format": "pt"})
         weight_map.update({spec[0]: name for spec in shard})
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -159,7 +159,8 @@ def write_checkpoint(directory: str | os.PathLike, tensors: Iterable[TensorSpec]
     return [directory / n for n in names]
 
 
-def _write_file(path: Path, specs: list[TensorSpec], metadata: dict[str, str]) -> int:
+def write_safetensors_file(path: Path, specs: list[TensorSpec], metadata: dict[str, str]) -> int:
+    """One safetensors file at `path` (written to a temporary name, then renamed); returns its data bytes."""
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name, shape, dtype, _ in specs:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from internlm2_jax.data.conversations import MessageError, openai_messages, with_tools
 from internlm2_jax.decode.sampling import SamplingConfig
 from internlm2_jax.tokenizer import ACTION_END, ACTION_START, BOS, EOS, IM_END, IM_START, INTERPRETER, PLUGIN
 
@@ -199,40 +200,14 @@ def encode_prompts(prompt: str | list, tokenizer: Tokenizer, field: str) -> list
 
 
 def template_messages(messages: list[ChatMessage], tools: list[Tool] | None) -> list[dict[str, Any]]:
-    """OpenAI messages and tools as `ChatTemplate` messages: a tool result becomes an `environment` turn named
-    `plugin`, an assistant's call a plugin `tool_call`, and the tools an extra `system` turn named `plugin` holding
-    their schemas, after the leading system turns (where InternLM2 was trained to find it)."""
-    converted = [_template_message(index, message) for index, message in enumerate(messages)]
-    if tools:
-        schemas = [tool.function.model_dump(exclude_none=True) for tool in tools]
-        lead = next((i for i, message in enumerate(converted) if message["role"] != "system"), len(converted))
-        converted.insert(lead, {"role": "system", "name": "plugin",
-                                "content": json.dumps(schemas, ensure_ascii=False)})
-    return converted
-
-
-def _template_message(index: int, message: ChatMessage) -> dict[str, Any]:
-    content = message.content if isinstance(message.content, str) else "\n".join(
-        part.text for part in message.content or [])
-    if message.role == "tool":
-        return {"role": "environment", "name": "plugin", "content": content}
-    converted: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
-                                 "content": content}
-    if message.tool_calls:
-        where = f"messages[{index}].tool_calls"
-        if len(message.tool_calls) > 1:
-            raise APIError(400, f"{where}: InternLM2 makes one tool call per assistant turn, got "
-                                f"{len(message.tool_calls)}", param=where)
-        function = message.tool_calls[0].function
-        try:
-            parameters = json.loads(function.arguments)
-        except json.JSONDecodeError:
-            parameters = None
-        if not isinstance(parameters, dict):
-            raise APIError(400, f"{where}[0].function.arguments must be a JSON object, got {function.arguments!r}",
-                           param=f"{where}[0].function.arguments")
-        converted["tool_call"] = {"type": "plugin", "name": function.name, "parameters": parameters}
-    return converted
+    """OpenAI messages and tools as `ChatTemplate` messages, through the converter training data uses
+    (`data.conversations`): a tool result becomes an `environment` turn named `plugin`, an assistant's call a plugin
+    `tool_call`, and the tools an extra `system` turn named `plugin` after the leading system turns."""
+    try:
+        converted = openai_messages([message.model_dump(exclude_none=True) for message in messages])
+        return with_tools(converted, [tool.model_dump(exclude_none=True) for tool in tools or []])
+    except MessageError as e:
+        raise APIError(400, str(e), param=e.field) from None
 
 
 def strip_control_tokens(text: str) -> str:
