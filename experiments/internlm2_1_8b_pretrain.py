@@ -6,7 +6,7 @@ Run (one process per host): --set data.manifest=... --set data.tokenizer=... --s
 """
 
 from internlm2_jax.config import preset
-from internlm2_jax.launch import DataConfig, Experiment, run_pretraining
+from internlm2_jax.launch import DataConfig, Experiment, run_training
 from internlm2_jax.parallel import MeshConfig
 from internlm2_jax.train import OptimizerConfig, StepConfig
 from internlm2_jax.train.loop import TrainConfig
@@ -28,4 +28,4 @@ def config() -> Experiment:
 
 
 def main(exp: Experiment) -> None:
-    run_pretraining(exp)
+    run_training(exp)

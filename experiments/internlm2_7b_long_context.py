@@ -6,7 +6,7 @@ python -m internlm2_jax.launch experiments/internlm2_7b_long_context.py --compil
 
 import dataclasses
 
-from internlm2_jax.launch import DataConfig, Experiment, load_experiment, run_pretraining
+from internlm2_jax.launch import DataConfig, Experiment, load_experiment, run_training
 from internlm2_jax.train.loop import TrainConfig
 
 SEQ, BATCH_TOKENS, EXTRA_STEPS = 32768, 4 * 1024 * 1024, 50_000
@@ -26,4 +26,4 @@ def config() -> Experiment:
 
 
 def main(exp: Experiment) -> None:
-    run_pretraining(exp)
+    run_training(exp)

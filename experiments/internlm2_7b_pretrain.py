@@ -6,7 +6,7 @@ python -m internlm2_jax.launch experiments/internlm2_7b_pretrain.py --compile-on
 import dataclasses
 
 from internlm2_jax.config import preset
-from internlm2_jax.launch import Experiment, load_experiment, run_pretraining
+from internlm2_jax.launch import Experiment, load_experiment, run_training
 
 
 def config() -> Experiment:
@@ -18,4 +18,4 @@ def config() -> Experiment:
 
 
 def main(exp: Experiment) -> None:
-    run_pretraining(exp)
+    run_training(exp)

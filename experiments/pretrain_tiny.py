@@ -7,7 +7,7 @@ from pathlib import Path
 
 from internlm2_jax.config import preset
 from internlm2_jax.data.corpus import prepare_stdlib_dataset
-from internlm2_jax.launch import DataConfig, Experiment, run_pretraining
+from internlm2_jax.launch import DataConfig, Experiment, run_training
 from internlm2_jax.parallel import MeshConfig
 from internlm2_jax.train import OptimizerConfig
 from internlm2_jax.train.loop import TrainConfig
@@ -31,6 +31,6 @@ def main(exp: Experiment) -> None:
     data_dir = Path(exp.data.tokenizer).parent
     if not (data_dir / "train" / "manifest.json").exists():
         prepare_stdlib_dataset(data_dir, exp.model.vocab_size, train_bytes=1_500_000, heldout_bytes=100_000)
-    result = run_pretraining(exp)
+    result = run_training(exp)
     heldout = f"held-out loss {result.eval['eval_loss']:.3f}; " if result.eval else ""
     print(f"step {result.final_step}: {heldout}{result.run_dir}/loss_curve.png")

@@ -23,7 +23,7 @@ from internlm2_jax.data.curation.report import format_report
 from internlm2_jax.decode import greedy_generate
 from internlm2_jax.eval.suites import demo_suite
 from internlm2_jax.eval.tasks import suite_table
-from internlm2_jax.launch import DataConfig, Experiment, run_pretraining
+from internlm2_jax.launch import DataConfig, Experiment, run_training
 from internlm2_jax.parallel import MeshConfig
 from internlm2_jax.model.quantize import quantize_int8, weight_bytes
 from internlm2_jax.train import OptimizerConfig, StepConfig
@@ -68,7 +68,7 @@ def unigram_nats(tokenizer, train_docs, heldout_docs) -> float:
 
 
 def heldout_loss(model, exp: Experiment, tokenizer) -> float:
-    """Mean loss over the run's own evaluation batches (the rows `run_pretraining` evaluated, in order)."""
+    """Mean loss over the run's own evaluation batches (the rows `run_training` evaluated, in order)."""
     rows = PretrainDataIterator(exp.data.heldout_manifest, tokenizer, exp.train.seq_len, exp.train.batch_size,
                                 seed=0, shuffle=False, repeat=False)
     loss = jax.jit(lambda m, batch: next_token_loss(m, batch, chunk_size=exp.step.loss_chunk_size))
@@ -79,7 +79,7 @@ def heldout_loss(model, exp: Experiment, tokenizer) -> float:
 def main(exp: Experiment) -> None:
     data_dir = Path(exp.data.tokenizer).parent  # the manifests are data_dir/{train,heldout}/manifest.json
     tokenizer, train_docs, heldout_docs, curation = prepare_stdlib_dataset(data_dir, exp.model.vocab_size)
-    result = run_pretraining(exp)
+    result = run_training(exp)
     graphdef, _ = model_graphdef(exp.model)
     model = nnx.merge(graphdef, result.state.params)
     completions = greedy_generate(model, [tokenizer.encode(p, add_bos=True, allow_special=False) for p in PROMPTS],

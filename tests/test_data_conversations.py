@@ -182,7 +182,7 @@ def test_bad_records_are_counted_with_file_and_line(trained, tmp_path):
      json.dumps(pair("Hi.", "Hello.", "Go away.", domain="poetry")),
      "unknown_domain: domain: 'poetry' is unknown; known domains: helpful, harmless, code, math"),
     (lambda p, tok: PairDataIterator(p, tok, 128, 1, strict=True), json.dumps(pair("Hi.", "Hello.", "Go away.")),
-     "domain: is missing; known domains: helpful"),
+     r"domain: is missing \(and no default_domain\); known domains: helpful"),
 ])
 def test_strict_mode_names_file_and_line(trained, tmp_path, make, line, match):
     good = {**chat("Hi.", "Hello."), **pair("Hi.", "Hello.", "Go.", domain="helpful")}  # for either iterator

@@ -193,6 +193,8 @@ def save_pretrained(model, path: str | os.PathLike, *, layout: str = "internlm2"
     write_checkpoint(path, specs, max_shard_bytes=max_shard_bytes)
     hf_config = cfg.to_hf_config(layout, reward=reward)
     hf_config["torch_dtype"] = out_dtype.name
+    if reward and tokenizer is not None:  # where the score is read (XTuner's InternLM2ForRewardModel config field)
+        hf_config["reward_token_id"] = tokenizer.reward_token_id
     (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     eos = [cfg.eos_token_id]
     if tokenizer is not None:

@@ -224,12 +224,12 @@ def preference_pair(record: Mapping[str, Any]) -> tuple[str | None, list, list, 
 def reward_sequence(messages: Sequence[Mapping[str, Any]], domain: str | None, tokenizer: Tokenizer,
                     domain_prompts: Mapping[str, str] = DOMAIN_PROMPTS, template: str = "internlm2_chat") -> list[int]:
     """The ids the conditional reward model scores: the domain's system turn, `messages` (template messages ending
-    with the response to judge), then the reward token. Training and scoring both render through here."""
-    if domain not in domain_prompts:
-        what = "is missing" if domain is None else f"{domain!r} is unknown"
-        raise MessageError("domain", f"{what}; known domains: {', '.join(domain_prompts)}")
-    system = {"role": "system", "content": domain_prompts[domain]}
-    ids, _ = get_chat_template(template).encode([system, *messages], tokenizer)
+    with the response to judge), then the reward token. Training and scoring both render through here.
+    `domain=None` scores without a conditional system turn (how the released reward models were benchmarked)."""
+    if domain is not None and domain not in domain_prompts:
+        raise MessageError("domain", f"{domain!r} is unknown; known domains: {', '.join(domain_prompts)}")
+    system = [] if domain is None else [{"role": "system", "content": domain_prompts[domain]}]
+    ids, _ = get_chat_template(template).encode([*system, *messages], tokenizer)
     return ids + [tokenizer.reward_token_id]
 
 
@@ -495,6 +495,9 @@ class PairDataIterator(_ConversationIterator):
         domain, prompt, chosen, rejected = preference_pair(record)
         if self.kind == "reward":
             domain = self.default_domain if domain is None else domain
+            if domain is None:  # training is conditional by design: a record without a domain is a data error
+                raise MessageError("domain", f"is missing (and no default_domain); known domains: "
+                                             f"{', '.join(self.domain_prompts)}")
             example = []
             for response in (chosen, rejected):
                 ids = reward_sequence(prompt + response, domain, self.tokenizer, self.domain_prompts,
