@@ -8,13 +8,11 @@ margin flips sign with the system prompt, score histograms per domain (PNG), and
 Run: python -m internlm2_jax.launch experiments/reward_tiny.py [--set train.steps=300]
 """
 
-import itertools
 import json
 from pathlib import Path
 
 from internlm2_jax.config import preset
-from internlm2_jax.data.corpus import split_source, stdlib_corpus
-from internlm2_jax.data.finetune_corpus import conditional_pairs, doctest_pairs, write_jsonl
+from internlm2_jax.data.finetune_corpus import conditional_pairs, doctest_pairs, train_finetune_tokenizer, write_jsonl
 from internlm2_jax.launch import DataConfig, Experiment, run_training
 from internlm2_jax.parallel import MeshConfig
 from internlm2_jax.train import OptimizerConfig
@@ -43,19 +41,13 @@ def config() -> Experiment:
 
 def prepare_data(vocab_size: int) -> None:
     """Train/held-out JSONL (held-out pairs never seen in training) and a tokenizer that knows both."""
-    from internlm2_jax.data.conversations import DOMAIN_PROMPTS
-    from internlm2_jax.tokenizer import train_tokenizer
-
     train = doctest_pairs(1200, seed=0) + conditional_pairs(1200, seed=0)
     seen = {(r["prompt"], r["chosen"], r["rejected"]) for r in train}
     heldout = [r for r in doctest_pairs(300, seed=1) + conditional_pairs(300, seed=1)
                if (r["prompt"], r["chosen"], r["rejected"]) not in seen]
     write_jsonl(train, DATA / "train.jsonl")
     write_jsonl(heldout, DATA / "heldout.jsonl")
-    code = (p.text for d in stdlib_corpus("train", max_bytes=400_000) for p in split_source(d))
-    texts = itertools.chain(itertools.islice(code, 800), list(DOMAIN_PROMPTS.values()),
-                            (r[k] for r in train[::4] for k in ("prompt", "chosen", "rejected")))
-    train_tokenizer(texts, vocab_size, output_path=DATA / "tokenizer.model")
+    train_finetune_tokenizer(train[::4], vocab_size, DATA / "tokenizer.model")
 
 
 def report(exp: Experiment, run_dir: Path) -> dict:

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import ast
 import doctest
+import itertools
 import json
 import random
 from collections.abc import Iterable
 from pathlib import Path
 
-from internlm2_jax.data.corpus import stdlib_root
+from internlm2_jax.data.corpus import split_source, stdlib_corpus, stdlib_root
 
 
 def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
@@ -30,6 +31,27 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
+
+
+def record_texts(records: Iterable[dict]) -> Iterable[str]:
+    """Every string in the records (message contents, prompts, responses): tokenizer training text."""
+    for record in records:
+        for value in record.values():
+            if isinstance(value, str):
+                yield value
+            elif isinstance(value, list):
+                yield from (m["content"] for m in value if isinstance(m, dict) and m.get("content"))
+
+
+def train_finetune_tokenizer(records: Iterable[dict], vocab_size: int, path: str | Path):
+    """A small SentencePiece model for the tiny experiments: stdlib code plus the records' own text, with every
+    special token reserved (so the chat template and the reward token work as with the released tokenizer)."""
+    from internlm2_jax.data.conversations import DOMAIN_PROMPTS
+    from internlm2_jax.tokenizer import train_tokenizer
+
+    code = (p.text for d in stdlib_corpus("train", max_bytes=400_000) for p in split_source(d))
+    texts = itertools.chain(itertools.islice(code, 800), DOMAIN_PROMPTS.values(), record_texts(records))
+    return train_tokenizer(texts, vocab_size, output_path=Path(path))
 
 
 # ---- SFT: the standard library explains itself ----------------------------------------------------------------
