@@ -68,7 +68,8 @@ def report(exp: Experiment, run_dir: Path) -> dict:
     rejected = score(model, tokenizer, [p + r for _, p, _, r in pairs], domain=[d for d, *_ in pairs])
     domains = np.array([d for d, *_ in pairs])
     out = {"heldout_pairs": len(pairs), "accuracy": float(np.mean(chosen > rejected)),
-           "accuracy_by_domain": {d: float(np.mean((chosen > rejected)[domains == d])) for d in sorted(set(domains))}}
+           "accuracy_by_domain": {str(d): float(np.mean((chosen > rejected)[domains == d]))
+                                  for d in sorted(set(domains))}}
     # Conditioning: the same held-out (prompt, detailed, refusal) under both system prompts.
     conditional = [(p, c, r) if d == "helpful" else (p, r, c) for d, p, c, r in pairs if d in ("helpful", "harmless")]
     margins = {}
@@ -90,13 +91,11 @@ def report(exp: Experiment, run_dir: Path) -> dict:
 
 
 def plot_histograms(chosen, rejected, domains, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch under a notebook
 
     names = sorted(set(domains))
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)
+    fig = Figure(figsize=(4 * len(names), 3))
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         ax.hist(chosen[domains == name], bins=30, alpha=0.6, label="chosen")
         ax.hist(rejected[domains == name], bins=30, alpha=0.6, label="rejected")
@@ -105,7 +104,6 @@ def plot_histograms(chosen, rejected, domains, path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(exp: Experiment) -> None:

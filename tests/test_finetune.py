@@ -109,6 +109,12 @@ def set_random_adapters(model, seed=0):
 
 # ---- packing equalities -------------------------------------------------------------------------------------------
 
+def loss_of(objective):
+    """The objective's loss, jitted (eager dispatch of a whole model is slow): (graphdef, params, batch)."""
+    jitted = jax.jit(objective.loss, static_argnums=(0, 4))
+    return lambda graphdef, params, batch: jitted(graphdef, params, batch, None, 1024)
+
+
 def test_sft_packed_rows_give_the_losses_of_each_conversation_alone():
     rng = np.random.RandomState(1)
     conversations = [[random_sequence(rng, n, trained_from=n // 2)] for n in (11, 17, 9)]
@@ -117,8 +123,9 @@ def test_sft_packed_rows_give_the_losses_of_each_conversation_alone():
     packed = pack_examples(conversations, 48, 0)
     alone = pack_examples(conversations, 48, 0, max_examples=1)
     assert packed["input_ids"].shape[0] == 1 and alone["input_ids"].shape[0] == 3
-    loss_packed, count_packed, _ = LM.loss(graphdef, params, packed, None, 1024)
-    loss_alone, count_alone, _ = LM.loss(graphdef, params, alone, None, 1024)
+    loss = loss_of(LM)
+    loss_packed, count_packed, _ = loss(graphdef, params, packed)
+    loss_alone, count_alone, _ = loss(graphdef, params, alone)
     assert float(count_packed) == float(count_alone) == sum(len(c[0][0]) - len(c[0][0]) // 2 for c in conversations)
     np.testing.assert_allclose(float(loss_packed), float(loss_alone), rtol=1e-5)
 
@@ -129,18 +136,19 @@ def test_reward_pairs_packed_in_one_row_score_as_they_do_alone():
     packed = pack_examples(pairs, 128, 0, max_examples=4, pairs=True)
     alone = pack_examples(pairs, 128, 0, max_examples=1, pairs=True)
     assert packed["input_ids"].shape[0] == 1 and packed["pair_mask"].tolist() == [[1, 1, 1, 0]]
-    chosen_p, rejected_p = reward_scores(model, packed)
-    chosen_a, rejected_a = reward_scores(model, alone)
+    graphdef, params = nnx.split(model)
+    scores = jax.jit(lambda p, b: reward_scores(nnx.merge(graphdef, p), b))
+    chosen_p, rejected_p = scores(params, packed)
+    chosen_a, rejected_a = scores(params, alone)
     np.testing.assert_allclose(np.asarray(chosen_p)[0, :3], np.asarray(chosen_a)[:, 0], atol=1e-5)
     np.testing.assert_allclose(np.asarray(rejected_p)[0, :3], np.asarray(rejected_a)[:, 0], atol=1e-5)
     # ... and the score is the one at the reward token of each sequence run alone.
     ids, _ = pairs[1][1]
-    alone_scores = model(ids[None])
+    alone_scores = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, ids[None])
     np.testing.assert_allclose(float(rejected_p[0, 1]), float(alone_scores[0, -1]), atol=1e-5)
-    graphdef, params = nnx.split(model)
-    objective = reward_objective()
-    loss_p, n_p, metrics_p = objective.loss(graphdef, params, packed, None, 1024)
-    loss_a, n_a, metrics_a = objective.loss(graphdef, params, alone, None, 1024)
+    loss = loss_of(reward_objective())
+    loss_p, n_p, metrics_p = loss(graphdef, params, packed)
+    loss_a, n_a, metrics_a = loss(graphdef, params, alone)
     assert float(n_p) == float(n_a) == 3
     np.testing.assert_allclose(float(loss_p), float(loss_a), rtol=1e-5)
     np.testing.assert_allclose(float(metrics_p["margin"]), float(metrics_a["margin"]), atol=1e-5)
@@ -152,19 +160,20 @@ def test_dpo_pairs_packed_give_the_losses_of_each_pair_alone_and_the_reference_i
     graphdef, params = nnx.split(model)
     packed = pack_examples(pairs, 128, 0, max_examples=4, pairs=True)
     alone = pack_examples(pairs, 128, 0, max_examples=1, pairs=True)
-    objective = dpo_objective(DPOConfig(beta=0.5))
-    loss_p, _, _ = objective.loss(graphdef, params, packed, None, 1024)
-    loss_a, _, _ = objective.loss(graphdef, params, alone, None, 1024)
+    loss = loss_of(dpo_objective(DPOConfig(beta=0.5)))
+    loss_p, _, _ = loss(graphdef, params, packed)
+    loss_a, _, _ = loss(graphdef, params, alone)
     np.testing.assert_allclose(float(loss_p), float(loss_a), rtol=1e-5)
     # The implicit reference (adapters off) equals a separately built base model given as reference_logps.
     base = merge_lora(nnx.merge(graphdef, without_adapters(params)))  # a plain model holding the base weights
     assert base.cfg.lora is None
-    reference, _ = sequence_logprobs(base, packed)
-    loss_given, _, _ = objective.loss(graphdef, params, {**packed, "reference_logps": reference}, None, 1024)
+    base_graphdef, base_params = nnx.split(base)
+    reference, _ = jax.jit(lambda p, b: sequence_logprobs(nnx.merge(base_graphdef, p), b))(base_params, packed)
+    loss_given, _, _ = loss(graphdef, params, {**packed, "reference_logps": reference})
     np.testing.assert_allclose(float(loss_given), float(loss_p), rtol=1e-5)
     # With the policy equal to its reference every pair's loss is log 2.
     fresh = nnx.split(InternLM2ForCausalLM(LORA, rngs=nnx.Rngs(0)))
-    loss_fresh, count, _ = objective.loss(*fresh, packed, None, 1024)
+    loss_fresh, count, _ = loss(*fresh, packed)
     np.testing.assert_allclose(float(loss_fresh / count), math.log(2), rtol=1e-5)
 
 
@@ -180,16 +189,17 @@ def test_dpo_without_adapters_or_reference_logps_says_what_is_missing():
 def test_merged_lora_model_equals_base_plus_adapter(scan):
     model = set_random_adapters(InternLM2ForCausalLM(LORA.replace(scan_layers=scan), rngs=nnx.Rngs(0)))
     ids = np.random.RandomState(0).randint(3, 500, (2, 24)).astype(np.int32)
+    forward = jax.jit(lambda m, x: m(x))
     merged = merge_lora(model)
     assert merged.cfg.lora is None and not any("lora" in str(p) for p, _ in nnx.to_flat_state(nnx.state(merged)))
-    np.testing.assert_allclose(np.asarray(merged(ids)), np.asarray(model(ids)), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(forward(merged, ids)), np.asarray(forward(model, ids)), atol=2e-5)
     # The adapters matter (the equality is not vacuous) and fresh ones (B = 0) change nothing.
     graphdef, params = nnx.split(model)
     base = merge_lora(nnx.merge(graphdef, without_adapters(params)))  # a plain model with the base weights
-    assert np.max(np.abs(np.asarray(base(ids)) - np.asarray(model(ids)))) > 1e-3
+    assert np.max(np.abs(np.asarray(forward(base, ids)) - np.asarray(forward(model, ids)))) > 1e-3
     fresh = InternLM2ForCausalLM(LORA.replace(scan_layers=scan), rngs=nnx.Rngs(0))
     assert any("lora_a" in str(p) for p, _ in nnx.to_flat_state(nnx.state(fresh)))
-    np.testing.assert_array_equal(np.asarray(fresh(ids)), np.asarray(base(ids)))
+    np.testing.assert_array_equal(np.asarray(forward(fresh, ids)), np.asarray(forward(base, ids)))
 
 
 # ---- the steps: sharded = unsharded, and only trainable parameters move ---------------------------------------------

@@ -1,5 +1,5 @@
-"""notebooks/quickstart.ipynb and data_and_decoding.ipynb execute top to bottom through a real Jupyter kernel
-(nbclient + ipykernel).
+"""notebooks/quickstart.ipynb, data_and_decoding.ipynb and reward_model.ipynb execute top to bottom through a real
+Jupyter kernel (nbclient + ipykernel).
 
 The kernel is this interpreter: a kernelspec naming `sys.executable` is written to a temporary folder put first on
 JUPYTER_PATH, so neither a `python3` kernel installed elsewhere on the machine nor a missing one changes what runs.
@@ -64,3 +64,21 @@ def test_data_and_decoding_notebook_executes(kernel_name, tmp_path):
     assert "exact_duplicate" in text and "duplicate of " in text and "malformed_json" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the LSH detection curve
     assert "duplicates: [40] of 41" in text
+
+
+def test_reward_model_notebook_trains_and_inspects_the_tiny_reward_model(kernel_name, tmp_path):
+    """Acceptance for the conditional reward model: held-out accuracy well above chance, and the margin between the
+    detailed answer and the refusal flips sign with the system prompt on held-out requests."""
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(REPO / "notebooks" / "reward_model.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name=kernel_name,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on a failing cell
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "8 devices" in text and "[UNUSED_TOKEN_130]" in text
+    accuracy = float(re.search(r"held-out pairwise accuracy (\d\.\d+)", text).group(1))
+    flip = float(re.search(r"conditional flip rate (\d\.\d+)", text).group(1))
+    assert accuracy > 0.75 and flip > 0.8, text
+    assert "HF export reloads bit-exact: True" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # training curves and score histograms

@@ -53,13 +53,11 @@ def needle_sweep(model, tokenizer, filler: str, *, lengths: Sequence[int], depth
 def plot_heatmap(result: dict[str, Any], path: str | Path, *, max_position_embeddings: int | None = None) -> Path:
     """The length x depth retrieval grid as a PNG (green found, red missed), with a line where the lengths cross
     `max_position_embeddings`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch under a notebook
 
     lengths, depths = result["lengths"], result["depths"]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(lengths), 1.2 + 0.4 * len(depths)))
+    fig = Figure(figsize=(1.2 + 0.5 * len(lengths), 1.2 + 0.4 * len(depths)))
+    ax = fig.subplots()
     grid = [[result["grid"][i][j] for i in range(len(lengths))] for j in range(len(depths))]
     ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
@@ -73,5 +71,4 @@ def plot_heatmap(result: dict[str, Any], path: str | Path, *, max_position_embed
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -108,12 +108,10 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if not train:
         return None
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch under a notebook
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(*zip(*train, strict=True), label="train loss")
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="held-out loss")
@@ -123,7 +121,6 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
-    plt.close(fig)
     return out_path
 
 

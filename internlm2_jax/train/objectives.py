@@ -107,13 +107,14 @@ def dpo_objective(cfg: DPOConfig = DPOConfig()) -> Objective:
     policy with its LoRA adapters switched off."""
 
     def loss(graphdef, params, batch: Batch, rng, chunk_size: int):
+        given = "reference_logps" in batch
+        if not given and not any(is_lora_path("/".join(map(str, p))) for p, _ in nnx.to_flat_state(params)):
+            raise ValueError("DPO needs a reference: pass `reference_logps` in the batch (full fine-tuning) "
+                             "or train LoRA adapters (the reference is the policy without them)")
         policy, counts = sequence_logprobs(nnx.merge(graphdef, params), batch, chunk_size=chunk_size, rng=rng)
-        if "reference_logps" in batch:
+        if given:
             reference = batch["reference_logps"]
         else:
-            if not any(is_lora_path("/".join(map(str, p))) for p, _ in nnx.to_flat_state(params)):
-                raise ValueError("DPO needs a reference: pass `reference_logps` in the batch (full fine-tuning) "
-                                 "or train LoRA adapters (the reference is the policy without them)")
             base = jax.lax.stop_gradient(without_adapters(params))
             reference, _ = sequence_logprobs(nnx.merge(graphdef, base), batch, chunk_size=chunk_size)
         if cfg.loss == "ipo":  # IPO compares per-token average log-probabilities

@@ -79,14 +79,12 @@ def format_report(report: dict[str, Any]) -> str:
 
 def plot_detection_curve(report: dict[str, Any], path: Path) -> None:
     """The LSH S-curve of the banding: P(a pair is a candidate) against its Jaccard similarity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch under a notebook
 
     lsh = report["lsh"]
     s = np.linspace(0, 1, 201)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     ax.plot(s, detection_probability(s, lsh["bands"], lsh["rows"]), label=f"b={lsh['bands']} r={lsh['rows']}")
     ax.axvline(lsh["threshold"], color="gray", linestyle="--", label=f"threshold {lsh['threshold']}")
     ax.set(xlabel="Jaccard similarity of a pair", ylabel="P(pair shares a bucket)", title="MinHash-LSH detection")
@@ -94,7 +92,6 @@ def plot_detection_curve(report: dict[str, Any], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
