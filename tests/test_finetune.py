@@ -203,6 +203,7 @@ def test_merged_lora_model_equals_base_plus_adapter(scan):
 
 
 # ---- the steps: sharded = unsharded, and only trainable parameters move ---------------------------------------------
+# (Full-parameter training is the same step with every parameter trainable: tests/test_train.py checks it sharded.)
 
 def sft_batches():
     rng = np.random.RandomState(5)
@@ -218,7 +219,6 @@ def pair_batches(reward):
 
 CASES = {
     "sft_lora": (LORA.replace(lora=LoraConfig(rank=4, alpha=8.0, dropout=0.1)), LM, ("lora_",), sft_batches),
-    "reward": (CFG, reward_objective(), (), lambda: pair_batches(True)),
     "reward_lora": (LORA, reward_objective(), ("lora_", "v_head"), lambda: pair_batches(True)),
     "dpo_lora": (LORA, dpo_objective(), ("lora_",), lambda: pair_batches(False)),
 }
