@@ -183,7 +183,33 @@ def test_dpo_without_adapters_or_reference_logps_says_what_is_missing():
         dpo_objective().loss(*nnx.split(InternLM2ForCausalLM(CFG, rngs=nnx.Rngs(0))), pairs, None, 1024)
 
 
+def test_reward_step_with_micro_batches_equals_one_batch():
+    """Accumulation sums the loss, the pair count and every metric, so micro-batches change nothing."""
+    batch = pair_batches(True)[0]
+    tx = make_optimizer(OptimizerConfig(peak_lr=1e-3, warmup_steps=1, total_steps=10))
+    mesh = make_mesh(MeshConfig(), jax.devices()[:1])
+    graphdef, _ = model_graphdef(CFG, InternLM2ForRewardModel)
+    results = []
+    for micro in (1, 4):
+        step = jax.jit(make_train_step(graphdef, tx, lambda _: 0.0, StepConfig(micro_batches=micro),
+                                       objective=reward_objective()))
+        state = init_train_state(CFG, tx, mesh, model_class=InternLM2ForRewardModel)
+        results.append(jax.device_get(step(state, batch)))
+    (state_1, metrics_1), (state_4, metrics_4) = results
+    for key in ("loss", "accuracy", "margin", "chosen", "rejected", "pairs", "grad_norm"):
+        np.testing.assert_allclose(metrics_4[key], metrics_1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for a, b in zip(jax.tree.leaves(state_4.params), jax.tree.leaves(state_1.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 # ---- LoRA ---------------------------------------------------------------------------------------------------------
+
+def test_a_lora_model_is_not_exported_without_its_adapters(tmp_path):
+    from internlm2_jax.convert import save_pretrained
+
+    with pytest.raises(ValueError, match="merge_lora"):
+        save_pretrained(InternLM2ForCausalLM(LORA, rngs=nnx.Rngs(0)), tmp_path / "out")
+
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_merged_lora_model_equals_base_plus_adapter(scan):

@@ -108,7 +108,7 @@ def test_dpo_tiny_after_sft_tiny_raises_the_preference_for_passing_code(tmp_path
 
 
 @pytest.mark.slow
-def test_7b_sft_and_reward_steps_compile_for_a_tpu_pod_slice(tmp_path):
+def test_7b_sft_step_compiles_for_a_tpu_pod_slice(tmp_path):
     pytest.importorskip("libtpu", reason="libtpu (requirements-test.txt) provides the TPU compiler")
     done = launch(ROOT / "experiments" / "internlm2_7b_sft.py", "--compile-only", "--topology", "v5p:2x2x2",
                   "--set", "train.batch_size=8", "--set", "train.seq_len=4096", cwd=tmp_path, timeout=1200,

@@ -174,6 +174,9 @@ def save_pretrained(model, path: str | os.PathLike, *, layout: str = "internlm2"
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     reward = isinstance(model, InternLM2ForRewardModel)
     cfg: ModelConfig = model.cfg
+    if cfg.lora is not None:  # the HF layouts have no place for adapters: never drop them silently
+        raise ValueError("the model has LoRA adapters: export `model.lora.merge_lora(model)` for merged weights, or "
+                         "`convert.peft.base_model(model)` plus `convert.peft.save_adapters(model, ...)` for PEFT")
     path = Path(path)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     out_dtype = np.dtype(dtype or cfg.param_dtype)
