@@ -110,3 +110,31 @@ def test_eval_runner_on_a_task_file_and_errors(tmp_path, tiny, trained):
     bad = subprocess.run([sys.executable, "-m", "internlm2_jax.eval", "--checkpoint", str(tmp_path / "model"),
                           "--suite", str(tmp_path / "broken.json")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "tasks[0]" in bad.stderr
+
+
+def test_options_scored_on_their_shared_context_equal_each_pair_scored_alone():
+    from types import SimpleNamespace
+
+    from internlm2_jax.decode.scoring import shares_prefix_exactly
+    from internlm2_jax.eval.loglikelihood import _score_grouped, _score_one_by_one
+
+    cfg = preset("tiny")
+    model = InternLM2ForCausalLM(cfg, rngs=nnx.Rngs(4))
+    rng = np.random.RandomState(1)
+    pairs = []
+    for n_options in (4, 4, 2, 3, 1):  # questions with different numbers of options and context lengths
+        context = [1, *rng.randint(3, 500, rng.randint(0, 40))]
+        pairs += [(context, list(rng.randint(3, 500, rng.randint(1, 7)))) for _ in range(n_options)]
+    order = rng.permutation(len(pairs))  # the options of a question need not be adjacent
+    pairs = [pairs[i] for i in order]
+    no_bar = SimpleNamespace(update=lambda n: None)
+    grouped = _score_grouped(model, pairs, 2048, no_bar)
+    alone = _score_one_by_one(model, pairs, 2048, no_bar)
+    for a, b in zip(grouped, alone, strict=True):
+        assert a.tokens == b.tokens and a.greedy == b.greedy
+        np.testing.assert_allclose([a.logprob, a.mean_loss], [b.logprob, b.mean_loss], rtol=1e-5, atol=1e-5)
+    # Beyond max_position_embeddings dynamic NTK takes the base from the whole sequence: no sharing there.
+    assert shares_prefix_exactly(cfg, cfg.max_position_embeddings)
+    assert not shares_prefix_exactly(cfg, cfg.max_position_embeddings + 1)
+    assert shares_prefix_exactly(cfg.replace(rope_scaling=None), 10 * cfg.max_position_embeddings)
+

@@ -1,7 +1,10 @@
-"""Log-probabilities of given tokens (no generation): the server's `echo` with `logprobs` and its perplexity endpoint.
+"""Log-probabilities of given tokens (no generation): the server's `echo` with `logprobs`, its perplexity endpoint,
+and multiple-choice scoring.
 
 One jitted forward over right-padded rows; the vocabulary-sized logits exist one chunk of positions at a time, as in
-training's chunked loss, so a long prompt does not materialise [seq, vocab] fp32 logits.
+training's chunked loss, so a long prompt does not materialise [seq, vocab] fp32 logits. `score_shared_prefix`
+scores several continuations of one prefix with the prefix computed once (its K/V cached, then copied per
+continuation): a multiple-choice question's context is the long part, its options short.
 """
 
 from __future__ import annotations
@@ -13,18 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from internlm2_jax.model.kv_cache import init_cache
+
 _CHUNK = 256
 
 
-@partial(jax.jit, static_argnums=0, static_argnames="top_n")
-def _score(graphdef, params, tokens, lengths, *, top_n: int):
-    model = nnx.merge(graphdef, params)
-    batch, size = tokens.shape
-    segments = (jnp.arange(size)[None, :] < lengths[:, None]).astype(jnp.int32)
-    hidden = model(tokens, segment_ids=segments, return_hidden=True)[:, :-1]
-    targets = tokens[:, 1:]
-    chunk = min(_CHUNK, size - 1)
-    pad = (-(size - 1)) % chunk
+def _chunked_logprobs(model, hidden, targets, top_n: int):
+    """(log-probs of `targets`, top-n ids, their log-probs) for hidden states [batch, T, embed], with the
+    vocabulary-sized logits made `_CHUNK` positions at a time."""
+    batch, size = targets.shape
+    chunk = min(_CHUNK, size)
+    pad = (-size) % chunk
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
     n = hidden.shape[1] // chunk
@@ -37,12 +39,41 @@ def _score(graphdef, params, tokens, lengths, *, top_n: int):
         return chosen, top_ids.astype(jnp.int32), top_logprobs
 
     chunks = (hidden.reshape(batch, n, chunk, -1).swapaxes(0, 1), targets.reshape(batch, n, chunk).swapaxes(0, 1))
-    chosen, top_ids, top_logprobs = jax.lax.map(one_chunk, chunks)
+    outputs = jax.lax.map(one_chunk, chunks)
+    return tuple(x.swapaxes(0, 1).reshape(batch, n * chunk, *x.shape[3:])[:, :size] for x in outputs)
 
-    def unchunk(x):
-        return x.swapaxes(0, 1).reshape(batch, n * chunk, *x.shape[3:])[:, :size - 1]
 
-    return unchunk(chosen), unchunk(top_ids), unchunk(top_logprobs)
+@partial(jax.jit, static_argnums=0, static_argnames="top_n")
+def _score(graphdef, params, tokens, lengths, *, top_n: int):
+    model = nnx.merge(graphdef, params)
+    segments = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
+    hidden = model(tokens, segment_ids=segments, return_hidden=True)[:, :-1]
+    return _chunked_logprobs(model, hidden, tokens[:, 1:], top_n)
+
+
+@partial(jax.jit, static_argnums=0, static_argnames="top_n")
+def _score_shared(graphdef, params, prefixes, prefix_lengths, continuations, continuation_lengths, *, top_n: int):
+    """Each prefix once, then its K continuations on top of its cached K/V (one row each, so they never see each
+    other): prefixes [B, P], continuations [B, K, C]. Returns the prefix's scores [B, P - 1] and each
+    continuation's [B, K, C] (its first token predicted by the prefix's last)."""
+    model = nnx.merge(graphdef, params)
+    (batch, size), k, c = prefixes.shape, continuations.shape[1], continuations.shape[2]
+    index = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), prefixes.shape)
+    cache = init_cache(model.cfg, batch, size + c)
+    hidden, cache = model.model(prefixes, index, (index < prefix_lengths[:, None]).astype(jnp.int32), cache=cache)
+    prefix_scores = _chunked_logprobs(model, hidden[:, :-1], prefixes[:, 1:], top_n)
+    last = jnp.take_along_axis(hidden, (prefix_lengths - 1)[:, None, None], axis=1)  # [B, 1, embed]
+    tile = lambda x, axis: jnp.repeat(x, k, axis=axis)  # noqa: E731 - one cache row per continuation
+    cache = cache.replace(k=tile(cache.k, 1), v=tile(cache.v, 1), positions=tile(cache.positions, 0),
+                          segments=tile(cache.segments, 0), lengths=tile(cache.lengths, 0))
+    tokens = continuations.reshape(batch * k, c)
+    offsets = jnp.arange(c, dtype=jnp.int32)[None, :]
+    positions = tile(prefix_lengths, 0)[:, None] + offsets
+    segments = (offsets < continuation_lengths.reshape(-1)[:, None]).astype(jnp.int32)
+    hidden_c, _ = model.model(tokens, positions, segments, cache=cache)
+    inputs = jnp.concatenate([tile(last, 0), hidden_c[:, :-1]], axis=1)
+    scores = _chunked_logprobs(model, inputs, tokens, top_n)
+    return prefix_scores, tuple(x.reshape(batch, k, *x.shape[1:]) for x in scores)
 
 
 def padded_length(n: int) -> int:
@@ -66,3 +97,40 @@ def score_tokens(model, prompts, *, top_n: int = 0):
     lengths = np.array([len(p) for p in prompts], np.int32)
     chosen, top_ids, top_logprobs = jax.device_get(_score(graphdef, params, tokens, lengths, top_n=top_n))
     return [(chosen[i, :n - 1], top_ids[i, :n - 1], top_logprobs[i, :n - 1]) for i, n in enumerate(lengths)]
+
+
+def shares_prefix_exactly(cfg, longest: int) -> bool:
+    """Whether scoring a prefix alone, then continuations on its cache, gives the one-forward numbers: not when
+    dynamic NTK would pick the RoPE base from the prefix's length instead of the whole sequence's."""
+    dynamic = cfg.rope_scaling is not None and cfg.rope_scaling.type == "dynamic"
+    return not dynamic or longest <= cfg.max_position_embeddings
+
+
+def score_shared_prefix(model, groups, *, top_n: int = 0):
+    """`groups`: (prefix ids, [continuation ids, ...]) each. Per group, per continuation, what `score_tokens` gives
+    for prefix + continuation: (log-probs [len - 1] of tokens 1.., top-n ids, their log-probs). The prefix runs once
+    per group; groups are padded to few shapes (`padded_length`; continuation counts to a power of two)."""
+    graphdef, params = model if isinstance(model, tuple) else nnx.split(model)
+    if any(len(prefix) < 1 or not continuations or any(len(c) < 1 for c in continuations)
+           for prefix, continuations in groups):
+        raise ValueError("every group needs a prefix and continuations of at least one token each")
+    size = padded_length(max(len(prefix) for prefix, _ in groups) + 1)  # + 1: a prefix token past the last
+    k = 1 << (max(len(cs) for _, cs in groups) - 1).bit_length()
+    c = padded_length(max(len(x) for _, cs in groups for x in cs))
+    prefixes = np.zeros((len(groups), size), np.int32)
+    prefix_lengths = np.ones(len(groups), np.int32)
+    continuations = np.zeros((len(groups), k, c), np.int32)
+    continuation_lengths = np.ones((len(groups), k), np.int32)
+    for g, (prefix, conts) in enumerate(groups):
+        prefixes[g, :len(prefix)], prefix_lengths[g] = prefix, len(prefix)
+        for j, cont in enumerate(conts):
+            continuations[g, j, :len(cont)], continuation_lengths[g, j] = cont, len(cont)
+    (p_chosen, p_ids, p_lps), (c_chosen, c_ids, c_lps) = jax.device_get(_score_shared(
+        graphdef, params, prefixes, prefix_lengths, continuations, continuation_lengths, top_n=top_n))
+    out = []
+    for g, (prefix, conts) in enumerate(groups):
+        n = len(prefix) - 1
+        out.append([(np.concatenate([p_chosen[g, :n], c_chosen[g, j, :len(cont)]]),
+                     np.concatenate([p_ids[g, :n], c_ids[g, j, :len(cont)]]),
+                     np.concatenate([p_lps[g, :n], c_lps[g, j, :len(cont)]])) for j, cont in enumerate(conts)])
+    return out
