@@ -92,11 +92,11 @@ def _score_grouped(model, pairs, batch_tokens: int, bar) -> list[PairScore]:
         groups.setdefault(tuple(context), []).append(i)
     keys = sorted(groups, key=len, reverse=True)
     options = 1 << (max(len(members) for members in groups.values()) - 1).bit_length()
-    width = padded_length(max(len(x) for _, x in pairs))
+    width = max(len(x) for _, x in pairs)
     out: list[PairScore | None] = [None] * len(pairs)
     start = 0
     while start < len(keys):
-        rows = max(1, batch_tokens // (options * (padded_length(len(keys[start]) + 1) + width)))
+        rows = max(1, batch_tokens // (options * (len(keys[start]) + width)))
         rows = 1 << (rows.bit_length() - 1)  # powers of two: the last, partial batch is padded to the same shape
         batch = keys[start:start + rows]
         batch_groups = [(list(key), [list(pairs[i][1]) for i in groups[key]]) for key in batch]
