@@ -21,6 +21,7 @@ from internlm2_jax.train.objectives import (LM, dpo_objective, reward_objective,
 from internlm2_jax.train.preference_loss import (DPOConfig, RewardLossConfig, dpo_pair_loss, focal_ranking_loss,
                                                  log_barrier_penalty, ranking_loss, reward_pair_loss)
 from internlm2_jax.train.state import model_graphdef
+from lora_testing import set_random_adapters
 
 CFG = preset("tiny")
 LORA = CFG.replace(lora=LoraConfig(rank=4, alpha=8.0))
@@ -93,18 +94,6 @@ def random_pairs(seed, n, *, reward):
         pairs.append([random_sequence(rng, prompt + rng.randint(3, 9), trained_from=prompt, reward=reward)
                       for _ in range(2)])
     return pairs
-
-
-def set_random_adapters(model, seed=0):
-    """LoRA B starts at zero (a no-op); random Bs make the adapters matter in the equalities below."""
-    flat = nnx.to_flat_state(nnx.state(model))
-    key = jax.random.PRNGKey(seed)
-    for path, var in flat:
-        if path[-1] == "lora_b":
-            key, sub = jax.random.split(key)
-            var.set_value(0.05 * jax.random.normal(sub, var.shape))
-    nnx.update(model, nnx.from_flat_state(flat))
-    return model
 
 
 # ---- packing equalities -------------------------------------------------------------------------------------------

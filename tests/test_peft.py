@@ -17,6 +17,7 @@ from internlm2_jax.convert import save_pretrained
 from internlm2_jax.convert.peft import WEIGHTS_NAME, base_model, load_adapters, save_adapters
 from internlm2_jax.model import InternLM2ForCausalLM
 from internlm2_jax.model.lora import merge_lora
+from lora_testing import set_random_adapters
 
 LORA = LoraConfig(rank=4, alpha=8.0)
 TOL = 1e-4
@@ -29,15 +30,8 @@ def run(model, ids):
 
 def lora_model(*, scan_layers=False, lora=LORA, seed=0):
     """A tiny model whose adapters are random: B starts at zero, which would make every comparison vacuous."""
-    model = InternLM2ForCausalLM(preset("tiny", lora=lora, scan_layers=scan_layers), rngs=nnx.Rngs(seed))
-    flat = nnx.to_flat_state(nnx.state(model))
-    key = jax.random.PRNGKey(seed)
-    for path, var in flat:
-        if path[-1] == "lora_b":
-            key, sub = jax.random.split(key)
-            var.set_value(0.05 * jax.random.normal(sub, var.shape))
-    nnx.update(model, nnx.from_flat_state(flat))
-    return model
+    return set_random_adapters(InternLM2ForCausalLM(preset("tiny", lora=lora, scan_layers=scan_layers),
+                                                    rngs=nnx.Rngs(seed)), seed)
 
 
 def random_ids(batch, length, seed=0):
