@@ -33,13 +33,14 @@ def model_graphdef(cfg: ModelConfig, model_class=InternLM2ForCausalLM):
 
 
 def trainable_filter(patterns: tuple[str, ...]) -> Callable[[tuple, object], bool]:
-    """An nnx filter: the parameters whose path matches one of `patterns` (regular expressions); all when empty."""
+    """An nnx filter: the parameters whose path matches one of `patterns` (regular expressions)."""
     compiled = [re.compile(p) for p in patterns]
-    return lambda path, _: not compiled or any(p.search("/".join(map(str, path))) for p in compiled)
+    return lambda path, _: any(p.search("/".join(map(str, path))) for p in compiled)
 
 
 def split_trainable(params: nnx.State, patterns: tuple[str, ...]) -> tuple[nnx.State, nnx.State]:
-    """(trainable, frozen) halves of the parameters; `nnx.merge_state` puts them back together."""
+    """(trainable, frozen) halves of the parameters (all trainable when `patterns` is empty); `nnx.merge_state`
+    puts them back together."""
     if not patterns:
         return params, nnx.State({})
     return nnx.split_state(params, trainable_filter(patterns), ...)
