@@ -108,10 +108,12 @@ def test_dpo_tiny_after_sft_tiny_raises_the_preference_for_passing_code(tmp_path
 
 
 @pytest.mark.slow
-def test_7b_sft_step_compiles_for_a_tpu_pod_slice(tmp_path):
+@pytest.mark.parametrize("experiment, parameters", [("internlm2_7b_sft.py", "7,737,708,544"),
+                                                    ("internlm2_7b_reward.py", "7,358,652,416")])
+def test_7b_sft_and_reward_steps_compile_for_a_tpu_pod_slice(tmp_path, experiment, parameters):
     pytest.importorskip("libtpu", reason="libtpu (requirements-test.txt) provides the TPU compiler")
-    done = launch(ROOT / "experiments" / "internlm2_7b_sft.py", "--compile-only", "--topology", "v5p:2x2x2",
+    done = launch(ROOT / "experiments" / experiment, "--compile-only", "--topology", "v5p:2x2x2",
                   "--set", "train.batch_size=8", "--set", "train.seq_len=4096", cwd=tmp_path, timeout=1200,
                   env_extra={"ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "parameters: 7,737,708,544" in done.stdout and "fits             True" in done.stdout
+    assert f"parameters: {parameters}" in done.stdout and "fits             True" in done.stdout
