@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from internlm2_jax.chat_template import get_chat_template
-from internlm2_jax.data.iterator import MAX_EXAMPLES, BadDataError
-from internlm2_jax.data.packing import PACKED_FIELDS, ExamplePacker, empty_rows
+from internlm2_jax.data.iterator import MAX_EXAMPLES, BadDataError, finish_batch
+from internlm2_jax.data.packing import ExamplePacker
 from internlm2_jax.data.readers import INVALID_UTF8, MALFORMED_JSON, BadRecord
 
 if TYPE_CHECKING:
@@ -380,18 +380,8 @@ class _ConversationIterator:
             self._open.append(draw)
         if not rows:
             raise StopIteration
-        filler = empty_rows(self.batch_size - len(rows), self.seq_len, self.tokenizer.pad_id)
-        if self.pairs:
-            filler["pair_mask"] = np.zeros((self.batch_size - len(rows), self.max_examples), np.float32)
-        fields = PACKED_FIELDS + (("pair_mask",) if self.pairs else ())
-        batch = {name: np.concatenate([np.stack([row[name] for row in rows]), filler[name]]) for name in fields}
-        stats = self._stats
-        real = int((batch["segment_ids"] > 0).sum())
-        stats.update(batches=stats["batches"] + 1, rows=stats["rows"] + len(rows), tokens=stats["tokens"] + real,
-                     target_tokens=stats["target_tokens"] + int(batch["loss_mask"].sum()),
-                     padding_tokens=stats["padding_tokens"] + len(rows) * self.seq_len - real)
-        stats["padding_fraction"] = stats["padding_tokens"] / (stats["rows"] * self.seq_len)
-        return batch
+        return finish_batch(rows, self.batch_size, self.seq_len, self.tokenizer.pad_id, self._stats,
+                            pair_slots=self.max_examples if self.pairs else None)
 
     # ---- state and statistics ---------------------------------------------------------------------------------
 

@@ -68,6 +68,25 @@ def _new_stats() -> dict[str, Any]:
             "bad_examples": {}, "documents_by_source": {}, "documents_by_tier": {}, "document_tokens_by_source": {}}
 
 
+def finish_batch(rows: list[dict[str, np.ndarray]], batch_size: int, seq_len: int, pad_id: int,
+                 stats: dict[str, Any], *, pair_slots: int | None = None) -> dict[str, np.ndarray]:
+    """Packed rows -> a batch of `batch_size` (the rest empty rows: segment 0, no loss; preference rows also an
+    all-zero `pair_mask [pair_slots]`), counting rows, real tokens, targets and padding into `stats`."""
+    fields = PACKED_FIELDS + (("pair_mask",) if pair_slots else ())
+    filler = empty_rows(batch_size - len(rows), seq_len, pad_id)
+    if pair_slots:
+        filler["pair_mask"] = np.zeros((batch_size - len(rows), pair_slots), np.float32)
+    batch = {name: np.concatenate([np.stack([row[name] for row in rows]), filler[name]]) for name in fields}
+    real = int((batch["segment_ids"] > 0).sum())
+    stats["batches"] += 1
+    stats["rows"] += len(rows)
+    stats["tokens"] += real
+    stats["target_tokens"] += int(batch["loss_mask"].sum())
+    stats["padding_tokens"] += len(rows) * seq_len - real
+    stats["padding_fraction"] = stats["padding_tokens"] / max(1, stats["rows"] * seq_len)
+    return batch
+
+
 class PretrainDataIterator:
     """Yields dicts of numpy arrays `[batch_size, seq_len]`: `input_ids`, `targets`, `positions`, `segment_ids`
     (int32) and `loss_mask` (float32), as described in `packing.py`.
@@ -172,19 +191,7 @@ class PretrainDataIterator:
             self._finished = True  # only without repeat: the data ran out
             if not rows:
                 raise StopIteration
-        batch = {name: np.stack([row[name] for row in rows]) for name in PACKED_FIELDS}
-        if len(rows) < self.batch_size:
-            filler = empty_rows(self.batch_size - len(rows), self.seq_len, self.pad_id)
-            batch = {name: np.concatenate([batch[name], filler[name]]) for name in PACKED_FIELDS}
-        stats = self._stats
-        real = int((batch["segment_ids"][: len(rows)] > 0).sum())
-        stats["batches"] += 1
-        stats["rows"] += len(rows)
-        stats["tokens"] += real
-        stats["target_tokens"] += int(batch["loss_mask"].sum())
-        stats["padding_tokens"] += len(rows) * self.seq_len - real
-        stats["padding_fraction"] = stats["padding_tokens"] / max(1, stats["rows"] * self.seq_len)
-        return batch
+        return finish_batch(rows, self.batch_size, self.seq_len, self.pad_id, self._stats)
 
     # ---- state ------------------------------------------------------------------------------------------------
 
