@@ -38,6 +38,28 @@ def test_grouped_attention_with_packing_and_padding_matches_naive(heads, kv_head
     assert np.all(np.asarray(out)[0, 9:] == 0)  # padding attends to nothing and yields zeros, not NaN
 
 
+def test_tree_mask_branches_see_the_shared_prefix_and_themselves_only():
+    rng = np.random.RandomState(0)
+    heads, kv_heads, d = 4, 2, 8
+    # One row: a 5-token prefix (segment 1), then branches of 3 and 2 tokens (segments 2 and 3) that both continue
+    # it at positions 5.., then padding.
+    seg = np.array([[1] * 5 + [2] * 3 + [3] * 2 + [0] * 2])
+    pos = np.array([list(range(5)) + [5, 6, 7] + [5, 6] + [0, 0]])
+    q = rng.randn(1, 12, heads, d).astype(np.float32)
+    k, v = (rng.randn(1, 12, kv_heads, d).astype(np.float32) for _ in range(2))
+    out = np.asarray(attention(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg,
+                               impl="xla", shared_segment=1))
+    for branch in (range(5, 8), range(8, 10)):  # each branch as its own sequence: the prefix, then the branch
+        keep = [*range(5), *branch]
+        alone = naive_attention(q[:, keep], k[:, keep], v[:, keep], pos[:, keep], pos[:, keep], np.ones((1, len(keep))),
+                                np.ones((1, len(keep))))
+        np.testing.assert_allclose(out[:, keep], alone, atol=1e-5)
+    assert np.all(out[0, 10:] == 0)
+    with pytest.raises(ValueError, match="shared_segment"):
+        attention(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg,
+                  impl="pallas_gpu", shared_segment=1)
+
+
 def test_gradients_are_finite_with_padding_rows():
     q = jnp.ones((1, 4, 2, 8))
     k = v = jnp.ones((1, 4, 1, 8))

@@ -116,7 +116,7 @@ def test_options_scored_on_their_shared_context_equal_each_pair_scored_alone():
     from types import SimpleNamespace
 
     from internlm2_jax.decode.scoring import shares_prefix_exactly
-    from internlm2_jax.eval.loglikelihood import _score_grouped, _score_one_by_one
+    from internlm2_jax.eval.loglikelihood import _score_grouped, _score_one_by_one, choose
 
     cfg = preset("tiny")
     model = InternLM2ForCausalLM(cfg, rngs=nnx.Rngs(4))
@@ -128,11 +128,16 @@ def test_options_scored_on_their_shared_context_equal_each_pair_scored_alone():
     order = rng.permutation(len(pairs))  # the options of a question need not be adjacent
     pairs = [pairs[i] for i in order]
     no_bar = SimpleNamespace(update=lambda n: None)
-    grouped = _score_grouped(model, pairs, 2048, no_bar)
-    alone = _score_one_by_one(model, pairs, 2048, no_bar)
-    for a, b in zip(grouped, alone, strict=True):
-        assert a.tokens == b.tokens and a.greedy == b.greedy
-        np.testing.assert_allclose([a.logprob, a.mean_loss], [b.logprob, b.mean_loss], rtol=1e-5, atol=1e-5)
+    grouped = _score_grouped(model, pairs, 2048, no_bar, True)
+    alone = _score_one_by_one(model, pairs, 2048, no_bar, True)
+    continuation_only = _score_grouped(model, pairs, 2048, no_bar, False)  # the context's projection skipped
+    for a, b, c in zip(grouped, alone, continuation_only, strict=True):
+        assert a.tokens == b.tokens == c.tokens and a.greedy == b.greedy == c.greedy
+        np.testing.assert_allclose([a.logprob, a.mean_loss, c.logprob], [b.logprob, b.mean_loss, b.logprob],
+                                   rtol=1e-5, atol=1e-5)
+        assert c.mean_loss is None
+    with pytest.raises(ValueError, match="context_loss=True"):
+        choose(continuation_only[:2], "opencompass")
     # Beyond max_position_embeddings dynamic NTK takes the base from the whole sequence: no sharing there.
     assert shares_prefix_exactly(cfg, cfg.max_position_embeddings)
     assert not shares_prefix_exactly(cfg, cfg.max_position_embeddings + 1)

@@ -3,8 +3,9 @@ and multiple-choice scoring.
 
 One jitted forward over right-padded rows; the vocabulary-sized logits exist one chunk of positions at a time, as in
 training's chunked loss, so a long prompt does not materialise [seq, vocab] fp32 logits. `score_shared_prefix`
-scores several continuations of one prefix with the prefix computed once (its K/V cached, then copied per
-continuation): a multiple-choice question's context is the long part, its options short.
+scores several continuations of one prefix with the prefix computed once (its K/V cached) and the continuations
+side by side in one row under a tree mask: a multiple-choice question's context is the long part, its options
+short.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from internlm2_jax.model.kv_cache import init_cache
+from internlm2_jax.model.kv_cache import SHARED_SEGMENT, init_cache
 
 _CHUNK = 256
 
@@ -51,29 +52,26 @@ def _score(graphdef, params, tokens, lengths, *, top_n: int):
     return _chunked_logprobs(model, hidden, tokens[:, 1:], top_n)
 
 
-@partial(jax.jit, static_argnums=0, static_argnames="top_n")
-def _score_shared(graphdef, params, prefixes, prefix_lengths, continuations, continuation_lengths, *, top_n: int):
-    """Each prefix once, then its K continuations on top of its cached K/V (one row each, so they never see each
-    other): prefixes [B, P], continuations [B, K, C]. Returns the prefix's scores [B, P - 1] and each
-    continuation's [B, K, C] (its first token predicted by the prefix's last)."""
+@partial(jax.jit, static_argnums=0, static_argnames=("top_n", "with_prefix"))
+def _score_shared(graphdef, params, prefixes, prefix_lengths, continuations, branches, offsets, *, top_n: int,
+                  with_prefix: bool):
+    """Each prefix once, then its continuations side by side in one row on top of its cached K/V, under a tree mask
+    (continuation j is segment j + 2: it sees the prefix and itself, not its siblings). prefixes [B, P];
+    continuations, branches (the segment ids, 0 for padding) and offsets (each token's index in its continuation)
+    [B, C]. Returns the prefix's scores [B, P - 1] (None without `with_prefix`: the prefix's vocabulary projection is
+    skipped) and the continuations' [B, C] (each one's first token predicted by the prefix's last)."""
     model = nnx.merge(graphdef, params)
-    (batch, size), k, c = prefixes.shape, continuations.shape[1], continuations.shape[2]
+    (batch, size), width = prefixes.shape, continuations.shape[1]
     index = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), prefixes.shape)
-    cache = init_cache(model.cfg, batch, size + c)
+    cache = init_cache(model.cfg, batch, size + width)
     hidden, cache = model.model(prefixes, index, (index < prefix_lengths[:, None]).astype(jnp.int32), cache=cache)
-    prefix_scores = _chunked_logprobs(model, hidden[:, :-1], prefixes[:, 1:], top_n)
+    prefix_scores = _chunked_logprobs(model, hidden[:, :-1], prefixes[:, 1:], top_n) if with_prefix else None
     last = jnp.take_along_axis(hidden, (prefix_lengths - 1)[:, None, None], axis=1)  # [B, 1, embed]
-    tile = lambda x, axis: jnp.repeat(x, k, axis=axis)  # noqa: E731 - one cache row per continuation
-    cache = cache.replace(k=tile(cache.k, 1), v=tile(cache.v, 1), positions=tile(cache.positions, 0),
-                          segments=tile(cache.segments, 0), lengths=tile(cache.lengths, 0))
-    tokens = continuations.reshape(batch * k, c)
-    offsets = jnp.arange(c, dtype=jnp.int32)[None, :]
-    positions = tile(prefix_lengths, 0)[:, None] + offsets
-    segments = (offsets < continuation_lengths.reshape(-1)[:, None]).astype(jnp.int32)
-    hidden_c, _ = model.model(tokens, positions, segments, cache=cache)
-    inputs = jnp.concatenate([tile(last, 0), hidden_c[:, :-1]], axis=1)
-    scores = _chunked_logprobs(model, inputs, tokens, top_n)
-    return prefix_scores, tuple(x.reshape(batch, k, *x.shape[1:]) for x in scores)
+    hidden_c, _ = model.model(continuations, prefix_lengths[:, None] + offsets, branches, cache=cache)
+    # A continuation token is predicted by the one before it in its own branch, its first by the prefix's last.
+    previous = jnp.concatenate([last, hidden_c[:, :-1]], axis=1)
+    inputs = jnp.where((offsets == 0)[..., None], last, previous)
+    return prefix_scores, _chunked_logprobs(model, inputs, continuations, top_n)
 
 
 def padded_length(n: int) -> int:
@@ -106,34 +104,48 @@ def shares_prefix_exactly(cfg, longest: int) -> bool:
     return not dynamic or longest <= cfg.max_position_embeddings
 
 
-def score_shared_prefix(model, groups, *, top_n: int = 0):
+PREFIX_MULTIPLE = 32
+
+
+def score_shared_prefix(model, groups, *, top_n: int = 0, with_prefix: bool = True):
     """`groups`: (prefix ids, [continuation ids, ...]) each. Per group, per continuation, what `score_tokens` gives
-    for prefix + continuation: (log-probs [len - 1] of tokens 1.., top-n ids, their log-probs). The prefix runs once
-    per group; groups are padded to few shapes (prefixes to multiples of 64, continuations to multiples of 8,
-    continuation counts to a power of two)."""
+    for prefix + continuation: (log-probs [len - 1] of tokens 1.., top-n ids, their log-probs); without
+    `with_prefix`, only the continuation's part (its len entries), and the prefix's vocabulary projection is never
+    computed. The prefix runs once per group and its continuations share one row; groups are padded to few shapes
+    (prefixes to multiples of `PREFIX_MULTIPLE`, the continuations' row to a multiple of 8)."""
     graphdef, params = model if isinstance(model, tuple) else nnx.split(model)
     if any(len(prefix) < 1 or not continuations or any(len(c) < 1 for c in continuations)
            for prefix, continuations in groups):
         raise ValueError("every group needs a prefix and continuations of at least one token each")
-    # Prefixes are the long part of these rows: padded to a multiple of 64 (not `padded_length`'s powers of two),
-    # a few more shapes to compile for up to ~25% less padding computed.
-    size = -(-max(len(prefix) for prefix, _ in groups) // 64) * 64
-    k = 1 << (max(len(cs) for _, cs in groups) - 1).bit_length()
-    c = -(-max(len(x) for _, cs in groups for x in cs) // 8) * 8  # options are short: K rows of them per prefix
+    # Prefixes are the long part of these rows: padded to a multiple of 32 (not `padded_length`'s powers of two),
+    # a few more shapes to compile for up to ~40% less padding computed.
+    size = -(-max(len(prefix) for prefix, _ in groups) // PREFIX_MULTIPLE) * PREFIX_MULTIPLE
+    width = -(-max(sum(map(len, conts)) for _, conts in groups) // 8) * 8
     prefixes = np.zeros((len(groups), size), np.int32)
     prefix_lengths = np.ones(len(groups), np.int32)
-    continuations = np.zeros((len(groups), k, c), np.int32)
-    continuation_lengths = np.ones((len(groups), k), np.int32)
+    continuations, branches, offsets = (np.zeros((len(groups), width), np.int32) for _ in range(3))
+    starts = []
     for g, (prefix, conts) in enumerate(groups):
         prefixes[g, :len(prefix)], prefix_lengths[g] = prefix, len(prefix)
+        at = 0
+        starts.append([])
         for j, cont in enumerate(conts):
-            continuations[g, j, :len(cont)], continuation_lengths[g, j] = cont, len(cont)
-    (p_chosen, p_ids, p_lps), (c_chosen, c_ids, c_lps) = jax.device_get(_score_shared(
-        graphdef, params, prefixes, prefix_lengths, continuations, continuation_lengths, top_n=top_n))
+            span = slice(at, at + len(cont))
+            continuations[g, span], offsets[g, span] = cont, np.arange(len(cont))
+            branches[g, span] = SHARED_SEGMENT + 1 + j
+            starts[-1].append(at)
+            at += len(cont)
+    prefix_scores, continuation_scores = jax.device_get(_score_shared(
+        graphdef, params, prefixes, prefix_lengths, continuations, branches, offsets, top_n=top_n,
+        with_prefix=with_prefix))
     out = []
     for g, (prefix, conts) in enumerate(groups):
-        n = len(prefix) - 1
-        out.append([(np.concatenate([p_chosen[g, :n], c_chosen[g, j, :len(cont)]]),
-                     np.concatenate([p_ids[g, :n], c_ids[g, j, :len(cont)]]),
-                     np.concatenate([p_lps[g, :n], c_lps[g, j, :len(cont)]])) for j, cont in enumerate(conts)])
+        scored = [tuple(x[g, at:at + len(cont)] for x in continuation_scores)
+                  for at, cont in zip(starts[g], conts, strict=True)]
+        if with_prefix:
+            n = len(prefix) - 1
+            scored = [tuple(np.concatenate([whole[g, :n], part]) for whole, part in zip(prefix_scores, parts,
+                                                                                      strict=True))
+                      for parts in scored]
+        out.append(scored)
     return out

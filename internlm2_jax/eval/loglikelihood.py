@@ -19,7 +19,13 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from internlm2_jax.decode.scoring import padded_length, score_shared_prefix, score_tokens, shares_prefix_exactly
+from internlm2_jax.decode.scoring import (
+    PREFIX_MULTIPLE,
+    padded_length,
+    score_shared_prefix,
+    score_tokens,
+    shares_prefix_exactly,
+)
 
 RULES = ("lm_eval", "opencompass")
 
@@ -29,7 +35,9 @@ class PairScore:
     logprob: float  # sum of the continuation's token log-probs
     greedy: bool  # every continuation token is the model's argmax
     tokens: int  # continuation tokens
-    mean_loss: float  # mean negative log-prob over every predicted token of context + continuation
+    # Mean negative log-prob over every predicted token of context + continuation (OpenCompass's rule); None when
+    # not asked for (`context_loss=False`), which spares the context's vocabulary projection.
+    mean_loss: float | None
 
 
 def encode_pair(tokenizer, context: str, continuation: str, *, bos: bool) -> tuple[list[int], list[int]]:
@@ -45,17 +53,20 @@ def encode_pair(tokenizer, context: str, continuation: str, *, bos: bool) -> tup
     return context_ids, whole[len(context_ids):]
 
 
-def _pair_score(sequence: Sequence[int], n: int, chosen: np.ndarray, top_ids: np.ndarray) -> PairScore:
-    """From the log-probs of tokens 1.. of context + continuation, with `n` continuation tokens."""
-    return PairScore(float(chosen[-n:].sum()), bool(np.all(top_ids[-n:, 0] == np.asarray(sequence[-n:]))), n,
-                     float(-chosen.mean()))
+def _pair_score(continuation: Sequence[int], chosen: np.ndarray, top_ids: np.ndarray, context_loss: bool) -> PairScore:
+    """From the log-probs (and top-1 ids) of tokens 1.. of context + continuation, or of the continuation alone
+    when not `context_loss`."""
+    n = len(continuation)
+    return PairScore(float(chosen[-n:].sum()), bool(np.all(top_ids[-n:, 0] == np.asarray(continuation))), n,
+                     float(-chosen.mean()) if context_loss else None)
 
 
 def score_pairs(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_tokens: int = 16384,
-                progress: bool = False, desc: str = "scoring") -> list[PairScore]:
+                context_loss: bool = True, progress: bool = False, desc: str = "scoring") -> list[PairScore]:
     """Scores (context ids, continuation ids) pairs; `batch_tokens` bounds padded tokens per forward. Pairs that
     share their context (a question's options) compute it once when that gives the same numbers
-    (`shares_prefix_exactly`), otherwise each pair is one sequence."""
+    (`shares_prefix_exactly`), otherwise each pair is one sequence. `context_loss=False` leaves `mean_loss` None
+    (lm-eval's rule needs only the continuation's log-probs)."""
     for i, (context, continuation) in enumerate(pairs):
         if not context or not continuation:
             raise ValueError(f"pair {i}: the context and the continuation need at least one token each")
@@ -63,14 +74,14 @@ def score_pairs(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, 
     cfg = getattr(model, "cfg", None)
     bar = tqdm(total=len(pairs), desc=desc, unit="pair", disable=not progress)
     if cfg is not None and shares_prefix_exactly(cfg, longest):
-        out = _score_grouped(model, pairs, batch_tokens, bar)
+        out = _score_grouped(model, pairs, batch_tokens, bar, context_loss)
     else:
-        out = _score_one_by_one(model, pairs, batch_tokens, bar)
+        out = _score_one_by_one(model, pairs, batch_tokens, bar, context_loss)
     bar.close()
     return out
 
 
-def _score_one_by_one(model, pairs, batch_tokens: int, bar) -> list[PairScore]:
+def _score_one_by_one(model, pairs, batch_tokens: int, bar, context_loss: bool) -> list[PairScore]:
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     out: list[PairScore | None] = [None] * len(pairs)
     start = 0
@@ -78,33 +89,34 @@ def _score_one_by_one(model, pairs, batch_tokens: int, bar) -> list[PairScore]:
         size = padded_length(len(pairs[order[start]][0]) + len(pairs[order[start]][1]))
         batch = order[start:start + max(1, batch_tokens // size)]
         sequences = [list(pairs[i][0]) + list(pairs[i][1]) for i in batch]
-        for i, seq, (chosen, top_ids, _) in zip(batch, sequences, score_tokens(model, sequences, top_n=1),
-                                                strict=True):
-            out[i] = _pair_score(seq, len(pairs[i][1]), chosen, top_ids)
+        for i, (chosen, top_ids, _) in zip(batch, score_tokens(model, sequences, top_n=1), strict=True):
+            out[i] = _pair_score(pairs[i][1], chosen, top_ids, context_loss)
         start += len(batch)
         bar.update(len(batch))
     return out  # type: ignore[return-value]
 
 
-def _score_grouped(model, pairs, batch_tokens: int, bar) -> list[PairScore]:
+def _score_grouped(model, pairs, batch_tokens: int, bar, context_loss: bool) -> list[PairScore]:
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (context, _) in enumerate(pairs):
         groups.setdefault(tuple(context), []).append(i)
-    keys = sorted(groups, key=len, reverse=True)
-    options = 1 << (max(len(members) for members in groups.values()) - 1).bit_length()
-    width = max(len(x) for _, x in pairs)
+    options = {key: sum(len(pairs[i][1]) for i in members) for key, members in groups.items()}
+    # Longest contexts first; among those padded to the same length, longest options first, so a batch's option row
+    # is padded to its own longest rather than the task's.
+    keys = sorted(groups, key=lambda key: (-(-len(key) // PREFIX_MULTIPLE), options[key]), reverse=True)
     out: list[PairScore | None] = [None] * len(pairs)
     start = 0
     while start < len(keys):
-        rows = max(1, batch_tokens // (options * (len(keys[start]) + width)))
-        rows = 1 << (rows.bit_length() - 1)  # powers of two: the last, partial batch is padded to the same shape
+        rows = max(1, batch_tokens // (len(keys[start]) + options[keys[start]]))
+        # Powers of two, the last batch's as small as it can be: few shapes, little filler computed.
+        rows = min(1 << (rows.bit_length() - 1), 1 << (len(keys) - start - 1).bit_length())
         batch = keys[start:start + rows]
         batch_groups = [(list(key), [list(pairs[i][1]) for i in groups[key]]) for key in batch]
-        filler = ([1], [[1]] * options)
-        scored = score_shared_prefix(model, batch_groups + [filler] * (rows - len(batch)), top_n=1)
+        scored = score_shared_prefix(model, batch_groups + [([1], [[1]])] * (rows - len(batch)), top_n=1,
+                                     with_prefix=context_loss)
         for key, results in zip(batch, scored, strict=False):
             for i, (chosen, top_ids, _) in zip(groups[key], results, strict=True):
-                out[i] = _pair_score(list(pairs[i][0]) + list(pairs[i][1]), len(pairs[i][1]), chosen, top_ids)
+                out[i] = _pair_score(pairs[i][1], chosen, top_ids, context_loss)
             bar.update(len(groups[key]))
         start += len(batch)
     return out  # type: ignore[return-value]
@@ -117,5 +129,7 @@ def choose(scores: Sequence[PairScore], rule: str, continuations: Sequence[str] 
                   for s, c in zip(scores, continuations or [None] * len(scores), strict=True)]
         return int(np.argmax(values))
     if rule == "opencompass":
+        if any(s.mean_loss is None for s in scores):
+            raise ValueError("the opencompass rule needs each pair's mean_loss: score with context_loss=True")
         return int(np.argmin([s.mean_loss for s in scores]))
     raise ValueError(f"rule must be one of {RULES}, got {rule!r}")

@@ -169,14 +169,17 @@ def run_ppl(model, tokenizer, task: Task, *, progress: bool = False, batch_token
         spans.append((len(pairs), len(choices), answer_index(row, task.reader, where)))
         pairs += [encode_pair(tokenizer, context, c, bos=task.prompt.bos) for c in continuations]
         options.append(choices)
-    scores = score_pairs(model, pairs, batch_tokens=batch_tokens, progress=progress, desc=task.name)
+    scores = score_pairs(model, pairs, batch_tokens=batch_tokens, context_loss=task.rule == "opencompass",
+                         progress=progress, desc=task.name)
     details, correct, correct_norm = [], 0, 0
     for (start, n, answer), choices in zip(spans, options, strict=True):
         row_scores = scores[start:start + n]
         pred = choose(row_scores, task.rule)
         correct += pred == answer
         entry = {"prediction": pred, "answer": answer, "logprobs": [s.logprob for s in row_scores],
-                 "greedy": [s.greedy for s in row_scores], "mean_loss": [s.mean_loss for s in row_scores]}
+                 "greedy": [s.greedy for s in row_scores]}
+        if task.rule == "opencompass":
+            entry["mean_loss"] = [s.mean_loss for s in row_scores]
         if task.rule == "lm_eval":
             entry["prediction_norm"] = choose(row_scores, task.rule, choices)
             correct_norm += entry["prediction_norm"] == answer

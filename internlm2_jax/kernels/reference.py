@@ -11,16 +11,24 @@ import jax.numpy as jnp
 _MASKED = -1e30  # finite, so a fully masked row gives zeros instead of NaNs
 
 
-def attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal: bool):
-    """[batch, q_len, kv_len] boolean: same non-padding segment and, if causal, key position <= query position."""
-    mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (q_segment_ids[:, :, None] != 0)
+def attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal: bool,
+                   shared_segment: int | None = None):
+    """[batch, q_len, kv_len] boolean: same non-padding segment and, if causal, key position <= query position.
+    Keys of `shared_segment` are also seen by the queries of every other non-padding segment: a tree mask, where
+    segments 2, 3, ... branch off a shared prefix (segment 1) without seeing each other."""
+    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    if shared_segment is not None:
+        same |= kv_segment_ids[:, None, :] == shared_segment
+    mask = same & (q_segment_ids[:, :, None] != 0)
     if causal:
         mask &= kv_positions[:, None, :] <= q_positions[:, :, None]
     return mask
 
 
-def xla_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal=True, scale=None):
-    """q [B, T, H, D]; k, v [B, S, KV, D]; returns [B, T, H, D] in q's dtype. Softmax in fp32."""
+def xla_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal=True, scale=None,
+                  shared_segment: int | None = None):
+    """q [B, T, H, D]; k, v [B, S, KV, D]; returns [B, T, H, D] in q's dtype. Softmax in fp32. `shared_segment`:
+    see `attention_mask`."""
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     scale = head_dim ** -0.5 if scale is None else scale
@@ -29,7 +37,8 @@ def xla_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segme
     qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scores = jnp.einsum("bkgtd,bksd->bkgts", qg, kt, preferred_element_type=jnp.float32) * scale
-    mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal)[:, None, None]
+    mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal,
+                          shared_segment)[:, None, None]
     # Masking by adding 0 or _MASKED gives the same scores as jnp.where(mask, scores, _MASKED) (finite scores are
     # far below _MASKED's ulp), but its backward is the identity instead of a select: under jnp.where the mask was
     # recomputed inside the fusion that transposes the fp32 score gradient for dK, and that strided fusion was the

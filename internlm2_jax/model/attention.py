@@ -45,21 +45,25 @@ def _interpret(impl: str, interpret: bool | None) -> bool:
 
 
 def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal=True, impl="auto",
-              scale=None, block_sizes: BlockSizes | None = None, interpret: bool | None = None) -> jax.Array:
+              scale=None, block_sizes: BlockSizes | None = None, interpret: bool | None = None,
+              shared_segment: int | None = None) -> jax.Array:
     """Causal grouped-query attention over packed rows.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim] (never repeated to all heads).
     Positions and segment ids are int32 [batch, len]. Segment id 0 is padding and attends to nothing; a token attends
     only within its own segment and, if causal, to key positions <= its own. `block_sizes` tunes the Pallas kernels
-    (default: kernels.flash_gpu.DEFAULT_BLOCKS on GPU, 512 x 512 on TPU).
+    (default: kernels.flash_gpu.DEFAULT_BLOCKS on GPU, 512 x 512 on TPU). `shared_segment` (XLA back end only)
+    makes that segment's keys visible to every segment: a tree mask, several branches scored on one shared prefix.
     """
     impl = resolve_impl(impl)
+    if shared_segment is not None and impl != "xla":
+        raise ValueError(f"shared_segment is supported by the xla attention impl only, not {impl!r}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
     kw = dict(q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
               kv_segment_ids=kv_segment_ids, causal=causal, scale=scale)
     if impl == "xla":
-        return xla_attention(q, k, v, **kw)
+        return xla_attention(q, k, v, shared_segment=shared_segment, **kw)
     kernel = flash_tpu.flash_attention if impl == "pallas_tpu" else flash_gpu.flash_attention
     run = functools.partial(kernel, causal=causal, scale=scale, block_sizes=block_sizes,
                             interpret=_interpret(impl, interpret))

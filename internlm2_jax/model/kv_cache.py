@@ -5,6 +5,9 @@ rotation it was written with, as HF and LMDeploy do, which is what dynamic NTK b
 means for cached decoding (conventions). Slots are written at a cursor shared by the batch; each slot also records
 the position it holds and a segment id (1 written, 0 empty or padding, which attends to nothing and is attended by
 nothing), so left- and right-padded prompts, and rows of different lengths, need no special cases in attention.
+Segment 1 is also a shared prefix: tokens written with segment ids 2, 3, ... each see it and their own segment only,
+so a row can branch into several continuations of one cached prompt (a tree mask: multiple-choice options scored
+side by side).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from internlm2_jax.config import ModelConfig
+
+SHARED_SEGMENT = 1
 
 
 @struct.dataclass

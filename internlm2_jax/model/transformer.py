@@ -12,7 +12,7 @@ from flax import nnx
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.model.attention import attention, chunked_prefill_attention
-from internlm2_jax.model.kv_cache import KVCache
+from internlm2_jax.model.kv_cache import SHARED_SEGMENT, KVCache
 from internlm2_jax.model.paged_cache import PagedKVCache
 from internlm2_jax.model.quantize import Int8Weight
 from internlm2_jax.model.layers import (
@@ -84,10 +84,10 @@ class Attention(nnx.Module):
             kv, layer = cache
             kv = kv.write_layer(layer, k, v)
             # The static cache is read whole by the XLA reference (head-major, so XLA folds the reference's own
-            # transpose away); the paged engine has its own kernels.
+            # transpose away); the paged engine has its own kernels. Segment 1 is the cache's shared prefix.
             out = attention(q, kv.k[layer].swapaxes(1, 2).astype(q.dtype), kv.v[layer].swapaxes(1, 2).astype(q.dtype),
                             q_positions=positions, kv_positions=kv.positions, q_segment_ids=segment_ids,
-                            kv_segment_ids=kv.segments, causal=True, impl="xla")
+                            kv_segment_ids=kv.segments, causal=True, impl="xla", shared_segment=SHARED_SEGMENT)
         out = lora_dense(EQUATIONS["wo"], out, self.wo[...], self.wo_lora, dtype, cfg.lora, rngs[1])
         if cfg.bias:
             out = out + self.wo_bias[...].astype(dtype)
