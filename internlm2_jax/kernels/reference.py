@@ -45,9 +45,13 @@ def xla_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segme
     # slowest op of the attention backward on XLA:CPU (fwd+bwd 1.36x faster at the bench shape, same bits). The
     # gradient at masked keys is zero either way: their probabilities are exactly 0.
     scores = scores + jnp.where(mask, 0.0, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(mask, probs, 0.0).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, vt, preferred_element_type=jnp.float32)
+    # The softmax is normalised after the PV matmul, as flash attention does ([T, D] divisions instead of [T, S]):
+    # one pass less over the scores, 1.1-1.2x faster forward and backward in fp32 at the bench shape on XLA:CPU
+    # (1.05x in bf16). Masked keys get exactly 0 (exp of about -1e30); a fully masked query row (padding) would
+    # average V, so it is zeroed.
+    unnormalised = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+    out = jnp.einsum("bkgts,bksd->bkgtd", unnormalised.astype(v.dtype), vt, preferred_element_type=jnp.float32)
+    out = jnp.where(mask.any(axis=-1)[..., None], out / unnormalised.sum(axis=-1, keepdims=True), 0.0)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim).astype(q.dtype)
 
 
