@@ -60,6 +60,33 @@ def test_tree_mask_branches_see_the_shared_prefix_and_themselves_only():
                   impl="pallas_gpu", shared_segment=1)
 
 
+@pytest.mark.parametrize("order", ["increasing", "reversed"])
+def test_long_rows_match_naive_whether_or_not_query_blocks_can_skip_later_keys(order):
+    # Over 64 tokens the XLA reference skips the keys after each query block when positions increase along each
+    # segment, and falls back to dense attention when they do not (reversed rows): both must be exact, gradients too.
+    rng = np.random.RandomState(3)
+    b, t, heads, kv_heads, d = 2, 150, 4, 2, 8
+    seg = np.array([[1] * 90 + [2] * 50 + [0] * 10, [1] * 150])
+    pos = np.array([list(range(90)) + list(range(50)) + [0] * 10, list(range(150))])
+    if order == "reversed":
+        seg, pos = seg[:, ::-1].copy(), pos[:, ::-1].copy()
+    q = rng.randn(b, t, heads, d).astype(np.float32)
+    k, v = (rng.randn(b, t, kv_heads, d).astype(np.float32) for _ in range(2))
+    run = lambda q, k, v, impl="xla": attention(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg,
+                                                kv_segment_ids=seg, impl=impl)
+    np.testing.assert_allclose(np.asarray(jax.jit(run)(q, k, v)), naive_attention(q, k, v, pos, pos, seg, seg),
+                               atol=1e-5)
+    cotangent = rng.randn(b, t, heads, d).astype(np.float32)
+    grads = jax.jit(jax.grad(lambda *x: jnp.sum(run(*x) * cotangent), argnums=(0, 1, 2)))(q, k, v)
+    # The same attention one query at a time (each call too short to be split into blocks) is the dense reference.
+    one_by_one = lambda q, k, v: jnp.concatenate([
+        attention(q[:, i:i + 1], k, v, q_positions=pos[:, i:i + 1], kv_positions=pos, q_segment_ids=seg[:, i:i + 1],
+                  kv_segment_ids=seg, impl="xla") for i in range(t)], axis=1)
+    want = jax.jit(jax.grad(lambda *x: jnp.sum(one_by_one(*x) * cotangent), argnums=(0, 1, 2)))(q, k, v)
+    for got, expected in zip(grads, want, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+
+
 def test_gradients_are_finite_with_padding_rows():
     q = jnp.ones((1, 4, 2, 8))
     k = v = jnp.ones((1, 4, 1, 8))
