@@ -100,14 +100,15 @@ def _score_grouped(model, pairs, batch_tokens: int, bar, context_loss: bool) -> 
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (context, _) in enumerate(pairs):
         groups.setdefault(tuple(context), []).append(i)
-    options = {key: sum(len(pairs[i][1]) for i in members) for key, members in groups.items()}
+    option_tokens = {key: sum(len(pairs[i][1]) for i in members) for key, members in groups.items()}
     # Longest contexts first; among those padded to the same length, longest options first, so a batch's option row
     # is padded to its own longest rather than the task's.
-    keys = sorted(groups, key=lambda key: (-(-len(key) // PREFIX_MULTIPLE), options[key]), reverse=True)
+    keys = sorted(groups, key=lambda key: (-(-len(key) // PREFIX_MULTIPLE), option_tokens[key]),
+                  reverse=True)
     out: list[PairScore | None] = [None] * len(pairs)
     start = 0
     while start < len(keys):
-        rows = max(1, batch_tokens // (len(keys[start]) + options[keys[start]]))
+        rows = max(1, batch_tokens // (len(keys[start]) + option_tokens[keys[start]]))
         # Powers of two, the last batch's as small as it can be: few shapes, little filler computed.
         rows = min(1 << (rows.bit_length() - 1), 1 << (len(keys) - start - 1).bit_length())
         batch = keys[start:start + rows]
