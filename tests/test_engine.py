@@ -99,6 +99,19 @@ def test_every_request_equals_itself_alone_under_preemption_and_prefix_sharing(m
         assert_same_completion(got, solo(model, request), model, request)
 
 
+def test_decode_rows_sorted_into_stepped_widths_equal_each_request_alone(model):
+    """16 rows of very different lengths at the widest page table run as four groups of stepped-down widths
+    (`row_widths`); every output still equals the request run alone."""
+    reqs = [Request(p, 10, top_n=2) for p in prompts(16, 1, 50, seed=3)]
+    engine = Engine(model, None, EngineConfig(max_model_len=64, kv_budget_tokens=2048, page_size=4, max_running=16,
+                                              prefill_chunk=64))
+    out = engine.generate(reqs)
+    assert engine._row_profiles == [(16, 12, 8, 4), (16, 14, 10, 6), (16, 16, 12, 8)]
+    assert any(shape[3] is not None for shape in engine.shapes), engine.shapes
+    for request, got in zip(reqs, out, strict=True):
+        assert_same_completion(got, solo(model, request), model, request)
+
+
 def test_sampled_and_penalised_requests_do_not_depend_on_their_batch(model):
     sampled = SamplingConfig(temperature=0.9, top_k=50, top_p=0.9, seed=3)
     penalised = SamplingConfig(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4)

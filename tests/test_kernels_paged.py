@@ -61,6 +61,27 @@ def test_decode_reference_is_the_last_row_of_full_attention():
     np.testing.assert_allclose(np.asarray(got[b]), want, atol=1e-5)
 
 
+def test_reference_row_widths_gather_only_the_pages_rows_hold():
+    """Rows sorted longest first, in groups of stepped-down widths, give what the whole page table gives; a width
+    under a group's need drops keys (so the groups really read only their first pages)."""
+    rng = np.random.default_rng(4)
+    batch, kv_heads, heads, page_size, pool, width = 8, 2, 4, 4, 70, 8
+    k_pages = jnp.asarray(rng.standard_normal((kv_heads, pool, page_size, 16)), jnp.float32)
+    v_pages = jnp.asarray(rng.standard_normal((kv_heads, pool, page_size, 16)), jnp.float32)
+    lengths = jnp.asarray([31, 29, 20, 17, 8, 7, 3, 0], jnp.int32)  # the last row is padding
+    table = jnp.asarray(rng.permutation(np.arange(1, pool))[:batch * width].reshape(batch, width), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((batch, 2, heads, 16)), jnp.float32)
+    args = (q, k_pages, v_pages, table, lengths)
+    q_lengths = jnp.asarray([2, 2, 1, 2, 2, 1, 2, 0], jnp.int32)
+    want = paged_attention_reference(*args, q_lengths=q_lengths)
+    got = chunked_prefill_attention(*args, q_lengths=q_lengths, impl="xla", row_widths=(8, 5, 2, 1))
+    _check(got, want, 1e-6)
+    short = paged_attention_reference(*args, q_lengths=q_lengths, row_widths=(8, 5, 1, 1))
+    assert not np.allclose(short[4:6], want[4:6], atol=1e-3) and np.allclose(short[:4], want[:4], atol=1e-6)
+    with pytest.raises(ValueError, match="3 equal groups"):
+        paged_attention_reference(*args, row_widths=(8, 4, 2))
+
+
 def test_paged_errors_name_the_constraint():
     c = paged_case(3, page_size=8)
     with pytest.raises(ValueError, match="page_size to be a power of two >= 16"):

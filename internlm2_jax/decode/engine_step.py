@@ -13,14 +13,15 @@ from flax import nnx
 from internlm2_jax.decode.sampling import SamplingConfig, SamplingParams, sample
 
 
-@partial(jax.jit, static_argnums=0, static_argnames="top_n", donate_argnames=("cache", "counts", "seen"))
+@partial(jax.jit, static_argnums=0, static_argnames=("top_n", "row_widths"), donate_argnames=("cache", "counts", "seen"))
 def engine_step(graphdef, params, cache, counts, seen, tokens, page_table, lengths, q_lengths, rope_lengths, slots,
-                 emit, steps, sampling: SamplingParams, *, top_n: int):
+                 emit, steps, sampling: SamplingParams, *, top_n: int, row_widths: tuple[int, ...] | None = None):
     """Runs [rows, chunk] new tokens through the model over the paged cache and samples after each row's last one.
     counts/seen [slots, vocab] are the penalty state: rows are gathered only when some row uses penalties, and the
-    update touches one entry per row."""
+    update touches one entry per row. `row_widths`: see `PagedKVCache`."""
     model = nnx.merge(graphdef, params)
-    hidden, cache = model.model(tokens, cache=cache.with_step(page_table, lengths, q_lengths, rope_lengths))
+    hidden, cache = model.model(tokens, cache=cache.with_step(page_table, lengths, q_lengths, rope_lengths,
+                                                              row_widths))
     last = jnp.maximum(q_lengths - 1, 0)
     logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
     token, logprob, top_ids, top_logprobs = sample(logits, sampling, steps, counts, seen, top_n, rows=slots)

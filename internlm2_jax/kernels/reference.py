@@ -116,18 +116,37 @@ def paged_query_positions(lengths, q_lengths, chunk: int):
     return jnp.where(offsets < q_lengths[:, None], positions, -1).astype(jnp.int32)
 
 
-def paged_attention_reference(q, k_pages, v_pages, page_table, lengths, *, q_lengths=None, scale=None):
+def paged_attention_reference(q, k_pages, v_pages, page_table, lengths, *, q_lengths=None, scale=None,
+                              row_widths: tuple[int, ...] | None = None):
     """Attention of a chunk of queries over the paged KV cache, by gathering the pages: xla_attention's math.
 
     q [batch, chunk, heads, head_dim]; k_pages, v_pages [kv_heads, num_pages, page_size, head_dim]; page_table
     [batch, max_pages] int32; lengths [batch] int32 tokens in the cache (the chunk's own keys included); q_lengths
     [batch] int32 valid queries per row (default: the whole chunk). Query i of row b sits at position
     lengths[b] - q_lengths[b] + i and attends causally to cache positions up to its own.
+
+    `row_widths` (static) splits the rows into len(row_widths) equal groups of consecutive rows, group g gathering
+    only the first row_widths[g] pages of its rows' page tables: a caller that sorts a ragged batch by length reads
+    about the pages its rows hold instead of rows x the longest row's. Each group's rows must fit their width (the
+    pages left out must hold no key of the row); XLA cannot check that without reading them.
     """
+    batch = q.shape[0]
+    q_lengths = jnp.full((batch,), q.shape[1], jnp.int32) if q_lengths is None else jnp.asarray(q_lengths, jnp.int32)
+    args = (q, page_table, jnp.asarray(lengths, jnp.int32), q_lengths)
+    if row_widths is None:
+        return _gathered_attention(scale, k_pages, v_pages, *args)
+    if batch % len(row_widths) or max(row_widths) > page_table.shape[1]:
+        raise ValueError(f"row_widths {row_widths}: the batch ({batch} rows) must split into {len(row_widths)} equal "
+                         f"groups, each at most the page table's width ({page_table.shape[1]})")
+    group = batch // len(row_widths)
+    return jnp.concatenate([_gathered_attention(scale, k_pages, v_pages, *(x[g * group:(g + 1) * group] for x in args),
+                                                width=width) for g, width in enumerate(row_widths)])
+
+
+def _gathered_attention(scale, k_pages, v_pages, q, page_table, lengths, q_lengths, width=None):
     batch, chunk = q.shape[:2]
-    kv_heads, _, page_size, head_dim = k_pages.shape
-    lengths = jnp.asarray(lengths, jnp.int32)
-    q_lengths = jnp.full((batch,), chunk, jnp.int32) if q_lengths is None else jnp.asarray(q_lengths, jnp.int32)
+    kv_heads, _, _, head_dim = k_pages.shape
+    page_table = page_table[:, :width]
     # Gathered head by head and stacked into head-major [batch, kv_heads, seq, head_dim]. A gather of all heads
     # then transposed (whether to xla_attention's [batch, seq, kv_heads, head_dim] or to head-major) left XLA:CPU
     # running the score matmul on a strided operand: 6x slower at 64 decode rows over 512 cached tokens.

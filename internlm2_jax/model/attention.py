@@ -94,12 +94,14 @@ def _per_shard(kernel, q, k, v, q_positions, kv_positions, q_segment_ids, kv_seg
 
 
 def chunked_prefill_attention(q, k_pages, v_pages, page_table, lengths, *, q_lengths=None, impl="auto", scale=None,
-                              interpret: bool | None = None) -> jax.Array:
+                              interpret: bool | None = None, row_widths: tuple[int, ...] | None = None) -> jax.Array:
     """Several new query tokens per sequence over the paged KV cache (their own keys already written to it).
 
     q [batch, chunk, heads, head_dim]; page_table [batch, max_pages] int32; lengths [batch] int32 tokens cached,
     the chunk included; q_lengths [batch] int32 valid queries per row (right-padded chunk; default all). Query i of
     row b has position lengths[b] - q_lengths[b] + i and attends causally; padded queries return zeros.
+    `row_widths`: a static bound on the pages of groups of rows, which the XLA back end uses to gather less (see
+    `paged_attention_reference`); the kernels need none, as they stop at each row's length.
     """
     impl = resolve_impl(impl)
     if q.shape[2] % k_pages.shape[0]:
@@ -108,7 +110,8 @@ def chunked_prefill_attention(q, k_pages, v_pages, page_table, lengths, *, q_len
         raise ValueError(f"page_table {page_table.shape} and lengths {lengths.shape} must have q's batch "
                          f"({q.shape[0]}) as their first dimension")
     if impl == "xla":
-        return paged_attention_reference(q, k_pages, v_pages, page_table, lengths, q_lengths=q_lengths, scale=scale)
+        return paged_attention_reference(q, k_pages, v_pages, page_table, lengths, q_lengths=q_lengths, scale=scale,
+                                         row_widths=row_widths)
     kernel = paged_tpu.paged_attention if impl == "pallas_tpu" else paged_gpu.paged_attention
     return kernel(q, k_pages, v_pages, page_table, lengths, q_lengths=q_lengths, scale=scale,
                   interpret=_interpret(impl, interpret))

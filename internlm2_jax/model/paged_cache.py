@@ -27,6 +27,9 @@ class PagedKVCache:
     lengths: jax.Array  # [batch] int32: tokens cached per row once this step's tokens are written
     q_lengths: jax.Array  # [batch] int32: this step's new tokens per row (0 for a padding row)
     rope_lengths: jax.Array  # [batch] int32: the length L that sets the dynamic-NTK base for this step's tokens
+    # Static: this step's rows in len(row_widths) equal groups, group g's rows within its first row_widths[g] pages
+    # (the XLA back end then gathers only those; see `paged_attention_reference`). None: every row may use all.
+    row_widths: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
 
     @property
     def page_size(self) -> int:
@@ -36,8 +39,9 @@ class PagedKVCache:
     def num_pages(self) -> int:
         return self.k.shape[2]
 
-    def with_step(self, page_table, lengths, q_lengths, rope_lengths) -> PagedKVCache:
-        return self.replace(page_table=page_table, lengths=lengths, q_lengths=q_lengths, rope_lengths=rope_lengths)
+    def with_step(self, page_table, lengths, q_lengths, rope_lengths, row_widths=None) -> PagedKVCache:
+        return self.replace(page_table=page_table, lengths=lengths, q_lengths=q_lengths, rope_lengths=rope_lengths,
+                            row_widths=row_widths)
 
     def query_positions(self, chunk: int) -> tuple[jax.Array, jax.Array]:
         """(positions, segment ids) [batch, chunk] of this step's tokens, right-padded to `chunk`; padding has

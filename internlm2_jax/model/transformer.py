@@ -79,7 +79,7 @@ class Attention(nnx.Module):
             kv, layer = cache
             kv = kv.write(layer, k, v, positions, segment_ids)
             out = chunked_prefill_attention(q, kv.k[layer], kv.v[layer], kv.page_table, kv.lengths,
-                                            q_lengths=kv.q_lengths, impl=cfg.attention_impl)
+                                            q_lengths=kv.q_lengths, impl=cfg.attention_impl, row_widths=kv.row_widths)
         else:
             kv, layer = cache
             kv = kv.write_layer(layer, k, v)
