@@ -12,7 +12,7 @@ from test_model_parity import random_llama
 from internlm2_jax.config import preset
 from internlm2_jax.convert import load_pretrained
 from internlm2_jax.decode.generate import decode_step, generate, generate_ids, prefill
-from internlm2_jax.decode.sampling import SamplingConfig, SamplingParams, truncate
+from internlm2_jax.decode.sampling import SamplingConfig, SamplingParams, sample, truncate
 from internlm2_jax.model import InternLM2ForCausalLM
 from internlm2_jax.model.kv_cache import init_cache
 
@@ -108,6 +108,15 @@ def test_sampling_controls():
     for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-1), dict(presence_penalty=3.0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingConfig(**bad).validate()
+
+
+def test_greedy_picks_the_first_maximum_as_argmax_does():
+    rows = np.random.default_rng(0).integers(-3, 4, (64, 50)).astype(np.float32)  # many tied maxima
+    rows[0] = -np.inf
+    rows[1, 7] = np.inf
+    params = SamplingParams.stack([SamplingConfig()] * 64)
+    tokens = sample(jnp.asarray(rows), params, 0, jnp.zeros(rows.shape, jnp.int32), jnp.zeros(rows.shape, bool))[0]
+    np.testing.assert_array_equal(np.asarray(tokens), rows.argmax(axis=-1))
 
 
 def test_sampled_generation_is_seeded_per_row_and_penalties_apply():

@@ -199,7 +199,7 @@ def test_rejections_queue_limit_cancel_and_errors(model, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("device fell over")
 
-    monkeypatch.setattr("internlm2_jax.decode.engine.engine_step", broken)
+    monkeypatch.setattr(engine, "_step", broken)
     failed = []
     engine.submit(Request((5, 6), 4), failed.append)
     engine.step()

@@ -35,7 +35,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from internlm2_jax.decode.generate import Completion
-from internlm2_jax.decode.engine_step import engine_step, key_data, set_penalty_row, stack_sampling, uses_penalties
+from internlm2_jax.decode.engine_step import (jitted_engine_step, key_data, set_penalty_row, stack_sampling,
+                                              uses_penalties)
 from internlm2_jax.decode.requests import EngineFull, Event, Request, RequestRejected
 from internlm2_jax.decode.scheduler import PagePool, Sequence
 from internlm2_jax.decode.scoring import score_tokens
@@ -95,6 +96,7 @@ class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
         config.validate()
         self.graphdef, self.params = model if isinstance(model, tuple) else nnx.split(model)
+        self._step = jitted_engine_step(self.graphdef)
         self.model_config = nnx.merge(self.graphdef, self.params).cfg
         self.tokenizer = tokenizer
         self.config = config
@@ -414,8 +416,8 @@ class Engine:
 
     def _call(self, tokens, page_table, lengths, q_lengths, rope_lengths, slots, emit, steps, sampling, row_widths):
         self.shapes.add((*tokens.shape, page_table.shape[1], row_widths))
-        self.cache, self.counts, self.seen, *out = engine_step(
-            self.graphdef, self.params, self.cache, self.counts, self.seen, tokens, page_table, lengths, q_lengths,
+        self.cache, self.counts, self.seen, *out = self._step(
+            self.params, self.cache, self.counts, self.seen, tokens, page_table, lengths, q_lengths,
             rope_lengths, slots, emit, steps, sampling, top_n=self.config.max_top_n, row_widths=row_widths)
         self.counters["model_calls"] += 1
         return jax.device_get(out)

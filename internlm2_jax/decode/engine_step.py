@@ -3,7 +3,7 @@ sampling, penalty-state update) and the per-row sampling arrays it takes, built 
 
 from __future__ import annotations
 
-from functools import partial
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,6 @@ from flax import nnx
 from internlm2_jax.decode.sampling import SamplingConfig, SamplingParams, sample
 
 
-@partial(jax.jit, static_argnums=0, static_argnames=("top_n", "row_widths"), donate_argnames=("cache", "counts", "seen"))
 def engine_step(graphdef, params, cache, counts, seen, tokens, page_table, lengths, q_lengths, rope_lengths, slots,
                  emit, steps, sampling: SamplingParams, *, top_n: int, row_widths: tuple[int, ...] | None = None):
     """Runs [rows, chunk] new tokens through the model over the paged cache and samples after each row's last one.
@@ -32,7 +31,16 @@ def engine_step(graphdef, params, cache, counts, seen, tokens, page_table, lengt
         top_ids, top_logprobs
 
 
-@partial(jax.jit, donate_argnums=(0, 1))
+@functools.lru_cache(maxsize=8)
+def jitted_engine_step(graphdef):
+    """`engine_step` jitted for one model structure. The graphdef is bound rather than passed as a static argument,
+    which jit would hash and compare on every call (about 1 ms a call on CPU); engines of equal structure share it,
+    and its compiled programs."""
+    return jax.jit(functools.partial(engine_step, graphdef), static_argnames=("top_n", "row_widths"),
+                   donate_argnames=("cache", "counts", "seen"))
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
 def set_penalty_row(counts, seen, slot, counts_row, seen_row):
     return counts.at[slot].set(counts_row), seen.at[slot].set(seen_row)
 

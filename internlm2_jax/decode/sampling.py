@@ -120,8 +120,16 @@ def sample(logits, params: SamplingParams, step, counts, seen, top_n: int = 0, r
         keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(params.keys, steps)
         return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
 
-    greedy = jnp.argmax(penalised, axis=-1).astype(jnp.int32)
+    greedy = _argmax(penalised)
     tokens = jnp.where(sampled, jax.lax.cond(sampled.any(), draw, lambda: greedy), greedy)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_logprobs, top_ids = jax.lax.top_k(logprobs, top_n) if top_n else (logprobs[:, :0], tokens[:, None][:, :0])
     return tokens, chosen, top_ids.astype(jnp.int32), top_logprobs
+
+
+def _argmax(x):
+    """jnp.argmax over the last axis (the first index of the maximum) as two plain reductions: XLA:CPU runs
+    argmax's variadic reduce at half the speed (1.8 ms vs 0.9 ms over [32, 32768]). A row with a NaN gets the last
+    index rather than an out-of-range one."""
+    first = jnp.where(x == x.max(axis=-1, keepdims=True), jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1])
+    return jnp.minimum(first.min(axis=-1), x.shape[-1] - 1)
