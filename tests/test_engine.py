@@ -106,7 +106,7 @@ def test_decode_rows_sorted_into_stepped_widths_equal_each_request_alone(model):
     engine = Engine(model, None, EngineConfig(max_model_len=64, kv_budget_tokens=2048, page_size=4, max_running=16,
                                               prefill_chunk=64))
     out = engine.generate(reqs)
-    assert engine._row_profiles == [(16, 12, 8, 4), (16, 14, 10, 6), (16, 16, 12, 8)]
+    assert engine._row_profiles == [(16, 12, 8, 4), (16, 16, 12, 8)]
     assert any(shape[3] is not None for shape in engine.shapes), engine.shapes
     for request, got in zip(reqs, out, strict=True):
         assert_same_completion(got, solo(model, request), model, request)
@@ -213,7 +213,7 @@ def test_background_loop_serves_threads_and_bounds_compiled_shapes(model):
                                               prefill_chunk=32))
     programs = engine.warmup()
     warm = set(engine.shapes)
-    # decode: rows 1-8 x widths {2, 8}; prefill: (rows, chunk) (1, 16), (1, 32), (2, 16) x widths {2, 8}
+    # decode: rows 1, 2, 4, 8 x widths {2, 8}; prefill: (rows, chunk) (1, 16), (1, 32), (2, 16) x widths {2, 8}
     assert programs == len(warm) == 4 * 2 + 3 * 2
     engine.start()
     results, lock = {}, threading.Lock()
