@@ -5,8 +5,8 @@ prompt tokens still to cache (up to `max_prefill_rows` rows and `prefill_chunk` 
 for every sequence that is generating. Both sample on device with each row's own settings; the host appends tokens,
 checks stop ids, stop strings and lengths, sends `Event`s and frees finished sequences' pages. Shapes are padded to
 a few sizes (decode rows to multiples of 4, prefill rows and chunks to powers of two, page-table widths to powers
-of four), so the engine runs a bounded
-set of programs, all compiled by `warmup()`, never one per request.
+of four, and a decode batch's groups of rows to two stepped width profiles), so the engine runs a bounded set of
+programs, all compiled by `warmup()`, never one per request.
 
 Memory is an absolute budget (`kv_budget_tokens` or `kv_budget_gb`), split into pages. A request is admitted when
 its whole prompt fits (its shared prefix pages from the prefix cache cost nothing) with a page of headroom per
