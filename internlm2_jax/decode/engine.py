@@ -139,8 +139,8 @@ class Engine:
         # staircases of eighths of the width, (8, 6, 4, 2) or else (8, 8, 6, 4), whichever fits first. On the
         # benchmark trace they cut the pages gathered by a third at two extra programs per row count.
         top = self._widths[-1]
-        self._row_profiles = [tuple(min(top, top * (8 - 2 * g + offset) // 8) for g in range(4))
-                              for offset in (0, 2)] if top >= 8 else []
+        self._row_profiles = [tuple(top * e // 8 for e in eighths) for eighths in ((8, 6, 4, 2), (8, 8, 6, 4))
+                              ] if top >= 8 else []
         # Every key exists from the start: `stats()` reads them from another thread, and a dict must not grow
         # while it is being read.
         self.counters = collections.Counter(dict.fromkeys(
