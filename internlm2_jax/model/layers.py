@@ -14,7 +14,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from internlm2_jax.config import ModelConfig
-from internlm2_jax.model.quantize import Int8Weight
+from internlm2_jax.model.quantize import Int8Weight, int8_dense
 
 
 def normal_param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
@@ -36,9 +36,24 @@ def _transposed_equations(equation: str) -> tuple[str, str]:
     return f"{out},{rhs}->{lhs}", f"{lhs},{out}->{rhs}"
 
 
+def contract(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`jnp.einsum(equation, x, w)` with fp32 accumulation, contracting in x's dimension order.
+
+    einsum lists several contracted dimensions in its own order (`bthd,hde->bte` contracts (d, h)), and XLA then
+    transposes both operands to match: on XLA:CPU a copy of the whole weight at every decode step. When the output
+    is x's kept dimensions then w's (every projection here), this is one dot_general in x's order instead."""
+    operands, out = equation.split("->")
+    lhs, rhs = operands.split(",")
+    shared = [c for c in lhs if c in rhs]
+    if any(c in out for c in shared) or out != "".join(c for c in lhs + rhs if c not in shared):
+        return jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
+    dims = ((tuple(lhs.index(c) for c in shared), tuple(rhs.index(c) for c in shared)), ((), ()))
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _low_precision_matmul(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.einsum(equation, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    return contract(equation, x, w).astype(x.dtype)
 
 
 def _low_precision_matmul_fwd(equation, x, w):
@@ -53,12 +68,20 @@ def _low_precision_matmul_bwd(equation, residuals, g):
     # autodiff rounds it (dw included: the weight was cast to bf16 before the matmul).
     x, w = residuals
     dx_equation, dw_equation = _transposed_equations(equation)
-    dx = jnp.einsum(dx_equation, g, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.einsum(dw_equation, x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    dx = contract(dx_equation, g, w).astype(x.dtype)
+    dw = contract(dw_equation, x, g).astype(w.dtype)
     return dx, dw
 
 
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
+def _int8_product(equation: str, x: jax.Array, w: Int8Weight) -> jax.Array:
+    lhs, rhs = equation.split("->")[0].split(",")
+    contracted = sum(c in lhs for c in rhs)
+    if lhs[len(lhs) - contracted:] == rhs[:contracted]:  # x's trailing dimensions against w's leading ones
+        return int8_dense(x, w, contracted)
+    return contract(equation, x.astype(jnp.float32), w.values.astype(jnp.float32)) * w.scale
 
 
 def dense(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
@@ -69,10 +92,9 @@ def dense(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     """
     dtype = jnp.dtype(dtype)
     if isinstance(w, Int8Weight):  # output channels are w's trailing dimensions, and so the output's
-        out = jnp.einsum(equation, x.astype(dtype), w.values.astype(dtype), preferred_element_type=jnp.float32)
-        out = (out * w.scale).astype(dtype)
+        out = _int8_product(equation, x, w).astype(dtype)
     elif dtype == jnp.float32:
-        out = jnp.einsum(equation, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+        out = contract(equation, x.astype(dtype), w.astype(dtype))
     else:
         out = _low_precision_matmul(equation, x.astype(dtype), w.astype(dtype))
     return checkpoint_name(out, DENSE_OUTPUT)

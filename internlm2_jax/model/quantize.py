@@ -6,9 +6,13 @@ step expect floating-point weights.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+
+from internlm2_jax.kernels.int8_matmul import int8_matmul
 
 # Parameter name -> how many leading dimensions its matmul contracts (the rest are output channels).
 QUANTIZED = {"wqkv": 1, "wo": 2, "w1": 1, "w3": 1, "w2": 1, "output": 1}
@@ -30,6 +34,13 @@ class Int8Weight:
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         return (self.values.astype(jnp.float32) * self.scale).astype(dtype)
+
+
+def int8_dense(x: jax.Array, w: Int8Weight, contracted: int) -> jax.Array:
+    """fp32 product of x's last `contracted` dimensions with w's first ones (the int8 kernel on CPU)."""
+    k, n = math.prod(w.shape[:contracted]), math.prod(w.shape[contracted:])
+    out = int8_matmul(x.reshape(-1, k), w.values.reshape(k, n), w.scale.reshape(n))
+    return out.reshape(*x.shape[:x.ndim - contracted], *w.shape[contracted:])
 
 
 def quantize_weight(w: jax.Array, contracted: int, leading: int = 0) -> Int8Weight:

@@ -14,7 +14,7 @@ from internlm2_jax.config import ModelConfig
 from internlm2_jax.model.attention import attention, chunked_prefill_attention
 from internlm2_jax.model.kv_cache import SHARED_SEGMENT, KVCache
 from internlm2_jax.model.paged_cache import PagedKVCache
-from internlm2_jax.model.quantize import Int8Weight
+from internlm2_jax.model.quantize import Int8Weight, int8_dense
 from internlm2_jax.model.layers import (
     DENSE_OUTPUT,
     RMSNorm,
@@ -276,8 +276,7 @@ class InternLM2ForCausalLM(nnx.Module):
         """fp32 logits [..., vocab] of hidden states [..., embed]."""
         head = self.head_weight()
         if isinstance(head, Int8Weight):
-            return jnp.einsum("...e,ev->...v", hidden, head.values.astype(hidden.dtype),
-                              preferred_element_type=jnp.float32) * head.scale
+            return int8_dense(hidden, head, 1)
         return jnp.einsum("...e,ev->...v", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
     def token_logprobs(self, hidden: jax.Array, targets: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
