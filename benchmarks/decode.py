@@ -3,7 +3,8 @@
 Both generate exactly --new tokens after a --prompt-token prompt for each of --batch rows (greedy, KV cache), in the
 same process, back to back; the table gives the median wall time of --runs calls after a warm-up (compilation
 excluded), new tokens/s, and the ratio to transformers. Default: the 57.7M bench shape (V32768 H512 L8 NH8 KV2
-I1536) in fp32 on CPU at batch 1 and 16. On a GPU: `--preset internlm2_1_8b --dtype bfloat16 --no-torch` (the
+I1536) in fp32 on CPU at batch 1 and 16, then the same weights as bf16 and as int8 (weight-only, per-channel
+scales; on CPU through the C++ kernel of `kernels/int8_matmul.py`). On a GPU: `--preset internlm2_1_8b --dtype bfloat16 --no-torch` (the
 lent machines carry jax but not necessarily torch); `--quick` is a tiny smoke test of the script on CPU.
 Usage: python benchmarks/decode.py [--batch 1 16] [--prompt 128] [--new 128] [--runs 3] [--quick]
 """
@@ -24,6 +25,7 @@ from internlm2_jax.config import preset  # noqa: E402
 from internlm2_jax.convert import load_pretrained, save_pretrained  # noqa: E402
 from internlm2_jax.decode import generate_ids  # noqa: E402
 from internlm2_jax.model import InternLM2ForCausalLM  # noqa: E402
+from internlm2_jax.model.quantize import quantize_int8  # noqa: E402
 
 
 def ours(model, prompts: np.ndarray, new: int, runs: int) -> tuple[float, list[list[int]]]:
@@ -52,6 +54,14 @@ def transformers_generate(path, prompts: np.ndarray, new: int, runs: int) -> tup
         out[:] = seq[:, prompts.shape[1]:].tolist()
 
     return median_seconds(call, runs), out
+
+
+def agreement(tokens: list[list[int]], reference: list[list[int]]) -> str:
+    """How many new tokens match the reference's before each row's first difference (lower-precision weights
+    drift from fp32 at the first near tie of random weights)."""
+    same = [next((i for i, (a, b) in enumerate(zip(row, ref)) if a != b), len(ref)) for row, ref in
+            zip(tokens, reference, strict=True)]
+    return f"{sum(same)}/{sum(len(r) for r in reference)} tokens before a difference"
 
 
 def main():
@@ -83,13 +93,14 @@ def main():
             rows = [(f"ours (jax, static KV cache, {args.dtype})", ours_s, "")]
             if not args.no_torch:
                 ref_s, ref_tokens = transformers_generate(tmp, prompts, args.new, args.runs)
-                same = sum(a == b for a, b in zip(ours_tokens, ref_tokens, strict=True))
                 rows = [("transformers generate fp32 (baseline)", ref_s, ""),
-                        (f"ours (jax, static KV cache, {args.dtype})", ours_s, f"{same}/{batch} rows")]
-                if args.dtype == "float32":  # the same weights rounded to bf16: half the bytes to stream per token
+                        (f"ours (jax, static KV cache, {args.dtype})", ours_s, agreement(ours_tokens, ref_tokens))]
+                if args.dtype == "float32":  # the same weights in fewer bytes: bf16, and int8 with fp32 scales
                     _, half = load_pretrained(tmp, dtype="bfloat16", param_dtype="bfloat16")
-                    half_s, _ = ours(half, prompts, args.new, args.runs)
-                    rows.append(("ours (jax, static KV cache, bf16 weights)", half_s, ""))
+                    half_s, half_tokens = ours(half, prompts, args.new, args.runs)
+                    int8_s, int8_tokens = ours(quantize_int8(model), prompts, args.new, args.runs)
+                    rows += [("ours (jax, static KV cache, bf16 weights)", half_s, agreement(half_tokens, ref_tokens)),
+                             ("ours (jax, static KV cache, int8 weights)", int8_s, agreement(int8_tokens, ref_tokens))]
             baseline = rows[0][1]
             for name, seconds, same in rows:
                 print(f"| {batch} | {name} | {seconds:.3f} | {batch * args.new / seconds:.0f} | "

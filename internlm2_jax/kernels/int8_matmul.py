@@ -76,14 +76,32 @@ def cpu_kernel_available() -> bool:
         return False
 
 
-def int8_matmul_xla(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
-    """The reference form: fp32 [M, N] of x [M, K] fp32, values [K, N] int8, scale [N]."""
-    return jnp.dot(x, values.astype(jnp.float32), preferred_element_type=jnp.float32) * scale
+STRIP = 64  # output columns per strip of a packed weight (the kernel's unit of work)
 
 
-def _int8_matmul_ffi(x, values, scale):
-    out = jax.ShapeDtypeStruct((x.shape[0], values.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, values, scale)
+def pack(values: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The kernel's layout of an int8 [K, N] weight (N a multiple of 64): [N / 64, K, 64] strips, each read front
+    to back; the [N] scales as they are."""
+    k, n = values.shape
+    if n % STRIP:
+        raise ValueError(f"the CPU int8 kernel needs output channels in multiples of {STRIP}, got {n}")
+    return values.reshape(k, n // STRIP, STRIP).transpose(1, 0, 2), scale.astype(jnp.float32)
+
+
+def unpack(packed: jax.Array) -> jax.Array:
+    """The int8 [K, N] weight of `pack`'s strips."""
+    strips, k, _ = packed.shape
+    return packed.transpose(1, 0, 2).reshape(k, strips * STRIP)
+
+
+def int8_matmul_xla(x: jax.Array, packed: jax.Array, scale: jax.Array) -> jax.Array:
+    """The reference form: XLA's matmul of the unpacked weight."""
+    return jnp.dot(x, unpack(packed).astype(jnp.float32), preferred_element_type=jnp.float32) * scale
+
+
+def _int8_matmul_ffi(x, packed, scale):
+    out = jax.ShapeDtypeStruct((x.shape[0], scale.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, packed, scale)
 
 
 # Above this many rows (a long prefill) the product is compute-bound and XLA's conversion, done once for all rows,
@@ -91,11 +109,10 @@ def _int8_matmul_ffi(x, values, scale):
 KERNEL_MAX_ROWS = 256
 
 
-def int8_matmul(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
-    """fp32 [M, N] = (x [M, K] @ values [K, N] int8) * scale [N]: the C++ kernel on CPU when it builds.
-
-    Inference only: the kernel has no gradient."""
-    x, scale = x.astype(jnp.float32), scale.astype(jnp.float32)
+def int8_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array) -> jax.Array:
+    """fp32 [M, N] = (x [M, K] @ weight) * scale for a weight and scales `pack`ed: the C++ kernel on CPU
+    when it builds, XLA's matmul otherwise. Inference only: the kernel has no gradient."""
+    x = x.astype(jnp.float32)
     if x.shape[0] <= KERNEL_MAX_ROWS and jax.default_backend() == "cpu" and cpu_kernel_available():
-        return jax.lax.platform_dependent(x, values, scale, cpu=_int8_matmul_ffi, default=int8_matmul_xla)
-    return int8_matmul_xla(x, values, scale)
+        return jax.lax.platform_dependent(x, packed, scale, cpu=_int8_matmul_ffi, default=int8_matmul_xla)
+    return int8_matmul_xla(x, packed, scale)

@@ -77,11 +77,13 @@ _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bw
 
 
 def _int8_product(equation: str, x: jax.Array, w: Int8Weight) -> jax.Array:
-    lhs, rhs = equation.split("->")[0].split(",")
+    operands, out = equation.split("->")
+    lhs, rhs = operands.split(",")
     contracted = sum(c in lhs for c in rhs)
-    if lhs[len(lhs) - contracted:] == rhs[:contracted]:  # x's trailing dimensions against w's leading ones
+    kept = len(lhs) - contracted
+    if lhs[kept:] == rhs[:contracted] and out == lhs[:kept] + rhs[contracted:]:  # x's last dims against w's first
         return int8_dense(x, w, contracted)
-    return contract(equation, x.astype(jnp.float32), w.values.astype(jnp.float32)) * w.scale
+    return contract(equation, x.astype(jnp.float32), w.dequantize())
 
 
 def dense(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
