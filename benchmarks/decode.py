@@ -4,8 +4,9 @@ Both generate exactly --new tokens after a --prompt-token prompt for each of --b
 same process, back to back; the table gives the median wall time of --runs calls after a warm-up (compilation
 excluded), new tokens/s, and the ratio to transformers. Default: the 57.7M bench shape (V32768 H512 L8 NH8 KV2
 I1536) in fp32 on CPU at batch 1 and 16, then the same weights as bf16 and as int8 (weight-only, per-channel
-scales; on CPU through the C++ kernel of `kernels/int8_matmul.py`). On a GPU: `--preset internlm2_1_8b --dtype bfloat16 --no-torch` (the
-lent machines carry jax but not necessarily torch); `--quick` is a tiny smoke test of the script on CPU.
+scales; on CPU through the C++ kernel of `kernels/int8_matmul.py`). On a GPU: `--preset internlm2_1_8b --dtype
+bfloat16 --no-torch` (the lent machines carry jax but not necessarily torch); `--quick` is a tiny smoke test of the
+script on CPU.
 Usage: python benchmarks/decode.py [--batch 1 16] [--prompt 128] [--new 128] [--runs 3] [--quick]
 """
 
@@ -59,7 +60,7 @@ def transformers_generate(path, prompts: np.ndarray, new: int, runs: int) -> tup
 def agreement(tokens: list[list[int]], reference: list[list[int]]) -> str:
     """How many new tokens match the reference's before each row's first difference (lower-precision weights
     drift from fp32 at the first near tie of random weights)."""
-    same = [next((i for i, (a, b) in enumerate(zip(row, ref)) if a != b), len(ref)) for row, ref in
+    same = [next((i for i, (a, b) in enumerate(zip(row, ref, strict=False)) if a != b), len(ref)) for row, ref in
             zip(tokens, reference, strict=True)]
     return f"{sum(same)}/{sum(len(r) for r in reference)} tokens before a difference"
 
