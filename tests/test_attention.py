@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from internlm2_jax.kernels.reference import _dense_attention, attention_mask
+from internlm2_jax.kernels.reference import dense_attention, attention_mask
 from internlm2_jax.model import attention
 
 
@@ -80,7 +80,7 @@ def test_long_rows_match_naive_whether_or_not_query_blocks_can_skip_later_keys(o
     cotangent = rng.randn(b, t, heads, d).astype(np.float32)
     grads = jax.jit(jax.grad(lambda *x: jnp.sum(run(*x) * cotangent), argnums=(0, 1, 2)))(q, k, v)
     mask = attention_mask(pos, pos, seg, seg, causal=True)
-    dense = lambda q, k, v: _dense_attention(None, q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+    dense = lambda q, k, v: dense_attention(None, q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
     want = jax.jit(jax.grad(lambda *x: jnp.sum(dense(*x) * cotangent), argnums=(0, 1, 2)))(q, k, v)
     for got, expected in zip(grads, want, strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)

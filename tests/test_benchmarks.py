@@ -26,8 +26,10 @@ def test_forward_throughput_quick_run_prints_its_table():
 
 def test_decode_benchmark_quick_run_prints_its_table_and_matches_transformers():
     out = run_benchmark("decode.py", "--quick")
-    assert "| transformers generate fp32 (baseline) |" in out and "| 2/2 rows |" in out
-    assert "bf16 weights" in out
+    assert "| transformers generate fp32 (baseline) |" in out
+    fp32_row = next(line for line in out.splitlines() if "| ours (jax, static KV cache, float32) |" in line)
+    assert fp32_row.endswith("| 16/16 tokens before a difference |")  # 2 rows x 8 new tokens, all equal
+    assert "bf16 weights" in out and "int8 weights" in out
     gpu_form = run_benchmark("decode.py", "--quick", "--no-torch", "--dtype", "bfloat16")
     assert "ours (jax, static KV cache, bfloat16)" in gpu_form
 

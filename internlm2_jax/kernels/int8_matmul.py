@@ -2,78 +2,23 @@
 
 On XLA:CPU the int8 -> fp32 conversion in front of a matmul runs as a slow generic loop (a [1, 512] x [512, 32768]
 product: fp32 1.5 ms, int8 weights 17 ms), so int8 decoding read a quarter of the bytes and still ran slower than
-fp32. `int8_matmul_cpu.cc` converts the weights in registers as it streams them (0.4-0.8 ms for that product).
-
-The kernel is compiled from source with the system C++ compiler the first time it is needed (`-march=native`, a
-few seconds) and cached under `$XDG_CACHE_HOME/internlm2_jax` by source, jaxlib version and CPU. Without a
-compiler (or if the build fails) `int8_matmul` warns once and runs the XLA form: the same numbers, only slower.
-On GPU and TPU it always runs the XLA form, whose fused conversion is fast there.
+fp32. `int8_matmul_cpu.cc` converts the weights in registers as it streams them (about 0.4 ms for that product),
+from the strip layout of `pack`. The kernel is built at first use (`cpu_build.py`); where it can't be, and on GPU
+and TPU, `int8_matmul` runs XLA's matmul of the unpacked weight.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
-import jaxlib
 
-SOURCE = Path(__file__).with_name("int8_matmul_cpu.cc")
+from internlm2_jax.kernels.cpu_build import register_cpu_kernel
+
 TARGET = "internlm2_int8_matmul"
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
-def _cpu_fingerprint() -> str:
-    """The CPU's feature flags: a -march=native build cached on a shared home must not run on another CPU."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _build(compiler: str) -> Path:
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jaxlib.__version__.encode(), " ".join(_FLAGS).encode(),
-                                     _cpu_fingerprint().encode()])).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "internlm2_jax"
-    library = cache / f"int8_matmul_{key}.so"
-    if library.exists():
-        return library
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then renamed: concurrent builds never clash
-        built = Path(tmp) / library.name
-        subprocess.run([compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)],
-                       check=True, capture_output=True, text=True)
-        built.replace(library)
-    return library
-
-
-@functools.lru_cache(maxsize=None)
 def cpu_kernel_available() -> bool:
-    """Builds (once per machine) and registers the CPU kernel; False, with a warning saying why, if it can't."""
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
-    try:
-        if compiler is None:
-            raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-        library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.Int8Matmul), platform="cpu")
-        return True
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", None) or error
-        warnings.warn(f"int8 matmul falls back to XLA on CPU (several times slower than fp32 at batch 1): "
-                      f"the C++ kernel could not be built: {detail}", RuntimeWarning, stacklevel=2)
-        return False
+    return register_cpu_kernel("int8_matmul_cpu.cc", "Int8Matmul", TARGET)
 
 
 STRIP = 64  # output columns per strip of a packed weight (the kernel's unit of work)

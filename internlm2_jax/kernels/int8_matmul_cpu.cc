@@ -6,17 +6,15 @@
 // (about 11x slower than the fp32 matmul at one row), so int8 decoding was slower than fp32 although it reads a
 // quarter of the bytes. Here each strip is read front to back (one cache line per row of K: the hardware
 // prefetcher's best case; row-major w, a stride apart, was 1.5-2x slower at one row), converted in registers, and
-// the strips are shared out over XLA's own intra-op thread pool. Built by int8_matmul.py with -march=native.
+// the strips are shared out over XLA's own intra-op thread pool (cpu_parallel.h). Built by int8_matmul.py with -march=native.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
-#include <thread>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -68,50 +66,20 @@ void Strip(const float* x, const int8_t* w, const float* scale, float* out, int6
 #endif
 }
 
-// Strips are claimed from a shared counter by the calling thread and by helpers scheduled on XLA's pool. The caller
-// waits only for strips already claimed, so a helper that starts late (or never, while the pool is busy) finds
-// nothing left to do: no deadlock, and the work stays with whoever is free.
-struct Work {
-  const float* x;
-  const int8_t* w;
-  const float* scale;
-  float* out;
-  int64_t M, K, N, strips, chunk;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Run() {
-    for (;;) {
-      const int64_t first = next.fetch_add(chunk);
-      if (first >= strips) return;
-      const int64_t last = std::min(strips, first + chunk);
-      for (int64_t s = first; s < last; ++s) Strip(x, w, scale, out, M, K, N, s);
-      done.fetch_add(last - first);
-    }
-  }
-};
-
 ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale,
                           ffi::ResultBuffer<ffi::F32> out, ffi::ThreadPool pool) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1] || wd[2] != kStrip || scale.element_count() != wd[0] * kStrip)
     return ffi::Error::InvalidArgument("int8_matmul expects x [M, K], w [N / 64, K, 64] and scale [N]");
-  auto work = std::make_shared<Work>();
-  work->x = x.typed_data();
-  work->w = w.typed_data();
-  work->scale = scale.typed_data();
-  work->out = out->typed_data();
-  work->M = xd[0];
-  work->K = xd[1];
-  work->N = wd[0] * kStrip;
-  work->strips = wd[0];
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  work->chunk = std::max<int64_t>(1, work->strips / (8 * threads));
+  const float* xp = x.typed_data();
+  const int8_t* wp = w.typed_data();
+  const float* sp = scale.typed_data();
+  float* op = out->typed_data();
+  const int64_t M = xd[0], K = xd[1], N = wd[0] * kStrip;
   // Helpers only when there is enough work to pay for waking them (a few hundred KB of weights).
-  const int64_t helpers = work->K * work->N >= (1 << 18) ? std::min(threads, work->strips) - 1 : 0;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->strips) std::this_thread::yield();
+  internlm2_jax::ParallelFor(pool, wd[0], K * N >= (1 << 18), [=](int64_t first, int64_t last) {
+    for (int64_t s = first; s < last; ++s) Strip(xp, wp, sp, op, M, K, N, s);
+  });
   return ffi::Error::Success();
 }
 

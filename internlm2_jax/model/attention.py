@@ -4,7 +4,8 @@
 - `decode_attention` / `chunked_prefill_attention`: one or several new query tokens per sequence over the paged
   KV cache (`k_pages`/`v_pages` [kv_heads, num_pages, page_size, head_dim]).
 
-`impl="auto"` picks the Pallas kernel of the target platform (TPU or GPU) and the XLA reference elsewhere; the
+`impl="auto"` picks the Pallas kernel of the target platform (TPU or GPU) and the XLA reference elsewhere (on CPU,
+one query per row, i.e. decoding with the static cache, goes to the C++ kernel of `kernels/decode_attention.py`); the
 target is the platform of the mesh set by `jax.set_mesh`, so an ahead-of-time compile for a TPU topology on a CPU
 machine gets the real TPU kernel. A Pallas impl asked for where the target is not that accelerator runs the kernel
 in interpret mode (how the tests check it on CPU); `interpret=` overrides.
@@ -17,7 +18,8 @@ from jax.sharding import PartitionSpec as P
 
 from internlm2_jax.config import ATTENTION_IMPLS
 from internlm2_jax.kernels import flash_gpu, flash_tpu, paged_gpu, paged_tpu
-from internlm2_jax.kernels.reference import paged_attention_reference, xla_attention
+from internlm2_jax.kernels.decode_attention import single_query_attention
+from internlm2_jax.kernels.reference import attention_mask, paged_attention_reference, xla_attention
 from internlm2_jax.kernels.tiling import BlockSizes
 from internlm2_jax.parallel.sharding import ACTIVATION_RULES, logical_to_spec
 
@@ -62,6 +64,9 @@ def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_i
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
     kw = dict(q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
               kv_segment_ids=kv_segment_ids, causal=causal, scale=scale)
+    if impl == "xla" and q.shape[1] == 1 and target_platform() == "cpu":  # decoding: the CPU kernel
+        mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal, shared_segment)
+        return single_query_attention(q, k, v, mask, scale)
     if impl == "xla":
         return xla_attention(q, k, v, shared_segment=shared_segment, **kw)
     kernel = flash_tpu.flash_attention if impl == "pallas_tpu" else flash_gpu.flash_attention

@@ -23,8 +23,11 @@ SHARED_SEGMENT = 1
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array  # [layers, batch, kv_heads, max_len, head_dim]: head-major, as attention reads it
-    v: jax.Array  # [layers, batch, kv_heads, max_len, head_dim]
+    # [layers, batch, kv_heads, max_len, head_dim], head-major as attention reads it: one array for a scanned layer
+    # stack (indexed by the scan's traced layer), else a tuple of one array per layer, which a decode step's
+    # attention kernel reads in place (a slice of one stacked array is a copy: 4 MB per layer per step at batch 16).
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     positions: jax.Array  # [batch, max_len] int32: the position of the token held by each slot
     segments: jax.Array  # [batch, max_len] int32: 1 for a written token, 0 for an empty or padding slot
     cursor: jax.Array  # [] int32: the next slot to write, the same for every row
@@ -32,7 +35,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def write(self, positions: jax.Array, segment_ids: jax.Array) -> KVCache:
         """The cache with [batch, T] new tokens' positions and segments recorded at the cursor (the layers write
@@ -44,16 +47,27 @@ class KVCache:
 
     def write_layer(self, layer, k_new: jax.Array, v_new: jax.Array) -> KVCache:
         """`layer`'s new K/V [batch, T, kv_heads, head_dim] written at the cursor in place (only T slots)."""
-        at = (layer, 0, 0, self.cursor, 0)
-        return self.replace(k=jax.lax.dynamic_update_slice(self.k, k_new.swapaxes(1, 2)[None].astype(self.k.dtype), at),
-                            v=jax.lax.dynamic_update_slice(self.v, v_new.swapaxes(1, 2)[None].astype(self.v.dtype), at))
+        def update(cache, new):
+            new = new.swapaxes(1, 2).astype(cache[0].dtype)
+            if isinstance(cache, tuple):
+                return (*cache[:layer], jax.lax.dynamic_update_slice(cache[layer], new, (0, 0, self.cursor, 0)),
+                        *cache[layer + 1:])
+            return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, self.cursor, 0))
+
+        return self.replace(k=update(self.k, k_new), v=update(self.v, v_new))
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for `batch` sequences of up to `max_len` tokens, K/V in `dtype` (default: compute dtype)."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+
+    def zeros():  # a fresh buffer each: the cache is donated, and one buffer can't be donated twice
+        if cfg.scan_layers:
+            return jnp.zeros((cfg.num_hidden_layers, *shape), dtype)
+        return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+
+    return KVCache(k=zeros(), v=zeros(),
                    positions=jnp.zeros((batch, max_len), jnp.int32), segments=jnp.zeros((batch, max_len), jnp.int32),
                    cursor=jnp.zeros((), jnp.int32), lengths=jnp.zeros((batch,), jnp.int32))
 

@@ -1,5 +1,5 @@
-"""The CPU int8 matmul kernel against XLA's form of the same product, its fallback when it cannot be built, and
-the projections that reach it (a quantized model's logits with and without the kernel)."""
+"""The C++ CPU kernels against their XLA forms: the int8 matmul (and its fallback when it cannot be built, and a
+quantized model's logits with and without it) and single-query decode attention (values and gradients)."""
 
 import shutil
 
@@ -10,7 +10,10 @@ import pytest
 from flax import nnx
 
 from internlm2_jax.config import preset
+from internlm2_jax.kernels import decode_attention
 from internlm2_jax.kernels import int8_matmul as kernel
+from internlm2_jax.kernels.cpu_build import register_cpu_kernel
+from internlm2_jax.kernels.reference import dense_attention
 from internlm2_jax.model import InternLM2ForCausalLM
 from internlm2_jax.model.layers import contract
 from internlm2_jax.model.quantize import quantize_int8
@@ -52,7 +55,7 @@ def test_without_a_compiler_it_warns_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached build to find
     with pytest.warns(RuntimeWarning, match="could not be built"):
-        assert not kernel.cpu_kernel_available.__wrapped__()
+        assert not register_cpu_kernel.__wrapped__("int8_matmul_cpu.cc", "Int8Matmul", "never_registered")
     monkeypatch.setattr(kernel, "cpu_kernel_available", lambda: False)
     x, values, scale = _operands(2, 16, 64)
     assert kernel.TARGET not in jax.jit(kernel.int8_matmul).lower(x, values, scale).as_text()
@@ -88,3 +91,36 @@ def test_contract_equals_einsum_and_keeps_the_weight_in_place(equation, lhs, rhs
     if equation == "bthd,hde->bte":  # einsum contracts (d, h) and XLA transposed the weight to match
         hlo = jax.jit(lambda x, w: contract(equation, x, w)).lower(x[:1, :1], w).compile().as_text()
         assert "transpose" not in hlo
+
+
+@needs_compiler
+@pytest.mark.parametrize("batch,keys,kv_heads,group,head_dim", [(3, 37, 2, 4, 64), (2, 256, 1, 6, 128),
+                                                                  (4, 20, 2, 1, 32), (1, 9, 3, 2, 8)])
+def test_single_query_attention_matches_the_reference(batch, keys, kv_heads, group, head_dim):
+    assert decode_attention.cpu_kernel_available()
+    rng = np.random.RandomState(keys)
+    q = jnp.asarray(rng.randn(batch, 1, kv_heads * group, head_dim).astype(np.float32))
+    k, v = (jnp.asarray(rng.randn(batch, keys, kv_heads, head_dim).astype(np.float32)) for _ in range(2))
+    mask = rng.rand(batch, 1, keys) > 0.4
+    mask[0] = False  # a row that attends to nothing (padding) gives zeros
+    mask = jnp.asarray(mask)
+    run = jax.jit(decode_attention.single_query_attention)
+    assert decode_attention.TARGET in run.lower(q, k, v, mask).as_text()
+    reference = lambda q, k, v: dense_attention(None, q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+    got, want = run(q, k, v, mask), reference(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6)
+    assert not np.asarray(got)[0].any()
+    grads = jax.grad(lambda q, k, v: (run(q, k, v, mask) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+    want_grads = jax.grad(lambda q, k, v: (reference(q, k, v) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+def test_single_query_attention_keeps_the_reference_for_several_queries_or_bf16():
+    q = jnp.ones((1, 2, 2, 16))
+    k = v = jnp.ones((1, 5, 1, 16))
+    mask = jnp.ones((1, 2, 5), bool)
+    run = jax.jit(decode_attention.single_query_attention)
+    assert decode_attention.TARGET not in run.lower(q, k, v, mask).as_text()
+    half = [a[:, :1].astype(jnp.bfloat16) for a in (q, k, v)]
+    assert decode_attention.TARGET not in run.lower(*half, mask[:, :1, :1]).as_text()
