@@ -13,7 +13,7 @@ from internlm2_jax.config import preset
 from internlm2_jax.kernels import decode_attention
 from internlm2_jax.kernels import int8_matmul as kernel
 from internlm2_jax.kernels.cpu_build import register_cpu_kernel
-from internlm2_jax.kernels.reference import dense_attention
+from internlm2_jax.kernels.reference import dense_attention, paged_attention_reference
 from internlm2_jax.model import InternLM2ForCausalLM
 from internlm2_jax.model.layers import contract
 from internlm2_jax.model.quantize import quantize_int8
@@ -124,3 +124,25 @@ def test_single_query_attention_keeps_the_reference_for_several_queries_or_bf16(
     assert decode_attention.TARGET not in run.lower(q, k, v, mask).as_text()
     half = [a[:, :1].astype(jnp.bfloat16) for a in (q, k, v)]
     assert decode_attention.TARGET not in run.lower(*half, mask[:, :1, :1]).as_text()
+
+
+@needs_compiler
+@pytest.mark.parametrize("kv_heads,group,head_dim,page_size", [(2, 4, 64, 16), (1, 3, 32, 5), (3, 2, 16, 8)])
+def test_paged_single_query_attention_matches_the_reference(kv_heads, group, head_dim, page_size):
+    assert decode_attention.paged_cpu_kernel_available()
+    rng = np.random.RandomState(head_dim)
+    batch, pages, width = 6, 24, 4
+    q = jnp.asarray(rng.randn(batch, 1, kv_heads * group, head_dim).astype(np.float32))
+    k_pages, v_pages = (jnp.asarray(rng.randn(kv_heads, pages, page_size, head_dim).astype(np.float32))
+                        for _ in range(2))
+    page_table = jnp.asarray(rng.randint(1, pages, (batch, width)), jnp.int32)
+    lengths = jnp.asarray([1, page_size, page_size + 1, width * page_size, 3, 7], jnp.int32)
+    q_lengths = jnp.asarray([1, 1, 1, 1, 0, 1], jnp.int32)  # row 4 is padding: zeros
+    args = (q, k_pages, v_pages, page_table, lengths)
+    run = jax.jit(lambda *a: decode_attention.paged_single_query_attention(*a, q_lengths=q_lengths))
+    assert decode_attention.PAGED_TARGET in run.lower(*args).as_text()
+    got, want = run(*args), paged_attention_reference(*args, q_lengths=q_lengths)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6)
+    assert not np.asarray(got)[4].any()
+    with pytest.raises(Exception, match="page id out of range"):
+        run(q, k_pages, v_pages, page_table.at[3, 2].set(pages), lengths).block_until_ready()

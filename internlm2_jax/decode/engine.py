@@ -433,7 +433,8 @@ class Engine:
             self.counters[f"{kind}_padded_tokens"] += shape[0] * shape[1]
         except Exception as e:  # noqa: BLE001 - every request of the batch gets the error, the engine goes on
             log.exception("engine step failed")
-            if self.cache.k.is_deleted():  # the donated cache died with the call: nobody's pages are valid
+            # The donated cache died with the call: nobody's pages are valid.
+            if jax.tree.leaves(self.cache.k)[0].is_deleted():
                 self.cache = init_paged_cache(self.model_config, self.pool.capacity + 1, self.config.page_size,
                                               self.config.cache_dtype)
                 self.pool = PagePool(self.pool.capacity + 1, self.config.page_size,

@@ -1,10 +1,12 @@
-"""Attention of one query token per sequence (decoding with the static KV cache): a C++ XLA FFI kernel on CPU.
+"""Attention of one query token per sequence (decoding) over the static or the paged KV cache: C++ XLA FFI
+kernels on CPU.
 
 XLA:CPU runs a decode step's two small attention products as batched library matmuls that cost about 9 us per
-(row, kv head) whatever their size, half of an int8 decode step at 16 rows. `decode_attention_cpu.cc` reads each
-(row, kv head)'s keys and values once for all its query heads. The kernel is built at first use (`cpu_build.py`);
-where it can't be, on other platforms, for more than one query or for non-fp32 operands, this is the XLA
-reference's `dense_attention`. Its gradient is the reference's.
+(row, kv head) whatever their size (half of an int8 decode step at 16 rows), and the paged reference first gathers
+every row's pages into a copy. `decode_attention_cpu.cc` reads each (row, kv head)'s keys and values once, in
+place, for all its query heads. The kernels are built at first use (`cpu_build.py`); where they can't be, on other
+platforms, for more than one query or for non-fp32 operands, these are the XLA references. The static-cache form
+has the reference's gradient; the paged one is for inference only.
 """
 
 from __future__ import annotations
@@ -16,13 +18,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from internlm2_jax.kernels.cpu_build import register_cpu_kernel
-from internlm2_jax.kernels.reference import dense_attention
+from internlm2_jax.kernels.reference import dense_attention, paged_attention_reference
 
 TARGET = "internlm2_decode_attention"
+PAGED_TARGET = "internlm2_paged_decode_attention"
 
 
 def cpu_kernel_available() -> bool:
     return register_cpu_kernel("decode_attention_cpu.cc", "DecodeAttention", TARGET)
+
+
+def paged_cpu_kernel_available() -> bool:
+    return register_cpu_kernel("decode_attention_cpu.cc", "PagedDecodeAttention", PAGED_TARGET)
+
+
+def _on_cpu_in_fp32(*arrays) -> bool:
+    return jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -50,8 +61,32 @@ def single_query_attention(q, k, v, mask, scale=None) -> jax.Array:
     """q [B, 1, H, D]; k, v [B, S, KV, D]; mask [B, 1, S] boolean; returns [B, 1, H, D] in q's dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # head-major: the cache's own layout
-    fp32 = all(a.dtype == jnp.float32 for a in (q, k, v))
-    if q.shape[1] == 1 and fp32 and jax.default_backend() == "cpu" and cpu_kernel_available():
+    if q.shape[1] == 1 and _on_cpu_in_fp32(q, k, v) and cpu_kernel_available():
         return jax.lax.platform_dependent(q, kt, vt, mask, cpu=functools.partial(_kernel, scale),
                                           default=functools.partial(dense_attention, scale))
     return dense_attention(scale, q, kt, vt, mask)
+
+
+def paged_single_query_attention(q, k_pages, v_pages, page_table, lengths, *, q_lengths=None, scale=None,
+                                 row_widths=None) -> jax.Array:
+    """`paged_attention_reference`'s arguments and result (q [B, chunk, H, D], k_pages, v_pages [KV, P, page, D]);
+    the CPU kernel for one query per row (q_lengths 1, or 0 for a padding row), which needs no `row_widths`: it
+    stops at each row's length."""
+    if q.shape[1] != 1 or not (_on_cpu_in_fp32(q, k_pages, v_pages) and paged_cpu_kernel_available()):
+        return paged_attention_reference(q, k_pages, v_pages, page_table, lengths, q_lengths=q_lengths, scale=scale,
+                                         row_widths=row_widths)
+    batch, _, heads, head_dim = q.shape
+    scale = head_dim ** -0.5 if scale is None else scale
+    q_lengths = jnp.ones((batch,), jnp.int32) if q_lengths is None else jnp.asarray(q_lengths, jnp.int32)
+    args = (q, k_pages, v_pages, jnp.asarray(page_table, jnp.int32), jnp.asarray(lengths, jnp.int32), q_lengths)
+
+    def kernel(q, k_pages, v_pages, page_table, lengths, q_lengths):
+        out = jax.ShapeDtypeStruct((batch, heads, head_dim), jnp.float32)
+        call = jax.ffi.ffi_call(PAGED_TARGET, out, vmap_method="sequential")
+        return call(q[:, 0], k_pages, v_pages, page_table, lengths, q_lengths, scale=np.float32(scale))[:, None]
+
+    def reference(q, k_pages, v_pages, page_table, lengths, q_lengths):
+        return paged_attention_reference(q, k_pages, v_pages, page_table, lengths, q_lengths=q_lengths, scale=scale,
+                                         row_widths=row_widths)
+
+    return jax.lax.platform_dependent(*args, cpu=kernel, default=reference)

@@ -1,6 +1,6 @@
-// One query token per sequence against a static KV cache, for XLA:CPU (an XLA FFI custom call): grouped-query
-// attention with a precomputed boolean mask, fp32 throughout, the softmax normalised after the PV sum as the XLA
-// reference does, and a fully masked row giving zeros.
+// One query token per sequence against a KV cache, for XLA:CPU (XLA FFI custom calls): grouped-query attention in
+// fp32, over the static cache with a precomputed boolean mask (DecodeAttention) or over one layer of the paged
+// cache through each row's page table (PagedDecodeAttention); a row that attends to nothing gives zeros.
 //
 // Why a hand-written kernel: XLA:CPU runs a decode step's two attention products as batched library matmuls of
 // [query heads per kv head, head_dim] x [head_dim, keys], about 9 us per (row, kv head) whatever their size: at
@@ -62,18 +62,28 @@ inline float ExpNonPositive(float x) {
   return p * two_n;
 }
 
-// scores[g, j] = q_g . k_j * scale for the attended keys j, -inf for the others.
-void Scores(const float* q, const float* k, const bool* mask, float scale, int64_t G, int64_t S, int64_t D,
+// The key (or value) rows of one (sequence, kv head): contiguous [S, D], or spread over the pages of a page table.
+struct Rows {
+  const float* base;     // the first row; with pages, row 0 of page 0
+  const int32_t* pages;  // page ids of the sequence, or nullptr for contiguous rows
+  int64_t page_size, D;
+  const float* operator[](int64_t j) const {
+    return pages == nullptr ? base + j * D : base + (pages[j / page_size] * page_size + j % page_size) * D;
+  }
+};
+
+// scores[g, j] = q_g . k_j * scale for the attended keys j (mask nullptr: all), -inf for the others.
+void Scores(const float* q, const Rows& k, const bool* mask, float scale, int64_t G, int64_t S, int64_t D,
             float* scores) {
   constexpr float kNone = -std::numeric_limits<float>::infinity();
 #if defined(__AVX512F__)
   if (D % 16 == 0) {
     for (int64_t j = 0; j < S; ++j) {
-      if (!mask[j]) {
+      if (mask != nullptr && !mask[j]) {
         for (int64_t g = 0; g < G; ++g) scores[g * S + j] = kNone;
         continue;
       }
-      const float* kj = k + j * D;
+      const float* kj = k[j];
       for (int64_t g0 = 0; g0 < G; g0 += 4) {  // each key row loaded once for up to 4 query heads
         const int64_t heads = std::min<int64_t>(4, G - g0);
         __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -89,11 +99,12 @@ void Scores(const float* q, const float* k, const bool* mask, float scale, int64
   }
 #endif
   for (int64_t j = 0; j < S; ++j)
-    for (int64_t g = 0; g < G; ++g) scores[g * S + j] = mask[j] ? Dot(q + g * D, k + j * D, D) * scale : kNone;
+    for (int64_t g = 0; g < G; ++g)
+      scores[g * S + j] = mask == nullptr || mask[j] ? Dot(q + g * D, k[j], D) * scale : kNone;
 }
 
 // out[g] = sum_j p[g, j] v_j for probabilities p [G, S] (0 at masked keys).
-void WeightedValues(const float* p, const float* v, int64_t G, int64_t S, int64_t D, float* out) {
+void WeightedValues(const float* p, const Rows& v, int64_t G, int64_t S, int64_t D, float* out) {
 #if defined(__AVX512F__)
   if (D % 64 == 0) {
     for (int64_t d = 0; d < D; d += 64)  // 4 vectors of head_dim x up to 4 query heads of accumulators
@@ -103,7 +114,7 @@ void WeightedValues(const float* p, const float* v, int64_t G, int64_t S, int64_
         for (auto& row : acc)
           for (auto& a : row) a = _mm512_setzero_ps();
         for (int64_t j = 0; j < S; ++j) {
-          const float* vj = v + j * D + d;
+          const float* vj = v[j] + d;
           const __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16), v2 = _mm512_loadu_ps(vj + 32),
                        v3 = _mm512_loadu_ps(vj + 48);
           for (int64_t g = 0; g < heads; ++g) {
@@ -124,13 +135,17 @@ void WeightedValues(const float* p, const float* v, int64_t G, int64_t S, int64_
   for (int64_t g = 0; g < G; ++g)
     for (int64_t j = 0; j < S; ++j) {
       const float pg = p[g * S + j];
-      for (int64_t d = 0; d < D; ++d) out[g * D + d] += pg * v[j * D + d];
+      for (int64_t d = 0; d < D; ++d) out[g * D + d] += pg * v[j][d];
     }
 }
 
-// Query heads [kh * G, kh * G + G) of row b: q [G, D], k and v [S, D], scores [G, S] scratch.
-void AttendOneHead(const float* q, const float* k, const float* v, const bool* mask, float* out, float scale,
+// Query heads [kh * G, kh * G + G) of one row: q [G, D] over S keys and values, scores [G, S] scratch.
+void AttendOneHead(const float* q, const Rows& k, const Rows& v, const bool* mask, float* out, float scale,
                    int64_t G, int64_t S, int64_t D, float* scores) {
+  if (S == 0) {
+    std::fill(out, out + G * D, 0.0f);
+    return;
+  }
   constexpr float kNone = -std::numeric_limits<float>::infinity();
   Scores(q, k, mask, scale, G, S, D, scores);
   for (int64_t g = 0; g < G; ++g) {
@@ -142,7 +157,7 @@ void AttendOneHead(const float* q, const float* k, const float* v, const bool* m
     }
     float total[kLanes] = {};
     for (int64_t j = 0; j < S; ++j) {  // masked keys (-inf) give exactly 0
-      s[j] = mask[j] ? ExpNonPositive(s[j] - top) : 0.0f;
+      s[j] = mask == nullptr || mask[j] ? ExpNonPositive(s[j] - top) : 0.0f;
       total[j % kLanes] += s[j];
     }
     float sum = 0.0f;
@@ -172,8 +187,52 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
     std::vector<float> scores(G * S);
     for (int64_t unit = first; unit < last; ++unit) {
       const int64_t b = unit / KV, kh = unit % KV;
-      AttendOneHead(qp + (b * H + kh * G) * D, kp + unit * S * D, vp + unit * S * D, mp + b * S,
-                    op + (b * H + kh * G) * D, scale, G, S, D, scores.data());
+      AttendOneHead(qp + (b * H + kh * G) * D, Rows{kp + unit * S * D, nullptr, 0, D},
+                    Rows{vp + unit * S * D, nullptr, 0, D}, mp + b * S, op + (b * H + kh * G) * D, scale, G, S, D,
+                    scores.data());
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// The paged cache of one layer: row b's query (at position lengths[b] - 1, or padding when q_lengths[b] is 0)
+// attends to its first lengths[b] tokens, read in place through its page table.
+ffi::Error PagedDecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                    ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> lengths,
+                                    ffi::Buffer<ffi::S32> q_lengths, ffi::ResultBuffer<ffi::F32> out, float scale,
+                                    ffi::ThreadPool pool) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), td = page_table.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()) ||
+      td.size() != 2 || td[0] != qd[0] || kd[3] != qd[2] || qd[1] % kd[0] != 0 ||
+      lengths.element_count() != qd[0] || q_lengths.element_count() != qd[0])
+    return ffi::Error::InvalidArgument(
+        "paged decode attention expects q [B, H, D], k and v pages [KV, P, page, D], page_table [B, W] and "
+        "lengths, q_lengths [B], H a multiple of KV");
+  const int64_t B = qd[0], H = qd[1], D = qd[2], KV = kd[0], P = kd[1], page = kd[2], W = td[1], G = H / KV;
+  const int32_t* table = page_table.typed_data();
+  const int32_t* length = lengths.typed_data();
+  const int32_t* queries = q_lengths.typed_data();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {  // checked up front: an unchecked page id would read outside the cache
+    const int64_t keys = queries[b] > 0 ? length[b] : 0;
+    if (keys < 0 || keys > W * page)
+      return ffi::Error::InvalidArgument("a row's length exceeds its page table");
+    for (int64_t i = 0; i < (keys + page - 1) / page; ++i)
+      if (table[b * W + i] < 0 || table[b * W + i] >= P) return ffi::Error::InvalidArgument("page id out of range");
+    longest = std::max(longest, keys);
+  }
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data();
+  const float* vp = v.typed_data();
+  float* op = out->typed_data();
+  internlm2_jax::ParallelFor(pool, B * KV, B * KV * longest * D >= (1 << 15), [=](int64_t first, int64_t last) {
+    std::vector<float> scores(G * longest);
+    for (int64_t unit = first; unit < last; ++unit) {
+      const int64_t b = unit / KV, kh = unit % KV;
+      const int64_t keys = queries[b] > 0 ? length[b] : 0;
+      AttendOneHead(qp + (b * H + kh * G) * D, Rows{kp + kh * P * page * D, table + b * W, page, D},
+                    Rows{vp + kh * P * page * D, table + b * W, page, D}, nullptr, op + (b * H + kh * G) * D, scale,
+                    G, keys, D, scores.data());
     }
   });
   return ffi::Error::Success();
@@ -187,6 +246,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedDecodeAttention, PagedDecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Ctx<ffi::ThreadPool>());

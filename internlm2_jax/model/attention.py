@@ -5,7 +5,7 @@
   KV cache (`k_pages`/`v_pages` [kv_heads, num_pages, page_size, head_dim]).
 
 `impl="auto"` picks the Pallas kernel of the target platform (TPU or GPU) and the XLA reference elsewhere (on CPU,
-one query per row, i.e. decoding with the static cache, goes to the C++ kernel of `kernels/decode_attention.py`); the
+one query per row, i.e. decoding, goes to the C++ kernels of `kernels/decode_attention.py`); the
 target is the platform of the mesh set by `jax.set_mesh`, so an ahead-of-time compile for a TPU topology on a CPU
 machine gets the real TPU kernel. A Pallas impl asked for where the target is not that accelerator runs the kernel
 in interpret mode (how the tests check it on CPU); `interpret=` overrides.
@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from internlm2_jax.config import ATTENTION_IMPLS
 from internlm2_jax.kernels import flash_gpu, flash_tpu, paged_gpu, paged_tpu
-from internlm2_jax.kernels.decode_attention import single_query_attention
+from internlm2_jax.kernels.decode_attention import paged_single_query_attention, single_query_attention
 from internlm2_jax.kernels.reference import attention_mask, paged_attention_reference, xla_attention
 from internlm2_jax.kernels.tiling import BlockSizes
 from internlm2_jax.parallel.sharding import ACTIVATION_RULES, logical_to_spec
@@ -114,6 +114,9 @@ def chunked_prefill_attention(q, k_pages, v_pages, page_table, lengths, *, q_len
     if page_table.shape[0] != q.shape[0] or lengths.shape != (q.shape[0],):
         raise ValueError(f"page_table {page_table.shape} and lengths {lengths.shape} must have q's batch "
                          f"({q.shape[0]}) as their first dimension")
+    if impl == "xla" and q.shape[1] == 1 and target_platform() == "cpu":  # decoding: the CPU kernel
+        return paged_single_query_attention(q, k_pages, v_pages, page_table, lengths, q_lengths=q_lengths,
+                                            scale=scale, row_widths=row_widths)
     if impl == "xla":
         return paged_attention_reference(q, k_pages, v_pages, page_table, lengths, q_lengths=q_lengths, scale=scale,
                                          row_widths=row_widths)

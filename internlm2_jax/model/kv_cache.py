@@ -50,24 +50,31 @@ class KVCache:
         def update(cache, new):
             new = new.swapaxes(1, 2).astype(cache[0].dtype)
             if isinstance(cache, tuple):
-                return (*cache[:layer], jax.lax.dynamic_update_slice(cache[layer], new, (0, 0, self.cursor, 0)),
-                        *cache[layer + 1:])
+                at = (0, 0, self.cursor, 0)
+                return replace_layer(cache, layer, jax.lax.dynamic_update_slice(cache[layer], new, at))
             return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, self.cursor, 0))
 
         return self.replace(k=update(self.k, k_new), v=update(self.v, v_new))
+
+
+def layer_buffers(cfg: ModelConfig, shape, dtype) -> jax.Array | tuple[jax.Array, ...]:
+    """Zeros of `shape` for every layer: stacked [layers, *shape] for a scanned layer stack (which indexes it with a
+    traced layer), else a tuple of one array per layer. Fresh buffers on every call: caches are donated, and one
+    buffer can't be donated twice."""
+    if cfg.scan_layers:
+        return jnp.zeros((cfg.num_hidden_layers, *shape), dtype)
+    return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+
+
+def replace_layer(buffers: tuple[jax.Array, ...], layer: int, value: jax.Array) -> tuple[jax.Array, ...]:
+    return (*buffers[:layer], value, *buffers[layer + 1:])
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for `batch` sequences of up to `max_len` tokens, K/V in `dtype` (default: compute dtype)."""
     dtype = jnp.dtype(dtype or cfg.dtype)
     shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-
-    def zeros():  # a fresh buffer each: the cache is donated, and one buffer can't be donated twice
-        if cfg.scan_layers:
-            return jnp.zeros((cfg.num_hidden_layers, *shape), dtype)
-        return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
-
-    return KVCache(k=zeros(), v=zeros(),
+    return KVCache(k=layer_buffers(cfg, shape, dtype), v=layer_buffers(cfg, shape, dtype),
                    positions=jnp.zeros((batch, max_len), jnp.int32), segments=jnp.zeros((batch, max_len), jnp.int32),
                    cursor=jnp.zeros((), jnp.int32), lengths=jnp.zeros((batch,), jnp.int32))
 

@@ -17,12 +17,15 @@ import jax.numpy as jnp
 from flax import struct
 
 from internlm2_jax.config import ModelConfig
+from internlm2_jax.model.kv_cache import layer_buffers, replace_layer
 
 
 @struct.dataclass
 class PagedKVCache:
-    k: jax.Array  # [layers, kv_heads, num_pages, page_size, head_dim]
-    v: jax.Array
+    # [layers, kv_heads, num_pages, page_size, head_dim]: one array for a scanned layer stack, else a tuple of one
+    # array per layer, which the CPU decode kernel reads in place (a slice of a stacked array would be a copy).
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     page_table: jax.Array  # [batch, max_pages] int32: page ids of each row's sequence, in order (0: none)
     lengths: jax.Array  # [batch] int32: tokens cached per row once this step's tokens are written
     q_lengths: jax.Array  # [batch] int32: this step's new tokens per row (0 for a padding row)
@@ -33,11 +36,11 @@ class PagedKVCache:
 
     @property
     def page_size(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     @property
     def num_pages(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1]
 
     def with_step(self, page_table, lengths, q_lengths, rope_lengths, row_widths=None) -> PagedKVCache:
         return self.replace(page_table=page_table, lengths=lengths, q_lengths=q_lengths, rope_lengths=rope_lengths,
@@ -56,10 +59,13 @@ class PagedKVCache:
         page = jnp.take_along_axis(self.page_table, positions // self.page_size, axis=1)
         page = jnp.where(segment_ids != 0, page, 0)  # padding writes land in the null page
         offset = positions % self.page_size
-        # layer, page and offset are advanced indices around a slice: the update is laid out [batch, chunk, kv, d].
-        k = self.k.at[layer, :, page, offset].set(k_new.astype(self.k.dtype), mode="promise_in_bounds")
-        v = self.v.at[layer, :, page, offset].set(v_new.astype(self.v.dtype), mode="promise_in_bounds")
-        return self.replace(k=k, v=v)
+        def update(cache, new):  # new is [batch, chunk, kv, d], as layer, page, offset index around a slice
+            if isinstance(cache, tuple):  # page and offset index side by side: the update is [kv, batch, chunk, d]
+                new = jnp.moveaxis(new, 2, 0).astype(cache[layer].dtype)
+                return replace_layer(cache, layer, cache[layer].at[:, page, offset].set(new, mode="promise_in_bounds"))
+            return cache.at[layer, :, page, offset].set(new.astype(cache.dtype), mode="promise_in_bounds")
+
+        return self.replace(k=update(self.k, k_new), v=update(self.v, v_new))
 
 
 def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None) -> PagedKVCache:
@@ -68,10 +74,10 @@ def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=Non
         raise ValueError(f"a paged cache needs num_pages >= 2 (page 0 is reserved) and page_size >= 1, "
                          f"got {num_pages} and {page_size}")
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, num_pages, page_size, cfg.head_dim)
+    shape = (cfg.num_key_value_heads, num_pages, page_size, cfg.head_dim)
     empty = jnp.zeros((0,), jnp.int32)
-    return PagedKVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), page_table=jnp.zeros((0, 0), jnp.int32),
-                        lengths=empty, q_lengths=empty, rope_lengths=empty)
+    return PagedKVCache(k=layer_buffers(cfg, shape, dtype), v=layer_buffers(cfg, shape, dtype),
+                        page_table=jnp.zeros((0, 0), jnp.int32), lengths=empty, q_lengths=empty, rope_lengths=empty)
 
 
 def bytes_per_token(cfg: ModelConfig, dtype=None) -> int:
