@@ -132,6 +132,7 @@ def main():
     parser.add_argument("--output", type=int, nargs=2, default=[8, 256], help="max_tokens range")
     parser.add_argument("--batch", type=int, default=16, help="static batch; KV memory of both servers")
     parser.add_argument("--max-running", type=int, default=64, help="the engine's running sequences")
+    parser.add_argument("--prefill-chunk", type=int, default=256, help="the engine's prompt tokens per prefill call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dtype", choices=["float32", "bfloat16"], help="KV cache dtype of both servers "
                         "(default: the model's compute dtype)")
@@ -146,7 +147,7 @@ def main():
     arrivals, requests = make_trace(args, cfg.vocab_size)
     max_len = args.prompt[1] + args.output[1]
     config = EngineConfig(max_model_len=max_len, kv_budget_tokens=args.batch * max_len,
-                          max_running=args.max_running, prefill_chunk=256 if not args.quick else 32,
+                          max_running=args.max_running, prefill_chunk=args.prefill_chunk if not args.quick else 32,
                           cache_dtype=args.cache_dtype)
     engine = Engine(model, None, config)
     started = time.perf_counter()
