@@ -17,6 +17,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Names of jax.checkpoint policies; "none" means no rematerialisation at all.
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+# Which Pallas GPU flash kernel "pallas_gpu" runs for training/prefill: the Triton FlashAttention-2 kernel (any CUDA
+# GPU) or the Mosaic GPU FlashAttention-3-style forward for Hopper (bf16/fp16, head_dim a multiple of 64).
+GPU_FLASH_KERNELS = ("triton", "mosaic")
 
 
 class ConfigError(ValueError):
@@ -83,6 +86,7 @@ class ModelConfig:
     remat: str = "none"
     scan_layers: bool = False
     attention_impl: str = "auto"
+    gpu_flash_kernel: str = "triton"  # GPU_FLASH_KERNELS; "mosaic" stays opt-in until it has been timed on a GPU
     lora: LoraConfig | None = None  # adapters on the projections (fine-tuning); merged away for export
 
     def __post_init__(self):
@@ -122,6 +126,8 @@ class ModelConfig:
             raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.gpu_flash_kernel not in GPU_FLASH_KERNELS:
+            raise ConfigError(f"gpu_flash_kernel must be one of {GPU_FLASH_KERNELS}, got {self.gpu_flash_kernel!r}")
         if self.lora is not None and not isinstance(self.lora, LoraConfig):
             raise ConfigError(f"lora must be a LoraConfig or None, got {type(self.lora).__name__}")
 

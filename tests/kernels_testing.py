@@ -3,8 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
+from internlm2_jax.config import preset
 from internlm2_jax.kernels.reference import xla_attention
+from internlm2_jax.model import InternLM2ForCausalLM
 
 
 def packed_case(seed, *, heads, kv_heads, q_len=40, head_dim=16, batch=2, dtype=jnp.float32, kv_len=None):
@@ -52,3 +56,18 @@ def assert_matches_reference(fn, case, causal):
         np.testing.assert_allclose(a, b, atol=tol * scale, rtol=tol, err_msg=name)
     pad = np.asarray(case["q_segment_ids"]) == 0
     assert np.all(np.asarray(got[0], np.float32)[pad] == 0), "padding queries must give zeros"
+
+
+def tiny_model_loss_and_grads(impl, ids, positions, segments, **overrides):
+    """Next-token loss of the tiny model (fixed seed) on packed rows, and its parameter gradients."""
+    model = InternLM2ForCausalLM(preset("tiny", attention_impl=impl, **overrides), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(ids[:, :-1], positions[:, :-1], segments[:, :-1])
+        per_token = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), ids[:, 1:])
+        weights = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
+        return jnp.sum(per_token * weights) / weights.sum()
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    return float(value), jax.tree.map(lambda g: np.asarray(g, np.float32), grads)

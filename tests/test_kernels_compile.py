@@ -1,5 +1,6 @@
 """The kernels really lower for their hardware, with none here: Mosaic compiles the TPU kernels for v5e and v5p
-topologies (libtpu, ahead of time), and the GPU kernels lower to Triton for an abstract H100. InternLM2-7B shapes:
+topologies (libtpu, ahead of time), the GPU kernels lower to Triton for an abstract H100, and the Hopper forward
+goes through Mosaic GPU's lowering (layouts, wgmma and TMA shapes are checked there). InternLM2-7B shapes:
 32 query heads, 8 kv heads, head_dim 128, bf16."""
 
 import os
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, NamedSharding, PartitionSpec
 
-from internlm2_jax.kernels import flash_gpu, flash_tpu, paged_gpu, paged_tpu
+from internlm2_jax.kernels import flash_gpu, flash_mgpu, flash_tpu, paged_gpu, paged_tpu
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
@@ -89,3 +90,13 @@ def test_gpu_kernels_lower_to_triton():
         assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dq, dk/dv
         paged = jax.jit(lambda *a: paged_gpu.paged_attention(*a, interpret=False)).trace(*_paged_args(8, 1, 32768, 16))
         assert paged.lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 1
+
+
+@pytest.mark.parametrize("seq", [4096, 32768])
+def test_mosaic_gpu_forward_lowers_with_the_triton_backward(seq):
+    """Pallas' Mosaic GPU lowering runs here through Mosaic's own dialect lowering (the PTX step is on the GPU)."""
+    with jax.sharding.use_abstract_mesh(H100):
+        traced = jax.jit(_flash_loss(flash_mgpu.flash_attention)).trace(*_flash_args(1, seq))
+        text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+    assert text.count("__gpu$xla.gpu.triton") == 2  # dq, dk/dv

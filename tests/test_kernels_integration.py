@@ -9,12 +9,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from flax import nnx
+from kernels_testing import tiny_model_loss_and_grads
 
-from internlm2_jax.config import preset
-from internlm2_jax.model import InternLM2ForCausalLM
 from internlm2_jax.model.attention import attention, resolve_impl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,28 +69,14 @@ def test_kernels_run_per_shard_in_a_2x2_shard_map():
     assert run.stdout.split() == ["pallas_tpu", "ok", "pallas_gpu", "ok"]
 
 
-def _loss_and_grads(impl, ids, positions, segments):
-    model = InternLM2ForCausalLM(preset("tiny", attention_impl=impl), rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-
-    def loss(params):
-        logits = nnx.merge(graphdef, params)(ids[:, :-1], positions[:, :-1], segments[:, :-1])
-        per_token = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
-        weights = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
-        return jnp.sum(per_token * weights) / weights.sum()
-
-    value, grads = jax.jit(jax.value_and_grad(loss))(params)
-    return float(value), jax.tree.map(np.asarray, grads)
-
-
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
 def test_tiny_model_loss_and_gradients_match_xla(impl):
     rng = np.random.default_rng(11)
     ids = jnp.asarray(rng.integers(3, 512, (2, 33)), jnp.int32)
     segments = jnp.asarray([[1] * 20 + [2] * 10 + [0] * 3, [1] * 33], jnp.int32)
     positions = jnp.asarray([list(range(20)) + list(range(10)) + [0] * 3, list(range(33))], jnp.int32)
-    want_loss, want = _loss_and_grads("xla", ids, positions, segments)
-    got_loss, got = _loss_and_grads(impl, ids, positions, segments)
+    want_loss, want = tiny_model_loss_and_grads("xla", ids, positions, segments)
+    got_loss, got = tiny_model_loss_and_grads(impl, ids, positions, segments)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, np.abs(b).max()), rtol=1e-4,

@@ -16,8 +16,8 @@ import functools
 import jax
 from jax.sharding import PartitionSpec as P
 
-from internlm2_jax.config import ATTENTION_IMPLS
-from internlm2_jax.kernels import flash_gpu, flash_tpu, paged_gpu, paged_tpu
+from internlm2_jax.config import ATTENTION_IMPLS, GPU_FLASH_KERNELS
+from internlm2_jax.kernels import flash_gpu, flash_mgpu, flash_tpu, paged_gpu, paged_tpu
 from internlm2_jax.kernels.decode_attention import paged_single_query_attention, single_query_attention
 from internlm2_jax.kernels.reference import attention_mask, paged_attention_reference, xla_attention
 from internlm2_jax.kernels.tiling import BlockSizes
@@ -48,7 +48,7 @@ def _interpret(impl: str, interpret: bool | None) -> bool:
 
 def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal=True, impl="auto",
               scale=None, block_sizes: BlockSizes | None = None, interpret: bool | None = None,
-              shared_segment: int | None = None) -> jax.Array:
+              shared_segment: int | None = None, gpu_flash_kernel: str = "triton") -> jax.Array:
     """Causal grouped-query attention over packed rows.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim] (never repeated to all heads).
@@ -56,8 +56,12 @@ def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_i
     only within its own segment and, if causal, to key positions <= its own. `block_sizes` tunes the Pallas kernels
     (default: kernels.flash_gpu.DEFAULT_BLOCKS on GPU, 512 x 512 on TPU). `shared_segment` (XLA back end only)
     makes that segment's keys visible to every segment: a tree mask, several branches scored on one shared prefix.
+    `gpu_flash_kernel` picks what "pallas_gpu" runs: "triton" (kernels/flash_gpu.py) or "mosaic" (the Hopper
+    forward of kernels/flash_mgpu.py, bf16/fp16 with head_dim a multiple of 64).
     """
     impl = resolve_impl(impl)
+    if gpu_flash_kernel not in GPU_FLASH_KERNELS:
+        raise ValueError(f"gpu_flash_kernel must be one of {GPU_FLASH_KERNELS}, got {gpu_flash_kernel!r}")
     if shared_segment is not None and impl != "xla":
         raise ValueError(f"shared_segment is supported by the xla attention impl only, not {impl!r}")
     if q.shape[2] % k.shape[2]:
@@ -69,7 +73,9 @@ def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_i
         return single_query_attention(q, k, v, mask, scale)
     if impl == "xla":
         return xla_attention(q, k, v, shared_segment=shared_segment, **kw)
-    kernel = flash_tpu.flash_attention if impl == "pallas_tpu" else flash_gpu.flash_attention
+    kernel = {"pallas_tpu": flash_tpu.flash_attention, "pallas_gpu": flash_gpu.flash_attention}[impl]
+    if impl == "pallas_gpu" and gpu_flash_kernel == "mosaic":
+        kernel = flash_mgpu.flash_attention
     run = functools.partial(kernel, causal=causal, scale=scale, block_sizes=block_sizes,
                             interpret=_interpret(impl, interpret))
     return _per_shard(run, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
