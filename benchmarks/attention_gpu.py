@@ -1,11 +1,15 @@
-"""GPU attention benchmark: our Pallas (Triton) flash kernel against cuDNN, the XLA reference and jax's shipped
-Pallas GPU attention. bf16, causal, 32 query heads / 8 kv heads / head_dim 128, T = 2K..32K with B = 32K tokens / T.
+"""GPU attention benchmark: our two Pallas GPU flash kernels (Triton, and the Mosaic GPU Hopper forward with the
+Triton backward) against cuDNN, the XLA reference and jax's shipped Pallas GPU attentions (the Triton `mha` and the
+Mosaic GPU FlashAttention-3 example). bf16, causal, 32 query heads / 8 kv heads / head_dim 128, T = 2K..32K with
+B = 32K tokens / T.
 
-First checks our kernel's forward and gradients against the XLA reference on the device, then times forward and
-forward+backward (median of several runs) and prints TFLOP/s (causal FLOPs halved; backward = 2.5x forward, the
-FlashAttention-2 convention) and the ratio to cuDNN. `--results FILE` appends the markdown table with card and date.
-`--dry-run` runs everything at a tiny shape on CPU (interpret mode) so the script is tested without a GPU; its
-numbers mean nothing.
+First checks each of our kernels' forward and gradients against the XLA reference on the device (a kernel that fails
+is reported and left out of the timings; the script then exits non-zero after printing the table), then times
+forward and forward+backward (median of several runs) and prints TFLOP/s (causal FLOPs halved; backward = 2.5x
+forward, the FlashAttention-2 convention) and the ratio to cuDNN. A contender that fails at some shape (OOM, an
+unsupported case such as the shipped FA3's causal backward) is a table entry, not a crash. `--results FILE` appends
+the markdown table with card and date. `--dry-run` runs everything at a tiny shape on CPU (interpret mode) so the
+script is tested without a GPU; its numbers mean nothing.
 
     python benchmarks/attention_gpu.py [--results benchmarks/RESULTS.md]
 """
@@ -24,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from internlm2_jax.kernels import flash_gpu  # noqa: E402
+from internlm2_jax.kernels import flash_gpu, flash_mgpu  # noqa: E402
 from internlm2_jax.kernels.reference import xla_attention  # noqa: E402
 
 
@@ -36,11 +40,14 @@ def _inputs(batch, seq, heads, kv_heads, head_dim, seed=0):
     return q, k, v, positions, jnp.ones((batch, seq), jnp.int32)
 
 
+OURS = {"ours (pallas triton)": flash_gpu.flash_attention, "ours (mosaic fwd + triton bwd)": flash_mgpu.flash_attention}
+
+
 def _contenders(interpret: bool, on_gpu: bool):
     """name -> f(q, k, v, positions, segments) for [B, T, H, D] inputs, causal."""
-    def ours(q, k, v, pos, seg):
-        return flash_gpu.flash_attention(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg,
-                                         kv_segment_ids=seg, interpret=interpret)
+    def ours(kernel):
+        return lambda q, k, v, pos, seg: kernel(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg,
+                                                kv_segment_ids=seg, interpret=interpret)
 
     def xla(q, k, v, pos, seg):
         return xla_attention(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
@@ -53,12 +60,17 @@ def _contenders(interpret: bool, on_gpu: bool):
         k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
         return jax_gpu_attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True, interpret=interpret)
 
+    def shipped_fa3(q, k, v, pos, seg):
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+        config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
+        return attention_mgpu.attention(q, k, v, config)
+
     def cudnn(q, k, v, pos, seg):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
-    out = {"ours (pallas triton)": ours}
-    if on_gpu:
-        out["cudnn"] = cudnn
+    out = {name: ours(kernel) for name, kernel in OURS.items()}
+    if on_gpu:  # neither has a CPU form
+        out.update({"cudnn": cudnn, "jax pallas fa3 (mosaic)": shipped_fa3})
     out.update({"xla reference": xla, "jax pallas mha": shipped})
     return out
 
@@ -73,22 +85,25 @@ def _timed(fn, args, iters):
     return statistics.median(times)
 
 
-def check_correctness(interpret, heads, kv_heads, head_dim, seq):
-    """Our kernel against the XLA reference (fp32 maths on the same bf16 inputs), forward and gradients."""
+def check_correctness(name, interpret, heads, kv_heads, head_dim, seq):
+    """One of our kernels against the XLA reference (fp32 maths on the same bf16 inputs), forward and gradients.
+    Returns an error message, or None when it agrees."""
     q, k, v, pos, seg = _inputs(2, seq, heads, kv_heads, head_dim, seed=1)
-    ours, xla = _contenders(interpret, False)["ours (pallas triton)"], _contenders(interpret, False)["xla reference"]
+    contenders = _contenders(interpret, False)
     loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v, pos, seg).astype(jnp.float32) * jnp.cos(q.astype(
         jnp.float32)))
     f32 = lambda x: x.astype(jnp.float32)
-    got = jax.jit(jax.value_and_grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
-    want = jax.jit(jax.value_and_grad(loss(xla), argnums=(0, 1, 2)))(f32(q), f32(k), f32(v))
+    try:
+        got = jax.jit(jax.value_and_grad(loss(contenders[name]), argnums=(0, 1, 2)))(q, k, v)
+    except Exception as err:  # noqa: BLE001 - a kernel that does not compile here is reported, the others still run
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+    want = jax.jit(jax.value_and_grad(loss(contenders["xla reference"]), argnums=(0, 1, 2)))(f32(q), f32(k), f32(v))
     errors = {}
-    for name, a, b in zip(("loss", "dq", "dk", "dv"), jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    for part, a, b in zip(("loss", "dq", "dk", "dv"), jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        errors[name] = float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
-    print("correctness (max error / max |reference|):", {k: f"{v:.1e}" for k, v in errors.items()})
-    if max(errors.values()) > 5e-2:
-        raise SystemExit(f"our kernel disagrees with the XLA reference: {errors}")
+        errors[part] = float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
+    print(f"correctness of {name} (max error / max |reference|):", {k: f"{v:.1e}" for k, v in errors.items()})
+    return f"disagrees with the XLA reference: {errors}" if max(errors.values()) > 5e-2 else None
 
 
 def run(args):
@@ -96,10 +111,15 @@ def run(args):
     if not (on_gpu or args.dry_run):
         raise SystemExit("no GPU here: run on a GPU machine, or pass --dry-run for the tiny CPU smoke run")
     interpret = not on_gpu
-    heads, kv_heads, head_dim = (4, 2, 16) if args.dry_run else (32, 8, 128)
-    seq_lens = [32, 64] if args.dry_run else args.seq_lens
-    tokens = 128 if args.dry_run else args.tokens
-    check_correctness(interpret, heads, kv_heads, head_dim, 48 if args.dry_run else 1024)
+    # The dry run's head_dim is 64: the Mosaic kernel's wgmma tiles need a multiple of 64.
+    heads, kv_heads, head_dim = (4, 2, 64) if args.dry_run else (32, 8, 128)
+    seq_lens = [64, 128] if args.dry_run else args.seq_lens
+    tokens = 256 if args.dry_run else args.tokens
+    failed = {name: error for name in OURS
+              if (error := check_correctness(name, interpret, heads, kv_heads, head_dim,
+                                             136 if args.dry_run else 1024))}
+    for name, error in failed.items():
+        print(f"{name} FAILED its correctness check, left out of the timings: {error}")
     device = jax.devices()[0]
     memory = (device.memory_stats() or {}).get("bytes_limit", 0) if on_gpu else 0
     rows = []
@@ -108,26 +128,33 @@ def run(args):
         inputs = _inputs(batch, seq, heads, kv_heads, head_dim)
         fwd_flops = 4 * batch * heads * seq * seq * head_dim / 2  # causal: half the tiles
         for name, fn in _contenders(interpret, on_gpu).items():
+            if name in failed:
+                continue
             scores_bytes = 3 * batch * heads * seq * seq * 4  # fp32 scores, probabilities and their gradient
             if name == "xla reference" and memory and scores_bytes > 0.8 * memory:
-                rows.append((seq, batch, name, None, None))
+                rows.append((seq, batch, name, "OOM", "OOM"))
                 continue
-            fwd = jax.jit(fn)
-            grad = jax.jit(jax.grad(lambda q, k, v, p, s, fn=fn: jnp.sum(fn(q, k, v, p, s).astype(jnp.float32)),
-                                    argnums=(0, 1, 2)))
-            try:
-                t_fwd, t_all = _timed(fwd, inputs, args.iters), _timed(grad, inputs, args.iters)
-            except Exception as err:  # noqa: BLE001 - an OOM or unsupported shape is a table entry, not a crash
-                print(f"  {name} T={seq}: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
-                rows.append((seq, batch, name, None, None))
-                continue
-            rows.append((seq, batch, name, fwd_flops / t_fwd / 1e12, 3.5 * fwd_flops / t_all / 1e12))
-            print(f"  T={seq:6d} B={batch:3d} {name:22s} fwd {t_fwd * 1e3:9.3f} ms  fwd+bwd {t_all * 1e3:9.3f} ms")
+            grad = jax.grad(lambda q, k, v, p, s, fn=fn: jnp.sum(fn(q, k, v, p, s).astype(jnp.float32)),
+                            argnums=(0, 1, 2))
+            cells = []
+            for part, flops, step in (("fwd", fwd_flops, fn), ("fwd+bwd", 3.5 * fwd_flops, grad)):
+                try:
+                    seconds = _timed(jax.jit(step), inputs, args.iters)
+                except Exception as err:  # noqa: BLE001 - an OOM or unsupported case is a table entry, not a crash
+                    print(f"  T={seq:6d} {name} {part}: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+                    cells.append("error")
+                    continue
+                cells.append(flops / seconds / 1e12)
+                print(f"  T={seq:6d} B={batch:3d} {name:32s} {part:8s} {seconds * 1e3:9.3f} ms")
+            rows.append((seq, batch, name, *cells))
     table = _markdown(rows, device.device_kind if on_gpu else "CPU dry run (interpret mode; numbers meaningless)")
     print(table)
     if args.results and not args.dry_run:
         with open(args.results, "a") as f:
-            f.write("\n" + table)
+            f.write("\n" + table + "".join(f"\n{name} failed its correctness check: {error}\n"
+                                           for name, error in failed.items()))
+    if failed:
+        raise SystemExit(f"kernels that disagree with the reference or do not run: {sorted(failed)}")
     return rows
 
 
@@ -141,9 +168,9 @@ def _markdown(rows, card):
     for seq, batch, name, *vals in rows:
         cells = []
         for kind, val in enumerate(vals):
-            base = cudnn.get((seq, kind))
-            cells += ["OOM" if val is None else f"{val:.1f}",
-                      f"{val / base:.2f}" if val is not None and base else "-"]
+            base, measured = cudnn.get((seq, kind)), not isinstance(val, str)  # else "OOM" or "error"
+            cells += [f"{val:.1f}" if measured else val,
+                      f"{val / base:.2f}" if measured and isinstance(base, float) else "-"]
         lines.append(f"| {seq} | {batch} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

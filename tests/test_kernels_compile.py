@@ -100,3 +100,26 @@ def test_mosaic_gpu_forward_lowers_with_the_triton_backward(seq):
         text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
     assert text.count("__gpu$xla.gpu.triton") == 2  # dq, dk/dv
+
+
+def test_mosaic_gpu_forward_lowers_per_shard_inside_shard_map():
+    """Four abstract H100s, batch over `data` and kv-head groups over `model`: the Hopper kernel is called on each
+    shard through `attention(...)`. (Mosaic GPU's interpret mode simulates one device at a time, so the 2x2 CPU
+    shard_map test covers the Triton and TPU kernels only.)"""
+    from internlm2_jax.model.attention import attention
+    mesh = AbstractMesh((2, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                        abstract_device=H100.abstract_device)
+    args = _flash_args(4, 4096)
+
+    def loss(q, k, v, pos, seg):
+        out = attention(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg,
+                        impl="pallas_gpu", gpu_flash_kernel="mosaic")
+        return out.astype(jnp.float32).sum()
+
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "sdy.manual_computation" in text or "shard_map" in text
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+    # The kernel sees one shard: 2 of 4 rows, 16 of 32 query heads.
+    assert "tensor<2x4096x16x128xbf16>" in text

@@ -31,7 +31,8 @@ def target_platform() -> str:
     ahead-of-time compile on a CPU machine), else the default backend."""
     mesh = jax.sharding.get_abstract_mesh()
     device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
+    platform = device.platform if device is not None else jax.default_backend()
+    return {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)  # an abstract GPU device may name its toolkit
 
 
 def resolve_impl(impl: str) -> str:
