@@ -1,6 +1,6 @@
-"""GPU attention benchmark: our two Pallas GPU flash kernels (Triton, and the Mosaic GPU Hopper forward with the
-Triton backward) against cuDNN, the XLA reference and jax's shipped Pallas GPU attentions (the Triton `mha` and the
-Mosaic GPU FlashAttention-3 example). bf16, causal, 32 query heads / 8 kv heads / head_dim 128, T = 2K..32K with
+"""GPU attention benchmark: our two sets of Pallas GPU flash kernels (Triton, and Mosaic GPU for Hopper) against
+cuDNN, the XLA reference and jax's shipped Pallas GPU attentions (the Triton `mha` and the Mosaic GPU
+FlashAttention-3 example). bf16, causal, 32 query heads / 8 kv heads / head_dim 128, T = 2K..32K with
 B = 32K tokens / T.
 
 First checks each of our kernels' forward and gradients against the XLA reference on the device (a kernel that fails
@@ -40,7 +40,7 @@ def _inputs(batch, seq, heads, kv_heads, head_dim, seed=0):
     return q, k, v, positions, jnp.ones((batch, seq), jnp.int32)
 
 
-OURS = {"ours (pallas triton)": flash_gpu.flash_attention, "ours (mosaic fwd + triton bwd)": flash_mgpu.flash_attention}
+OURS = {"ours (pallas triton)": flash_gpu.flash_attention, "ours (pallas mosaic)": flash_mgpu.flash_attention}
 
 
 def _contenders(interpret: bool, on_gpu: bool):

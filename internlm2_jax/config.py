@@ -17,8 +17,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Names of jax.checkpoint policies; "none" means no rematerialisation at all.
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
-# Which Pallas GPU flash kernel "pallas_gpu" runs for training/prefill: the Triton FlashAttention-2 kernel (any CUDA
-# GPU) or the Mosaic GPU FlashAttention-3-style forward for Hopper (bf16/fp16, head_dim a multiple of 64).
+# Which Pallas GPU flash kernels "pallas_gpu" runs for training/prefill: the Triton FlashAttention-2 kernels (any CUDA
+# GPU) or the Mosaic GPU kernels for Hopper (FlashAttention-3-style; bf16/fp16, head_dim a multiple of 64).
 GPU_FLASH_KERNELS = ("triton", "mosaic")
 
 

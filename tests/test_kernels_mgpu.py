@@ -1,6 +1,7 @@
-"""The Hopper (Mosaic GPU) flash forward in Mosaic GPU's interpret mode: a CPU simulation of the warpgroups, shared
-memory, TMA copies, wgmma and mbarriers that also refuses a barrier phase some thread never observed. Each case spans
-several q and kv blocks (128 x 64) so the producer's slot ring wraps and the masked and unmasked loops both run."""
+"""The Hopper (Mosaic GPU) flash kernels, forward, dq and dk/dv, in Mosaic GPU's interpret mode: a CPU simulation of
+the warpgroups, shared memory, TMA copies, wgmma and mbarriers that also refuses a barrier phase some thread never
+observed. Each case spans several q and kv blocks so the producers' slot rings wrap and the masked and unmasked loops
+both run. (The simulation runs each wgmma to completion at once, so a missing wgmma wait would not show here.)"""
 
 import functools
 
@@ -12,7 +13,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels_testing import assert_matches_reference, packed_case, tiny_model_loss_and_grads
 
 from internlm2_jax.config import ConfigError, preset
-from internlm2_jax.kernels import flash_mgpu
+from internlm2_jax.kernels import flash_mgpu, mgpu_pipeline
 from internlm2_jax.kernels.reference import attention_mask
 from internlm2_jax.kernels.tiling import BlockSizes
 
@@ -32,7 +33,7 @@ def test_mosaic_flash_matches_reference(heads, kv_heads, causal, q_len, kv_len):
 
 
 def _brute_force_ranges_hold(q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv):
-    ranges = np.asarray(flash_mgpu.mask_ranges(q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv, causal))
+    ranges = np.asarray(mgpu_pipeline.mask_ranges(q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv, causal))
     mask = np.asarray(attention_mask(q_pos, kv_pos, q_seg, kv_seg, causal))  # [batch, q, kv]
     batch, q_len, kv_len = mask.shape
     tiles = mask.reshape(batch, q_len // block_q, block_q, kv_len // block_kv, block_kv)
@@ -66,14 +67,15 @@ def test_mask_ranges_skip_only_hidden_blocks_and_drop_masks_only_where_all_visib
         _brute_force_ranges_hold(pos, pos, seg, seg, bool(seed % 3), 128, block)
 
 
-def test_mosaic_forward_has_no_shared_memory_races():
+def test_mosaic_kernels_have_no_shared_memory_races():
+    """Forward, dq and dk/dv with the race detector on (a GQA group of 2, so dk/dv streams two heads' blocks)."""
     case = packed_case(1, heads=2, kv_heads=1, head_dim=64, q_len=256, batch=1, dtype=jnp.bfloat16)
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # the race report has no public name
-    params = plgpu.InterpretGPUParams(detect_races=True)
-    out = flash_mgpu.flash_attention(case["q"], case["k"], case["v"], q_positions=case["q_positions"],
-                                     kv_positions=case["kv_positions"], q_segment_ids=case["q_segment_ids"],
-                                     kv_segment_ids=case["kv_segment_ids"], block_sizes=BLOCKS, interpret=params)
-    jax.block_until_ready(out)
+    kernel = functools.partial(flash_mgpu.flash_attention, block_sizes=BLOCKS,
+                               interpret=plgpu.InterpretGPUParams(detect_races=True))
+    masks = {k: case[k] for k in ("q_positions", "kv_positions", "q_segment_ids", "kv_segment_ids")}
+    loss = lambda q, k, v: jnp.sum(kernel(q, k, v, **masks).astype(jnp.float32) * case["cotangent"])
+    jax.block_until_ready(jax.grad(loss, argnums=(0, 1, 2))(case["q"], case["k"], case["v"]))
     assert not interpret_pallas_call.get_races().races_found
 
 

@@ -58,7 +58,7 @@ def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_i
     (default: kernels.flash_gpu.DEFAULT_BLOCKS on GPU, 512 x 512 on TPU). `shared_segment` (XLA back end only)
     makes that segment's keys visible to every segment: a tree mask, several branches scored on one shared prefix.
     `gpu_flash_kernel` picks what "pallas_gpu" runs: "triton" (kernels/flash_gpu.py) or "mosaic" (the Hopper
-    forward of kernels/flash_mgpu.py, bf16/fp16 with head_dim a multiple of 64).
+    kernels of kernels/flash_mgpu.py, bf16/fp16 with head_dim a multiple of 64).
     """
     impl = resolve_impl(impl)
     if gpu_flash_kernel not in GPU_FLASH_KERNELS:

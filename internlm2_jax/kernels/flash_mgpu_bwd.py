@@ -1,0 +1,238 @@
+"""Flash attention backward for Hopper GPUs (Pallas, Mosaic GPU): dq and dk/dv kernels on the forward's residuals
+(output and log-sum-exp), GQA-native, with the block skipping and mask-free interior of mgpu_pipeline.py.
+
+- dq: one CTA per (query head, 128 query rows, batch row), two compute warpgroups of 64 rows; the producer streams
+  K and V blocks of the live range. Per block: S = Q K^T, P = exp(S - lse), dP = dO V^T, dS = P (dP - delta),
+  dQ += dS K into a wgmma accumulator that lives across the whole loop.
+- dk/dv: one CTA per (kv head, 128 key rows, batch row), two compute warpgroups of 64 key rows; the producer streams
+  Q and dO blocks of every query head of the group over the live query range, so dk/dv come out per kv head (no
+  repeated K/V, no per-head partial sums). Per block: S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dS^T, dK += dS^T Q.
+P and dS are staged through shared memory as wgmma operands. delta = rowsum(dO * O) comes from one XLA reduction.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from internlm2_jax.kernels.mgpu_pipeline import (COL, COMPUTE_WGS, LOG2E, ROW, ROWS, TRANSFORMS, interpret_params,
+                                                 load_vector, produce, tile_ranges, tile_tables, visible, walk)
+
+# dq: 128 query rows x 64 keys; dk/dv: 128 key rows x 64 queries. The 64-wide streamed blocks keep both kernels'
+# shared memory (K/V or Q/dO slots, the resident slabs and the P/dS staging) near 150 KB at head_dim 128.
+STREAMED_BLOCK = 64
+RESIDENT_BLOCK = ROWS * COMPUTE_WGS
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    causal: bool
+    scale: float
+    group: int
+    stages: int
+    interpret: bool | plgpu.InterpretGPUParams
+
+
+def _call(st, kernel, out_type, grid, grid_names, *args):
+    return plgpu.kernel(kernel, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=COMPUTE_WGS + 1,
+                        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+                        interpret=interpret_params(st.interpret))(*args)
+
+
+def _accumulate(acc_ref, a, b):
+    """acc += a @ b, finished before returning: the operands' shared memory may be reused or released next."""
+    plgpu.wgmma(acc_ref, a, b)
+    plgpu.wgmma_wait(0)
+
+
+def _matmul(a, b, shape):
+    """a @ b in fp32 registers (a fresh wgmma accumulator)."""
+    def run(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        return acc_ref[...]
+    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+
+def _dq(st: Static, q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg, ranges):
+    batch, q_len, heads, head_dim = q.shape
+    dtype, bkv, stages = q.dtype, STREAMED_BLOCK, st.stages
+
+    def kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qp_ref, qs_ref, kp_ref, ks_ref, dq_ref,
+               scoped):
+        (q_smem, do_smem, k_smem, v_smem, ds_smem), (q_ready, k_ready, v_ready), free = scoped
+        b, h, t, wg = (lax.axis_index(name) for name in ("batch", "heads", "q_tile", "wg"))
+        blocks = tuple(ranges_ref[b, t, i] for i in range(4))
+        lo, hi = blocks[0], blocks[3]
+
+        @pl.when(wg < COMPUTE_WGS)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            rows = pl.ds(t * RESIDENT_BLOCK + wg * ROWS, ROWS)
+            plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[wg], q_ready.at[wg])
+            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[wg], q_ready.at[COMPUTE_WGS + wg])
+            q_pos, q_seg = load_vector(qp_ref.at[b, rows], ROW), load_vector(qs_ref.at[b, rows], ROW)
+            row_lse, row_delta = load_vector(lse_ref.at[b, h, rows], ROW), load_vector(delta_ref.at[b, h, rows], ROW)
+            plgpu.barrier_wait(q_ready.at[wg])
+            plgpu.barrier_wait(q_ready.at[COMPUTE_WGS + wg])
+            on_rows = lambda x: lax.broadcast_in_dim(x, (ROWS, bkv), [0])
+
+            def with_accumulator(dq_acc):
+                def step(j, carry, masked):
+                    slot = lax.rem(j - lo, stages)
+                    plgpu.barrier_wait(k_ready.at[slot])
+                    p = jnp.exp2(_matmul(q_smem.at[wg], k_smem.at[slot].transpose((1, 0)), (ROWS, bkv))
+                                 * (st.scale * LOG2E) - on_rows(row_lse * LOG2E))
+                    if masked:
+                        cols = pl.ds(j * bkv, bkv)
+                        p = jnp.where(visible(q_pos, q_seg, load_vector(kp_ref.at[b, cols], COL),
+                                              load_vector(ks_ref.at[b, cols], COL), p.shape, 0, st.causal), p, 0.0)
+                    plgpu.barrier_wait(v_ready.at[slot])
+                    dp = _matmul(do_smem.at[wg], v_smem.at[slot].transpose((1, 0)), (ROWS, bkv))
+                    ds_smem.at[wg][...] = (p * (dp - on_rows(row_delta))).astype(dtype)
+                    plgpu.commit_smem()
+                    _accumulate(dq_acc, ds_smem.at[wg], k_smem.at[slot])
+                    plgpu.barrier_arrive(free.at[slot])
+                    return carry
+
+                walk(blocks, step, None)
+                return dq_acc[...]
+
+            dq = pl.run_scoped(with_accumulator, plgpu.ACC((ROWS, head_dim), jnp.float32))
+            q_smem.at[wg][...] = (dq * st.scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b, rows, h])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == COMPUTE_WGS)
+        def _produce():
+            plgpu.set_max_registers(40, action="decrease")
+            block = lambda i: (b, pl.ds((lo + i) * bkv, bkv), lax.div(h, st.group))
+
+            def issue(i, slot):
+                plgpu.copy_gmem_to_smem(k_ref.at[block(i)], k_smem.at[slot], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[block(i)], v_smem.at[slot], v_ready.at[slot])
+
+            produce(hi - lo, stages, [(free, issue)])
+
+    def entry(*refs):
+        smem = (plgpu.SMEM((COMPUTE_WGS, ROWS, head_dim), dtype, transforms=TRANSFORMS),
+                plgpu.SMEM((COMPUTE_WGS, ROWS, head_dim), dtype, transforms=TRANSFORMS),
+                plgpu.SMEM((stages, bkv, head_dim), dtype, transforms=TRANSFORMS),
+                plgpu.SMEM((stages, bkv, head_dim), dtype, transforms=TRANSFORMS),
+                plgpu.SMEM((COMPUTE_WGS, ROWS, bkv), dtype, transforms=TRANSFORMS))
+        ready = (plgpu.Barrier(num_barriers=2 * COMPUTE_WGS), plgpu.Barrier(num_barriers=stages),
+                 plgpu.Barrier(num_barriers=stages))
+        free = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)
+        pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, ready, free, collective_axes="wg")
+
+    return _call(st, entry, jax.ShapeDtypeStruct(q.shape, dtype), (heads, q_len // RESIDENT_BLOCK, batch),
+                 ("heads", "q_tile", "batch"), ranges, q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg)
+
+
+def _dkv(st: Static, q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg, ranges):
+    batch, kv_len, kv_heads, head_dim = k.shape
+    dtype, bq, stages, group = q.dtype, STREAMED_BLOCK, st.stages, st.group
+
+    def kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qp_ref, qs_ref, kp_ref, ks_ref,
+               dk_ref, dv_ref, scoped):
+        (k_smem, v_smem, q_smem, do_smem, stat_smem, p_smem, ds_smem), ready, free = scoped
+        kv_ready, q_ready, do_ready, lse_ready, delta_ready = ready
+        b, g, t, wg = (lax.axis_index(name) for name in ("batch", "kv_heads", "kv_tile", "wg"))
+        blocks = tuple(ranges_ref[b, t, i] for i in range(4))
+        lo, hi = blocks[0], blocks[3]
+        per_head = hi - lo
+
+        @pl.when(wg < COMPUTE_WGS)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            rows = pl.ds(t * RESIDENT_BLOCK + wg * ROWS, ROWS)
+            plgpu.copy_gmem_to_smem(k_ref.at[b, rows, g], k_smem.at[wg], kv_ready.at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, rows, g], v_smem.at[wg], kv_ready.at[COMPUTE_WGS + wg])
+            kv_pos, kv_seg = load_vector(kp_ref.at[b, rows], ROW), load_vector(ks_ref.at[b, rows], ROW)
+            plgpu.barrier_wait(kv_ready.at[wg])
+            plgpu.barrier_wait(kv_ready.at[COMPUTE_WGS + wg])
+            on_cols = lambda x: lax.broadcast_in_dim(x, (ROWS, bq), [1])
+
+            def with_accumulators(dk_acc, dv_acc):
+                def over_heads(head, carry):
+                    def step(i, carry, masked):
+                        slot = lax.rem(head * per_head + i - lo, stages)
+                        plgpu.barrier_wait(q_ready.at[slot])
+                        plgpu.barrier_wait(lse_ready.at[slot])
+                        col_lse = plgpu.load(stat_smem.at[slot, 0], layout=COL)
+                        p = jnp.exp2(_matmul(k_smem.at[wg], q_smem.at[slot].transpose((1, 0)), (ROWS, bq))
+                                     * (st.scale * LOG2E) - on_cols(col_lse * LOG2E))
+                        if masked:
+                            cols = pl.ds(i * bq, bq)
+                            p = jnp.where(visible(load_vector(qp_ref.at[b, cols], COL),
+                                                  load_vector(qs_ref.at[b, cols], COL), kv_pos, kv_seg, p.shape, 1,
+                                                  st.causal), p, 0.0)
+                        p_smem.at[wg][...] = p.astype(dtype)
+                        plgpu.commit_smem()
+                        plgpu.barrier_wait(do_ready.at[slot])
+                        plgpu.wgmma(dv_acc, p_smem.at[wg], do_smem.at[slot])
+                        dp = _matmul(v_smem.at[wg], do_smem.at[slot].transpose((1, 0)), (ROWS, bq))
+                        plgpu.barrier_wait(delta_ready.at[slot])
+                        col_delta = plgpu.load(stat_smem.at[slot, 1], layout=COL)
+                        ds_smem.at[wg][...] = (p * (dp - on_cols(col_delta))).astype(dtype)
+                        plgpu.commit_smem()
+                        _accumulate(dk_acc, ds_smem.at[wg], q_smem.at[slot])
+                        plgpu.barrier_arrive(free.at[slot])
+                        return carry
+
+                    return walk(blocks, step, carry)
+
+                lax.fori_loop(0, group, over_heads, None)
+                return dk_acc[...], dv_acc[...]
+
+            acc = plgpu.ACC((ROWS, head_dim), jnp.float32)
+            dk, dv = pl.run_scoped(with_accumulators, acc, acc)
+            k_smem.at[wg][...] = (dk * st.scale).astype(dtype)
+            v_smem.at[wg][...] = dv.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[b, rows, g])
+            plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, rows, g])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == COMPUTE_WGS)
+        def _produce():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def issue(n, slot):
+                head = g * group + lax.div(n, per_head)
+                cols = pl.ds((lo + lax.rem(n, per_head)) * bq, bq)
+                plgpu.copy_gmem_to_smem(q_ref.at[b, cols, head], q_smem.at[slot], q_ready.at[slot])
+                plgpu.copy_gmem_to_smem(lse_ref.at[b, head, cols], stat_smem.at[slot, 0], lse_ready.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[b, cols, head], do_smem.at[slot], do_ready.at[slot])
+                plgpu.copy_gmem_to_smem(delta_ref.at[b, head, cols], stat_smem.at[slot, 1], delta_ready.at[slot])
+
+            produce(group * per_head, stages, [(free, issue)])
+
+    def entry(*refs):
+        resident = plgpu.SMEM((COMPUTE_WGS, ROWS, head_dim), dtype, transforms=TRANSFORMS)
+        streamed = plgpu.SMEM((stages, bq, head_dim), dtype, transforms=TRANSFORMS)
+        staged = plgpu.SMEM((COMPUTE_WGS, ROWS, bq), dtype, transforms=TRANSFORMS)
+        smem = (resident, resident, streamed, streamed, plgpu.SMEM((stages, 2, bq), jnp.float32), staged, staged)
+        ready = (plgpu.Barrier(num_barriers=2 * COMPUTE_WGS),) + (plgpu.Barrier(num_barriers=stages),) * 4
+        free = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)
+        pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, ready, free, collective_axes="wg")
+
+    out = jax.ShapeDtypeStruct(k.shape, dtype)
+    return _call(st, entry, (out, out), (kv_heads, kv_len // RESIDENT_BLOCK, batch), ("kv_heads", "kv_tile", "batch"),
+                 ranges, q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg)
+
+
+def backward(st: Static, q, k, v, meta, o, lse, do):
+    """dq, dk, dv on padded operands: q/o/do [B, T, H, D] with T a multiple of 128, k/v [B, S, KV, D] with S a
+    multiple of 128, meta the padded (q_pos, q_seg, kv_pos, kv_seg), lse [B, H, T] from the forward."""
+    q_pos, q_seg, kv_pos, kv_seg = meta
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
+    args = (q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg)
+    live, full = tile_tables(q_pos, kv_pos, q_seg, kv_seg, RESIDENT_BLOCK, STREAMED_BLOCK, st.causal)
+    dq = _dq(st, *args, tile_ranges(live, full))
+    live, full = tile_tables(q_pos, kv_pos, q_seg, kv_seg, STREAMED_BLOCK, RESIDENT_BLOCK, st.causal)
+    dk, dv = _dkv(st, *args, tile_ranges(live.transpose(0, 2, 1), full.transpose(0, 2, 1)))
+    return dq, dk, dv

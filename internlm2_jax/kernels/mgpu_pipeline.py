@@ -1,0 +1,104 @@
+"""What the Hopper (Mosaic GPU) flash kernels share: which blocks each CTA visits and which of them need a mask, the
+mask of a tile, the producer warpgroup's TMA ring, and the masked / unmasked / masked walk over a block range.
+
+Every kernel has the same shape: one producer warpgroup streams blocks of the "other" sequence (K/V for the forward
+and dq kernels, Q/dO for dk/dv) through `stages` shared-memory slots; two compute warpgroups each own a 64-row slab of
+their own sequence and consume every streamed block. A slot is released by both compute warpgroups arriving on its
+"free" barrier, and the producer waits for that before refilling it.
+"""
+
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from internlm2_jax.kernels import tiling
+
+COMPUTE_WGS = 2
+ROWS = 64  # rows per compute warpgroup: the M of one wgmma
+LOG2E = 1.4426950408889634
+ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma accumulator
+COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
+# 8-row tiles with the 128-byte swizzle: the shared-memory layout wgmma and TMA read without bank conflicts.
+TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def tile_tables(q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv, causal):
+    """[batch, n_q_blocks, n_kv_blocks] bools: `live` (some pair visible, tiling.py) and `full` (every pair visible:
+    one real segment on both sides and, if causal, every key at or before every query)."""
+    live = tiling.live_tiles(q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv, causal)
+    batch, nq, nk = live.shape
+    qp, qs = (x.reshape(batch, nq, block_q) for x in (q_pos, q_seg))
+    kp, ks = (x.reshape(batch, nk, block_kv) for x in (kv_pos, kv_seg))
+    q_one = (qs.min(-1) == qs.max(-1)) & (qs.min(-1) != 0)
+    kv_one = (ks.min(-1) == ks.max(-1)) & (ks.min(-1) != 0)
+    full = q_one[:, :, None] & kv_one[:, None, :] & (qs[:, :, 0][:, :, None] == ks[:, :, 0][:, None, :])
+    if causal:
+        full &= kp.max(-1)[:, None, :] <= qp.min(-1)[:, :, None]
+    return live, full
+
+
+def tile_ranges(live, full):
+    """Per row of the tables, int32 [lo, full_lo, full_hi, hi] along the last axis: blocks [lo, hi) are live and
+    those in [full_lo, full_hi) need no mask. If the fully visible blocks are not contiguous, all run masked."""
+    batch, n = live.shape[:2]
+    (lo, last), (f_lo, f_last) = tiling.block_ranges(live), tiling.block_ranges(full)
+    lo, hi, f_lo, f_hi = (x.reshape(batch, n) for x in (lo, last + 1, f_lo, f_last + 1))
+    usable = (f_hi > f_lo) & (full.sum(-1) == f_hi - f_lo)
+    return jnp.stack([lo, jnp.where(usable, f_lo, hi), jnp.where(usable, f_hi, hi), hi], axis=-1).astype(jnp.int32)
+
+
+def mask_ranges(q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv, causal):
+    """Per (batch, q block): the kv block ranges of tile_ranges (what the forward and dq kernels walk)."""
+    return tile_ranges(*tile_tables(q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv, causal))
+
+
+def visible(q_pos, q_seg, kv_pos, kv_seg, shape, q_axis, causal):
+    """The mask of reference.py for one register tile; q_axis is the tile axis the query vectors run along."""
+    on_q = lambda x: lax.broadcast_in_dim(x, shape, [q_axis])
+    on_kv = lambda x: lax.broadcast_in_dim(x, shape, [1 - q_axis])
+    mask = (on_q(q_seg) == on_kv(kv_seg)) & (on_q(q_seg) != 0)
+    if causal:
+        mask &= on_kv(kv_pos) <= on_q(q_pos)
+    return mask
+
+
+def load_vector(ref, layout):
+    """A 1-D slice of positions, segment ids or row statistics from global memory, in a wgmma row/column layout.
+    (A strided register load: no TMA shape fits a vector spread over a warpgroup's fragments.)"""
+    return plgpu.load(ref, layout=layout, optimized=False)
+
+
+def produce(steps, stages, transfers):
+    """The producer warpgroup: for step i in [0, steps), slot i % stages; each transfer is (free barriers,
+    issue(i, slot)) and waits for its slot's previous contents to be released before copying. Afterwards it waits
+    for the last releases too, so no barrier phase is left unobserved when the scratch goes out of scope."""
+
+    @pl.loop(0, steps)
+    def _(i):
+        slot = lax.rem(i, stages)
+        for free, issue in transfers:
+            pl.when(i >= stages)(functools.partial(plgpu.barrier_wait, free.at[slot]))
+            issue(i, slot)
+
+    @pl.loop(jnp.maximum(steps - stages, 0), steps)
+    def _(i):
+        for free, _ in transfers:
+            plgpu.barrier_wait(free.at[lax.rem(i, stages)])
+
+
+def walk(ranges, step, carry):
+    """step(j, carry, masked) over the blocks [lo, hi) of `ranges`, without the mask on [full_lo, full_hi)."""
+    lo, f_lo, f_hi, hi = ranges
+    carry = lax.fori_loop(lo, f_lo, functools.partial(step, masked=True), carry)
+    carry = lax.fori_loop(f_lo, f_hi, functools.partial(step, masked=False), carry)
+    return lax.fori_loop(f_hi, hi, functools.partial(step, masked=True), carry)
+
+
+def interpret_params(interpret):
+    """pallas' `interpret=` for Mosaic GPU: None (compile), the default simulation, or given params."""
+    if isinstance(interpret, plgpu.InterpretGPUParams):
+        return interpret
+    return plgpu.InterpretGPUParams() if interpret else None
