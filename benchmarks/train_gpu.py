@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from internlm2_jax.config import REMAT_POLICIES, preset  # noqa: E402
+from internlm2_jax.config import GPU_FLASH_KERNELS, REMAT_POLICIES, preset  # noqa: E402
 from internlm2_jax.parallel import MeshConfig, make_mesh  # noqa: E402
 from internlm2_jax.train import (  # noqa: E402
     OptimizerConfig,
@@ -88,6 +88,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=4, help="rows per step; halved until it fits")
     parser.add_argument("--remat", default="dots_no_batch", choices=REMAT_POLICIES)
     parser.add_argument("--attention", default="auto", help="attention impl (auto = Pallas kernel on GPU)")
+    parser.add_argument("--gpu-flash-kernel", default="triton", choices=GPU_FLASH_KERNELS,
+                        help="which Pallas GPU flash kernels (mosaic: the Hopper ones)")
     parser.add_argument("--loss-chunk", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--results", help="append the markdown table to this file")
@@ -101,7 +103,8 @@ def main(argv=None):
     if device.platform != "gpu" and not args.dry_run:
         raise SystemExit(f"no GPU here (default device: {device.platform}); use --dry-run to check the script")
     peak_name, peak = peak_flops(device)
-    cfg = preset(args.preset, scan_layers=True, dtype="bfloat16", remat=args.remat, attention_impl=args.attention)
+    cfg = preset(args.preset, scan_layers=True, dtype="bfloat16", remat=args.remat, attention_impl=args.attention,
+                 gpu_flash_kernel=args.gpu_flash_kernel)
 
     batch, notes = args.batch, []
     while True:
@@ -117,7 +120,8 @@ def main(argv=None):
     utilisation = mfu(cfg, args.seq, tokens_per_second, peak)
     title = device.device_kind if not args.dry_run else "CPU dry run (tiny shape; numbers meaningless)"
     header = "| shape | params | remat | attention | B x T | step s | tokens/s | TFLOP/s | MFU | peak mem |"
-    row = (f"| {args.preset} | {cfg.num_params() / 1e9:.2f}B | {args.remat} | {args.attention} | {batch} x {args.seq} "
+    row = (f"| {args.preset} | {cfg.num_params() / 1e9:.2f}B | {args.remat} "
+           f"| {args.attention} ({args.gpu_flash_kernel}) | {batch} x {args.seq} "
            f"| {seconds:.3f} | {tokens_per_second:,.0f} | "
            f"{train_flops_per_token(cfg, args.seq) * tokens_per_second / 1e12:.1f} | {utilisation:.1%} "
            f"| {peak_bytes / 2**30:.1f} GiB |")
