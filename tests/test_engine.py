@@ -2,6 +2,7 @@
 request run alone (preemption, prefix sharing, chunked prefill, sampling and penalties included), and limits, stops,
 cancellation and internal errors behave."""
 
+import importlib
 import threading
 
 import jax
@@ -16,6 +17,7 @@ from internlm2_jax.decode.engine import Engine, EngineConfig
 from internlm2_jax.decode.generate import generate_ids
 from internlm2_jax.decode.requests import EngineFull, Request, RequestRejected
 from internlm2_jax.decode.sampling import SamplingConfig
+from internlm2_jax.kernels.decode_attention import paged_cpu_kernel_available
 from internlm2_jax.model import InternLM2ForCausalLM
 from internlm2_jax.model.paged_cache import init_paged_cache, pages_for_budget
 
@@ -99,9 +101,12 @@ def test_every_request_equals_itself_alone_under_preemption_and_prefix_sharing(m
         assert_same_completion(got, solo(model, request), model, request)
 
 
-def test_decode_rows_sorted_into_stepped_widths_equal_each_request_alone(model):
-    """16 rows of very different lengths at the widest page table run as four groups of stepped-down widths
-    (`row_widths`); every output still equals the request run alone."""
+def test_decode_rows_sorted_into_stepped_widths_equal_each_request_alone(model, monkeypatch):
+    """Decoding with XLA's page gather (as without the CPU kernel): 16 rows of very different lengths at the widest
+    page table run as four groups of stepped-down widths (`row_widths`); every output still equals the request run
+    alone."""
+    for module in ("internlm2_jax.decode.engine", "internlm2_jax.model.attention"):
+        monkeypatch.setattr(importlib.import_module(module), "decode_reads_pages_in_place", lambda *args: False)
     reqs = [Request(p, 10, top_n=2) for p in prompts(16, 1, 50, seed=3)]
     engine = Engine(model, None, EngineConfig(max_model_len=64, kv_budget_tokens=2048, page_size=4, max_running=16,
                                               prefill_chunk=64))
@@ -213,8 +218,10 @@ def test_background_loop_serves_threads_and_bounds_compiled_shapes(model):
                                               prefill_chunk=32))
     programs = engine.warmup()
     warm = set(engine.shapes)
-    # decode: rows 1, 2, 4, 8 x widths {2, 8}; prefill: (rows, chunk) (1, 16), (1, 32), (2, 16) x widths {2, 8}
-    assert programs == len(warm) == 4 * 2 + 3 * 2
+    # decode: rows 1, 2, 4, 8 x widths {2, 8} (only 8 when the CPU kernel reads pages in place);
+    # prefill: (rows, chunk) (1, 16), (1, 32), (2, 16) x widths {2, 8}
+    assert engine.decode_reads_pages_in_place == paged_cpu_kernel_available()
+    assert programs == len(warm) == 4 * (1 if engine.decode_reads_pages_in_place else 2) + 3 * 2
     engine.start()
     results, lock = {}, threading.Lock()
 

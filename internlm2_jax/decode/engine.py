@@ -5,8 +5,8 @@ prompt tokens still to cache (up to `max_prefill_rows` rows and `prefill_chunk` 
 for every sequence that is generating. Both sample on device with each row's own settings; the host appends tokens,
 checks stop ids, stop strings and lengths, sends `Event`s and frees finished sequences' pages. Shapes are padded to
 a few sizes (decode rows to multiples of 4, prefill rows and chunks to powers of two, page-table widths to powers
-of four, and a decode batch's groups of rows to two stepped width profiles), so the engine runs a bounded set of
-programs, all compiled by `warmup()`, never one per request.
+of four, and, where decoding gathers pages with XLA, a decode batch's groups of rows to two stepped width
+profiles), so the engine runs a bounded set of programs, all compiled by `warmup()`, never one per request.
 
 Memory is an absolute budget (`kv_budget_tokens` or `kv_budget_gb`), split into pages. A request is admitted when
 its whole prompt fits (its shared prefix pages from the prefix cache cost nothing) with a page of headroom per
@@ -41,6 +41,7 @@ from internlm2_jax.decode.engine_step import (jitted_engine_step, key_data, set_
 from internlm2_jax.decode.requests import EngineFull, Event, Request, RequestRejected
 from internlm2_jax.decode.scheduler import PagePool, Sequence
 from internlm2_jax.decode.scoring import score_tokens
+from internlm2_jax.model.attention import decode_reads_pages_in_place
 from internlm2_jax.model.paged_cache import init_paged_cache, pages_for_budget
 
 log = logging.getLogger(__name__)
@@ -134,13 +135,19 @@ class Engine:
         self._prefill_shapes = [(rows, chunk) for rows in _powers(1, config.max_prefill_rows)
                                 for chunk in _powers(smallest, config.prefill_chunk // rows) if chunk >= smallest]
         self._widths = _ladder(_pow2(-(-config.max_model_len // page_size)))
+        # The CPU decode kernel reads each row's pages in place up to its length, so a decode step costs the same
+        # at any page-table width: then decode runs at the widest only and needs no row profiles (a third of the
+        # programs to compile). The XLA gather reads whole widths, hence the ladder and the profiles below.
+        self.decode_reads_pages_in_place = decode_reads_pages_in_place(
+            self.model_config.attention_impl, self.model_config.dtype, config.cache_dtype or self.model_config.dtype)
+        self._decode_widths = self._widths[-1:] if self.decode_reads_pages_in_place else self._widths
         # A decode batch of >= 16 rows at the widest page table, its rows sorted by length, may also run as four
         # groups whose widths step down (`row_widths`), so the XLA back end gathers about the pages the rows hold:
         # staircases of eighths of the width, (8, 6, 4, 2) or else (8, 8, 6, 4), whichever fits first. On the
         # benchmark trace they cut the pages gathered by a third at two extra programs per row count.
         top = self._widths[-1]
         self._row_profiles = [tuple(top * e // 8 for e in eighths) for eighths in ((8, 6, 4, 2), (8, 8, 6, 4))
-                              ] if top >= 8 else []
+                              ] if top >= 8 and not self.decode_reads_pages_in_place else []
         # Every key exists from the start: `stats()` reads them from another thread, and a dict must not grow
         # while it is being read.
         self.counters = collections.Counter(dict.fromkeys(
@@ -404,7 +411,7 @@ class Engine:
     def warmup(self) -> int:
         """Compiles every program the engine can run (all padding rows: nothing is written but the null page), so
         no request waits for a compile and memory does not grow later. Returns the number of programs."""
-        shapes = [(rows, 1, width, None) for rows in self._decode_rows for width in self._widths]
+        shapes = [(rows, 1, width, None) for rows in self._decode_rows for width in self._decode_widths]
         shapes += [(rows, 1, self._widths[-1], profile) for rows in self._decode_rows if rows >= 16
                    for profile in self._row_profiles]
         shapes += [(rows, chunk, width, None) for rows, chunk in self._prefill_shapes for width in self._widths]
@@ -449,7 +456,7 @@ class Engine:
                 self._finish(seq, error=f"internal error in the engine step: {type(e).__name__}: {e}")
 
     def _run_batch(self, rows: list[tuple[Sequence, int]], batch: int, chunk: int) -> None:
-        width = _fit(max(len(seq.pages) for seq, _ in rows), self._widths)
+        width = _fit(max(len(seq.pages) for seq, _ in rows), self._decode_widths if chunk == 1 else self._widths)
         tokens = np.zeros((batch, chunk), np.int32)
         page_table = np.zeros((batch, width), np.int32)
         lengths, q_lengths, rope_lengths, steps = (np.zeros(batch, np.int32) for _ in range(4))

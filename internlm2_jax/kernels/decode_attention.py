@@ -32,6 +32,12 @@ def paged_cpu_kernel_available() -> bool:
     return register_cpu_kernel("decode_attention_cpu.cc", "PagedDecodeAttention", PAGED_TARGET)
 
 
+def paged_kernel_applies(q_dtype, cache_dtype) -> bool:
+    """Whether one-query decoding over the paged cache runs the CPU kernel here (fp32 queries and cache)."""
+    fp32 = jnp.dtype(q_dtype) == jnp.float32 and jnp.dtype(cache_dtype) == jnp.float32
+    return jax.default_backend() == "cpu" and fp32 and paged_cpu_kernel_available()
+
+
 def _on_cpu_in_fp32(*arrays) -> bool:
     return jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays)
 
@@ -72,7 +78,7 @@ def paged_single_query_attention(q, k_pages, v_pages, page_table, lengths, *, q_
     """`paged_attention_reference`'s arguments and result (q [B, chunk, H, D], k_pages, v_pages [KV, P, page, D]);
     the CPU kernel for one query per row (q_lengths 1, or 0 for a padding row), which needs no `row_widths`: it
     stops at each row's length."""
-    if q.shape[1] != 1 or not (_on_cpu_in_fp32(q, k_pages, v_pages) and paged_cpu_kernel_available()):
+    if q.shape[1] != 1 or not paged_kernel_applies(q.dtype, jnp.result_type(k_pages, v_pages)):
         return paged_attention_reference(q, k_pages, v_pages, page_table, lengths, q_lengths=q_lengths, scale=scale,
                                          row_widths=row_widths)
     batch, _, heads, head_dim = q.shape

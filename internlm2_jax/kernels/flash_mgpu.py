@@ -3,14 +3,14 @@ and the `attention(...)` contract over it and the backward kernels of flash_mgpu
 
 Why a second GPU kernel: the Triton kernel (flash_gpu.py) is the FlashAttention-2 schedule, where every warp both
 loads and computes. On Hopper the tensor cores are fed by TMA copies and asynchronous warpgroup MMAs (wgmma), which
-Triton reaches only partly; Mosaic GPU exposes them directly. One CTA per (kv-head group member, 2 * block_q rows,
-batch row) runs three warpgroups:
+Triton reaches only partly; Mosaic GPU exposes them directly. One CTA per (query head, block_q query rows, batch row)
+runs three warpgroups:
 - a producer warpgroup that streams K and V blocks into a ring of shared-memory slots with TMA,
-- two compute warpgroups of `block_q / 2` query rows each, running QK^T and PV as wgmma (P staged through shared
-  memory) with the online softmax in fp32 (base 2, the scale folded into one multiply).
+- two compute warpgroups of `block_q / 2` query rows each, running QK^T and PV as wgmma (P from registers) with the
+  online softmax in fp32 (base 2, the scale folded into one multiply).
 Masking follows reference.py (positions and segment ids). Each CTA walks only its live kv blocks (tiling.py) and
-applies the mask only on tiles that are not provably fully visible: for causal packed data that is the diagonal and
-the first block of each document, the rest runs the unmasked loop.
+applies the mask only on tiles that are not provably fully visible: for causal packed data those are the diagonal and
+the blocks where a document starts or ends; the rest run an unmasked loop. The q tiles run longest (last) first.
 
 The forward saves the log-sum-exp [batch, heads, seq] (natural log, as the Triton kernel) for the backward.
 Inputs must be bf16 or fp16 with head_dim a multiple of 64 (wgmma and the 128-byte swizzle); sequences are padded to
@@ -29,7 +29,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from internlm2_jax.kernels import flash_mgpu_bwd, tiling
 from internlm2_jax.kernels.mgpu_pipeline import (COL, COMPUTE_WGS, LOG2E, ROW, TRANSFORMS, interpret_params,
-                                                 load_vector, mask_ranges, produce, visible, walk)
+                                                 lhs_operand, load_vector, mask_ranges, produce, staging_buffer,
+                                                 visible, walk)
 
 # 128 query rows (64 per compute warpgroup) x 128 keys: the FlashAttention-3 forward tile for head_dim 128.
 DEFAULT_BLOCKS = tiling.BlockSizes(block_q=128, block_kv=128)
@@ -55,8 +56,9 @@ def _forward(st: _Static, q, k, v, q_pos, q_seg, kv_pos, kv_seg, ranges):
 
     def kernel(ranges_ref, q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, o_ref, lse_ref, scoped):
         (q_smem, k_smem, v_smem, p_smem, lse_smem), (q_ready, k_ready, v_ready), (k_free, v_free) = scoped
-        b, h, t = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tile")
-        wg = lax.axis_index("wg")
+        b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+        # Last q tiles first: under a causal mask they are the longest, so the wave's tail is made of short ones.
+        t = q_len // st.block_q - 1 - lax.axis_index("q_tile")
         blocks = tuple(ranges_ref[b, t, i] for i in range(4))
         lo, hi = blocks[0], blocks[3]
 
@@ -92,14 +94,11 @@ def _forward(st: _Static, q, k, v, q_pos, q_seg, kv_pos, kv_seg, ranges):
                     p = jnp.where(mask, p, 0.0)
                 alpha = jnp.exp2(m - m_next)
                 total = total * alpha + p.sum(axis=1)
-                # P goes through shared memory (wgmma's A operand from SMEM): Mosaic GPU's interpret mode, which
-                # checks this kernel on CPU, has no register-A wgmma.
-                p_smem.at[wg][...] = p.astype(dtype)
-                plgpu.commit_smem()
+                p_operand = lhs_operand(p, None if p_smem is None else p_smem.at[wg], dtype)
                 plgpu.barrier_wait(v_ready.at[slot])
 
                 def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
+                    plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
                     return acc_ref[...]
 
                 update = pl.run_scoped(pv, plgpu.ACC((rows, head_dim), jnp.float32))
@@ -135,7 +134,7 @@ def _forward(st: _Static, q, k, v, q_pos, q_seg, kv_pos, kv_seg, ranges):
         smem = (plgpu.SMEM((COMPUTE_WGS, rows, head_dim), dtype, transforms=TRANSFORMS),
                 plgpu.SMEM((stages, bkv, head_dim), dtype, transforms=TRANSFORMS),
                 plgpu.SMEM((stages, bkv, head_dim), dtype, transforms=TRANSFORMS),
-                plgpu.SMEM((COMPUTE_WGS, rows, bkv), dtype, transforms=TRANSFORMS),
+                staging_buffer(st.interpret, (COMPUTE_WGS, rows, bkv), dtype),
                 plgpu.SMEM((COMPUTE_WGS, rows), jnp.float32))
         ready = (plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=stages),
                  plgpu.Barrier(num_barriers=stages))

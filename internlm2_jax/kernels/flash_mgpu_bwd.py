@@ -7,7 +7,8 @@
 - dk/dv: one CTA per (kv head, 128 key rows, batch row), two compute warpgroups of 64 key rows; the producer streams
   Q and dO blocks of every query head of the group over the live query range, so dk/dv come out per kv head (no
   repeated K/V, no per-head partial sums). Per block: S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dS^T, dK += dS^T Q.
-P and dS are staged through shared memory as wgmma operands. delta = rowsum(dO * O) comes from one XLA reduction.
+P and dS are wgmma operands from registers (mgpu_pipeline.lhs_operand). delta = rowsum(dO * O) comes from one XLA
+reduction.
 """
 
 import dataclasses
@@ -19,7 +20,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from internlm2_jax.kernels.mgpu_pipeline import (COL, COMPUTE_WGS, LOG2E, ROW, ROWS, TRANSFORMS, interpret_params,
-                                                 load_vector, produce, tile_ranges, tile_tables, visible, walk)
+                                                 lhs_operand, load_vector, produce, staging_buffer, tile_ranges,
+                                                 tile_tables, visible, walk)
 
 # dq: 128 query rows x 64 keys; dk/dv: 128 key rows x 64 queries. The 64-wide streamed blocks keep both kernels'
 # shared memory (K/V or Q/dO slots, the resident slabs and the P/dS staging) near 150 KB at head_dim 128.
@@ -63,7 +65,8 @@ def _dq(st: Static, q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg, range
     def kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qp_ref, qs_ref, kp_ref, ks_ref, dq_ref,
                scoped):
         (q_smem, do_smem, k_smem, v_smem, ds_smem), (q_ready, k_ready, v_ready), free = scoped
-        b, h, t, wg = (lax.axis_index(name) for name in ("batch", "heads", "q_tile", "wg"))
+        b, h, wg = (lax.axis_index(name) for name in ("batch", "heads", "wg"))
+        t = q_len // RESIDENT_BLOCK - 1 - lax.axis_index("q_tile")  # the longest (causal) tiles first
         blocks = tuple(ranges_ref[b, t, i] for i in range(4))
         lo, hi = blocks[0], blocks[3]
 
@@ -91,9 +94,8 @@ def _dq(st: Static, q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg, range
                                               load_vector(ks_ref.at[b, cols], COL), p.shape, 0, st.causal), p, 0.0)
                     plgpu.barrier_wait(v_ready.at[slot])
                     dp = _matmul(do_smem.at[wg], v_smem.at[slot].transpose((1, 0)), (ROWS, bkv))
-                    ds_smem.at[wg][...] = (p * (dp - on_rows(row_delta))).astype(dtype)
-                    plgpu.commit_smem()
-                    _accumulate(dq_acc, ds_smem.at[wg], k_smem.at[slot])
+                    ds = lhs_operand(p * (dp - on_rows(row_delta)), None if ds_smem is None else ds_smem.at[wg], dtype)
+                    _accumulate(dq_acc, ds, k_smem.at[slot])
                     plgpu.barrier_arrive(free.at[slot])
                     return carry
 
@@ -122,7 +124,7 @@ def _dq(st: Static, q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg, range
                 plgpu.SMEM((COMPUTE_WGS, ROWS, head_dim), dtype, transforms=TRANSFORMS),
                 plgpu.SMEM((stages, bkv, head_dim), dtype, transforms=TRANSFORMS),
                 plgpu.SMEM((stages, bkv, head_dim), dtype, transforms=TRANSFORMS),
-                plgpu.SMEM((COMPUTE_WGS, ROWS, bkv), dtype, transforms=TRANSFORMS))
+                staging_buffer(st.interpret, (COMPUTE_WGS, ROWS, bkv), dtype))
         ready = (plgpu.Barrier(num_barriers=2 * COMPUTE_WGS), plgpu.Barrier(num_barriers=stages),
                  plgpu.Barrier(num_barriers=stages))
         free = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)
@@ -170,16 +172,15 @@ def _dkv(st: Static, q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg, rang
                             p = jnp.where(visible(load_vector(qp_ref.at[b, cols], COL),
                                                   load_vector(qs_ref.at[b, cols], COL), kv_pos, kv_seg, p.shape, 1,
                                                   st.causal), p, 0.0)
-                        p_smem.at[wg][...] = p.astype(dtype)
-                        plgpu.commit_smem()
+                        p_operand = lhs_operand(p, None if p_smem is None else p_smem.at[wg], dtype)
                         plgpu.barrier_wait(do_ready.at[slot])
-                        plgpu.wgmma(dv_acc, p_smem.at[wg], do_smem.at[slot])
+                        plgpu.wgmma(dv_acc, p_operand, do_smem.at[slot])
                         dp = _matmul(v_smem.at[wg], do_smem.at[slot].transpose((1, 0)), (ROWS, bq))
                         plgpu.barrier_wait(delta_ready.at[slot])
                         col_delta = plgpu.load(stat_smem.at[slot, 1], layout=COL)
-                        ds_smem.at[wg][...] = (p * (dp - on_cols(col_delta))).astype(dtype)
-                        plgpu.commit_smem()
-                        _accumulate(dk_acc, ds_smem.at[wg], q_smem.at[slot])
+                        ds = lhs_operand(p * (dp - on_cols(col_delta)), None if ds_smem is None else ds_smem.at[wg],
+                                         dtype)
+                        _accumulate(dk_acc, ds, q_smem.at[slot])
                         plgpu.barrier_arrive(free.at[slot])
                         return carry
 
@@ -214,7 +215,7 @@ def _dkv(st: Static, q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg, rang
     def entry(*refs):
         resident = plgpu.SMEM((COMPUTE_WGS, ROWS, head_dim), dtype, transforms=TRANSFORMS)
         streamed = plgpu.SMEM((stages, bq, head_dim), dtype, transforms=TRANSFORMS)
-        staged = plgpu.SMEM((COMPUTE_WGS, ROWS, bq), dtype, transforms=TRANSFORMS)
+        staged = staging_buffer(st.interpret, (COMPUTE_WGS, ROWS, bq), dtype)
         smem = (resident, resident, streamed, streamed, plgpu.SMEM((stages, 2, bq), jnp.float32), staged, staged)
         ready = (plgpu.Barrier(num_barriers=2 * COMPUTE_WGS),) + (plgpu.Barrier(num_barriers=stages),) * 4
         free = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)

@@ -97,6 +97,22 @@ def walk(ranges, step, carry):
     return lax.fori_loop(f_hi, hi, functools.partial(step, masked=True), carry)
 
 
+def lhs_operand(value, staging, dtype):
+    """A register tile (P or dS) as the left operand of a wgmma: from registers on a GPU, as FlashAttention-3 keeps
+    P; through `staging` in shared memory when one is given, which Mosaic GPU's interpret mode needs (it has no
+    register-operand wgmma). The kernels allocate staging buffers in interpret mode only."""
+    if staging is None:
+        return value.astype(dtype)
+    staging[...] = value.astype(dtype)
+    plgpu.commit_smem()
+    return staging
+
+
+def staging_buffer(interpret, shape, dtype):
+    """Shared memory for lhs_operand in interpret mode; None (no allocation) when compiling for a GPU."""
+    return plgpu.SMEM(shape, dtype, transforms=TRANSFORMS) if interpret else None
+
+
 def interpret_params(interpret):
     """pallas' `interpret=` for Mosaic GPU: None (compile), the default simulation, or given params."""
     if isinstance(interpret, plgpu.InterpretGPUParams):

@@ -14,11 +14,13 @@ in interpret mode (how the tests check it on CPU); `interpret=` overrides.
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from internlm2_jax.config import ATTENTION_IMPLS, GPU_FLASH_KERNELS
 from internlm2_jax.kernels import flash_gpu, flash_mgpu, flash_tpu, paged_gpu, paged_tpu
-from internlm2_jax.kernels.decode_attention import paged_single_query_attention, single_query_attention
+from internlm2_jax.kernels.decode_attention import (paged_kernel_applies, paged_single_query_attention,
+                                                    single_query_attention)
 from internlm2_jax.kernels.reference import attention_mask, paged_attention_reference, xla_attention
 from internlm2_jax.kernels.tiling import BlockSizes
 from internlm2_jax.parallel.sharding import ACTIVATION_RULES, logical_to_spec
@@ -105,6 +107,12 @@ def _per_shard(kernel, q, k, v, q_positions, kv_positions, q_segment_ids, kv_seg
                          check_vma=False)(*args)
 
 
+def decode_reads_pages_in_place(impl: str, q_dtype, cache_dtype) -> bool:
+    """Whether one-query decoding over the paged cache runs the CPU kernel with this impl, compute and cache dtype.
+    That kernel stops at each row's length, so neither the page-table width nor `row_widths` changes its cost."""
+    return resolve_impl(impl) == "xla" and target_platform() == "cpu" and paged_kernel_applies(q_dtype, cache_dtype)
+
+
 def chunked_prefill_attention(q, k_pages, v_pages, page_table, lengths, *, q_lengths=None, impl="auto", scale=None,
                               interpret: bool | None = None, row_widths: tuple[int, ...] | None = None) -> jax.Array:
     """Several new query tokens per sequence over the paged KV cache (their own keys already written to it).
@@ -121,7 +129,7 @@ def chunked_prefill_attention(q, k_pages, v_pages, page_table, lengths, *, q_len
     if page_table.shape[0] != q.shape[0] or lengths.shape != (q.shape[0],):
         raise ValueError(f"page_table {page_table.shape} and lengths {lengths.shape} must have q's batch "
                          f"({q.shape[0]}) as their first dimension")
-    if impl == "xla" and q.shape[1] == 1 and target_platform() == "cpu":  # decoding: the CPU kernel
+    if q.shape[1] == 1 and decode_reads_pages_in_place(impl, q.dtype, jnp.result_type(k_pages, v_pages)):
         return paged_single_query_attention(q, k_pages, v_pages, page_table, lengths, q_lengths=q_lengths,
                                             scale=scale, row_widths=row_widths)
     if impl == "xla":
