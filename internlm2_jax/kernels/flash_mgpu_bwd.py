@@ -50,6 +50,15 @@ def _accumulate(acc_ref, a, b):
     plgpu.wgmma_wait(0)
 
 
+def _load_resident(slabs, ready, wg):
+    """A compute warpgroup's two resident 64-row slabs ((source, shared memory) pairs: Q and dO, or K and V), copied
+    with TMA and waited for; `ready` holds one barrier per (slab, warpgroup)."""
+    for i, (source, smem) in enumerate(slabs):
+        plgpu.copy_gmem_to_smem(source, smem.at[wg], ready.at[i * COMPUTE_WGS + wg])
+    for i in range(len(slabs)):
+        plgpu.barrier_wait(ready.at[i * COMPUTE_WGS + wg])
+
+
 def _matmul(a, b, shape):
     """a @ b in fp32 registers (a fresh wgmma accumulator)."""
     def run(acc_ref):
@@ -74,12 +83,9 @@ def _dq(st: Static, q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg, range
         def _compute():
             plgpu.set_max_registers(232, action="increase")
             rows = pl.ds(t * RESIDENT_BLOCK + wg * ROWS, ROWS)
-            plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[wg], q_ready.at[wg])
-            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[wg], q_ready.at[COMPUTE_WGS + wg])
+            _load_resident([(q_ref.at[b, rows, h], q_smem), (do_ref.at[b, rows, h], do_smem)], q_ready, wg)
             q_pos, q_seg = load_vector(qp_ref.at[b, rows], ROW), load_vector(qs_ref.at[b, rows], ROW)
             row_lse, row_delta = load_vector(lse_ref.at[b, h, rows], ROW), load_vector(delta_ref.at[b, h, rows], ROW)
-            plgpu.barrier_wait(q_ready.at[wg])
-            plgpu.barrier_wait(q_ready.at[COMPUTE_WGS + wg])
             on_rows = lambda x: lax.broadcast_in_dim(x, (ROWS, bkv), [0])
 
             def with_accumulator(dq_acc):
@@ -151,11 +157,8 @@ def _dkv(st: Static, q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg, rang
         def _compute():
             plgpu.set_max_registers(232, action="increase")
             rows = pl.ds(t * RESIDENT_BLOCK + wg * ROWS, ROWS)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, rows, g], k_smem.at[wg], kv_ready.at[wg])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, rows, g], v_smem.at[wg], kv_ready.at[COMPUTE_WGS + wg])
+            _load_resident([(k_ref.at[b, rows, g], k_smem), (v_ref.at[b, rows, g], v_smem)], kv_ready, wg)
             kv_pos, kv_seg = load_vector(kp_ref.at[b, rows], ROW), load_vector(ks_ref.at[b, rows], ROW)
-            plgpu.barrier_wait(kv_ready.at[wg])
-            plgpu.barrier_wait(kv_ready.at[COMPUTE_WGS + wg])
             on_cols = lambda x: lax.broadcast_in_dim(x, (ROWS, bq), [1])
 
             def with_accumulators(dk_acc, dv_acc):
