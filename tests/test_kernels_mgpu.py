@@ -106,3 +106,19 @@ def test_tiny_model_with_the_mosaic_kernel_matches_xla():
     np.testing.assert_allclose(got_loss, want_loss, rtol=2e-3)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, atol=3e-2 * max(1e-3, np.abs(b).max()), err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (8, 2), (6, 1)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("q_len, kv_len", [(200, None), (136, 264), (328, None)])
+def test_mosaic_flash_matches_reference_full_matrix(heads, kv_heads, causal, q_len, kv_len):
+    case = packed_case(200 + heads * 10 + kv_heads, heads=heads, kv_heads=kv_heads, head_dim=64, q_len=q_len,
+                       kv_len=kv_len, dtype=jnp.bfloat16)
+    assert_matches_reference(MOSAIC, case, causal)
+
+
+@pytest.mark.slow
+def test_mosaic_flash_matches_reference_at_internlm2_head_dim():
+    case = packed_case(9, heads=4, kv_heads=1, head_dim=128, q_len=200, dtype=jnp.bfloat16)
+    assert_matches_reference(MOSAIC, case, True)
