@@ -47,15 +47,15 @@ class _Static:
     interpret: bool | plgpu.InterpretGPUParams  # True: the default simulation; params e.g. to detect races
 
 
-def _forward(st: _Static, q, k, v, q_pos, q_seg, kv_pos, kv_seg, ranges):
+def _forward(st: _Static, q, k, v, q_meta, kv_meta, ranges):
     batch, q_len, heads, head_dim = q.shape
     dtype = q.dtype
     rows = st.block_q // COMPUTE_WGS
     bkv, stages = st.block_kv, st.stages
     scale = st.scale * LOG2E  # scores in base 2: exp2 instead of exp
 
-    def kernel(ranges_ref, q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, o_ref, lse_ref, scoped):
-        (q_smem, k_smem, v_smem, p_smem, lse_smem), (q_ready, k_ready, v_ready), (k_free, v_free) = scoped
+    def kernel(ranges_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, lse_ref, scoped):
+        (q_smem, k_smem, v_smem, meta_smem, p_smem, lse_smem), (q_ready, k_ready, v_ready), (k_free, v_free) = scoped
         b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         # Last q tiles first: under a causal mask they are the longest, so the wave's tail is made of short ones.
         t = q_len // st.block_q - 1 - lax.axis_index("q_tile")
@@ -68,8 +68,8 @@ def _forward(st: _Static, q, k, v, q_pos, q_seg, kv_pos, kv_seg, ranges):
             row0 = t * st.block_q + wg * rows
             qo = q_smem.at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, rows), h], qo, q_ready.at[wg])
-            q_pos = load_vector(qp_ref.at[b, pl.ds(row0, rows)], ROW)
-            q_seg = load_vector(qs_ref.at[b, pl.ds(row0, rows)], ROW)
+            q_pos = load_vector(qm_ref.at[b, 0, pl.ds(row0, rows)], ROW)
+            q_seg = load_vector(qm_ref.at[b, 1, pl.ds(row0, rows)], ROW)
             plgpu.barrier_wait(q_ready.at[wg])
 
             def step(j, carry, masked):
@@ -82,12 +82,11 @@ def _forward(st: _Static, q, k, v, q_pos, q_seg, kv_pos, kv_seg, ranges):
                     return acc_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((rows, bkv), jnp.float32)) * scale
-                plgpu.barrier_arrive(k_free.at[slot])
                 if masked:
-                    cols = pl.ds(j * bkv, bkv)
-                    mask = visible(q_pos, q_seg, load_vector(kp_ref.at[b, cols], COL),
-                                   load_vector(ks_ref.at[b, cols], COL), s.shape, 0, st.causal)
+                    mask = visible(q_pos, q_seg, plgpu.load(meta_smem.at[slot, 0], layout=COL),
+                                   plgpu.load(meta_smem.at[slot, 1], layout=COL), s.shape, 0, st.causal)
                     s = jnp.where(mask, s, tiling.MASKED)
+                plgpu.barrier_arrive(k_free.at[slot])  # K and the keys' positions and segment ids are read
                 m_next = jnp.maximum(m, s.max(axis=1))
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_next, s.shape, [0]))
                 if masked:  # rows with no visible key yet have s == m_next == MASKED, so p would be 1
@@ -122,11 +121,16 @@ def _forward(st: _Static, q, k, v, q_pos, q_seg, kv_pos, kv_seg, ranges):
         @pl.when(wg == COMPUTE_WGS)
         def _produce():
             plgpu.set_max_registers(40, action="decrease")
-            block = lambda i: (b, pl.ds((lo + i) * bkv, bkv), lax.div(h, st.group))
+            keys = lambda i: pl.ds((lo + i) * bkv, bkv)
+            kv_head = lax.div(h, st.group)
+
+            def issue_k(i, slot):
+                plgpu.copy_gmem_to_smem(k_ref.at[b, keys(i), kv_head], k_smem.at[slot], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(km_ref.at[b, :, keys(i)], meta_smem.at[slot], k_ready.at[slot])
+
             produce(hi - lo, stages, [
-                (k_free, lambda i, slot: plgpu.copy_gmem_to_smem(k_ref.at[block(i)], k_smem.at[slot],
-                                                                 k_ready.at[slot])),
-                (v_free, lambda i, slot: plgpu.copy_gmem_to_smem(v_ref.at[block(i)], v_smem.at[slot],
+                (k_free, issue_k),
+                (v_free, lambda i, slot: plgpu.copy_gmem_to_smem(v_ref.at[b, keys(i), kv_head], v_smem.at[slot],
                                                                  v_ready.at[slot])),
             ])
 
@@ -134,9 +138,11 @@ def _forward(st: _Static, q, k, v, q_pos, q_seg, kv_pos, kv_seg, ranges):
         smem = (plgpu.SMEM((COMPUTE_WGS, rows, head_dim), dtype, transforms=TRANSFORMS),
                 plgpu.SMEM((stages, bkv, head_dim), dtype, transforms=TRANSFORMS),
                 plgpu.SMEM((stages, bkv, head_dim), dtype, transforms=TRANSFORMS),
+                plgpu.SMEM((stages, 2, bkv), jnp.int32),
                 staging_buffer(st.interpret, (COMPUTE_WGS, rows, bkv), dtype),
                 plgpu.SMEM((COMPUTE_WGS, rows), jnp.float32))
-        ready = (plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=stages),
+        # A K slot's barrier completes when both its copies (K, and the keys' positions and segment ids) have landed.
+        ready = (plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                  plgpu.Barrier(num_barriers=stages))
         free = (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2
         pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, ready, free, collective_axes="wg")
@@ -147,7 +153,7 @@ def _forward(st: _Static, q, k, v, q_pos, q_seg, kv_pos, kv_seg, ranges):
         grid=(heads, q_len // st.block_q, batch), grid_names=("heads", "q_tile", "batch"),
         num_threads=COMPUTE_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret_params(st.interpret),
-    )(ranges, q, k, v, q_pos, q_seg, kv_pos, kv_seg)
+    )(ranges, q, k, v, q_meta, kv_meta)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -210,4 +216,5 @@ def flash_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_seg
                  group=group, stages=stages, interpret=interpret)
     bwd = flash_mgpu_bwd.Static(causal=causal, scale=scale, group=group, stages=stages, interpret=interpret)
     ranges = mask_ranges(q_pos, kv_pos, q_seg, kv_seg, st.block_q, st.block_kv, causal)
-    return _flash(st, bwd, q, k, v, (q_pos, q_seg, kv_pos, kv_seg), ranges)[:, :q_len]
+    meta = (jnp.stack([q_pos, q_seg], axis=1), jnp.stack([kv_pos, kv_seg], axis=1))  # [B, 2, T]: TMA-able rows
+    return _flash(st, bwd, q, k, v, meta, ranges)[:, :q_len]

@@ -66,8 +66,9 @@ def visible(q_pos, q_seg, kv_pos, kv_seg, shape, q_axis, causal):
 
 
 def load_vector(ref, layout):
-    """A 1-D slice of positions, segment ids or row statistics from global memory, in a wgmma row/column layout.
-    (A strided register load: no TMA shape fits a vector spread over a warpgroup's fragments.)"""
+    """A 1-D slice of positions, segment ids or row statistics straight from global memory, in a wgmma row/column
+    layout: once per CTA for the resident rows. (A strided register load; what changes every step comes through the
+    producer's TMA copies into shared memory instead, whence `plgpu.load` reads it in the same layouts.)"""
     return plgpu.load(ref, layout=layout, optimized=False)
 
 
