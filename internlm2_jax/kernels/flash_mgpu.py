@@ -28,9 +28,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from internlm2_jax.kernels import flash_mgpu_bwd, tiling
-from internlm2_jax.kernels.mgpu_pipeline import (COL, COMPUTE_WGS, LOG2E, ROW, TRANSFORMS, interpret_params,
-                                                 lhs_operand, load_vector, mask_ranges, produce, staging_buffer,
-                                                 visible, walk)
+from internlm2_jax.kernels.mgpu_pipeline import (COL, COMPUTE_WGS, LOG2E, ROW, TRANSFORMS, add_matmul,
+                                                 interpret_params, lhs_operand, load_vector, mask_ranges, matmul,
+                                                 produce, staging_buffer, visible, walk)
 
 # 128 query rows (64 per compute warpgroup) x 128 keys: the FlashAttention-3 forward tile for head_dim 128.
 DEFAULT_BLOCKS = tiling.BlockSizes(block_q=128, block_kv=128)
@@ -77,11 +77,7 @@ def _forward(st: _Static, q, k, v, q_meta, kv_meta, ranges):
                 slot = lax.rem(j - lo, stages)
                 plgpu.barrier_wait(k_ready.at[slot])
 
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
-                    return acc_ref[...]
-
-                s = pl.run_scoped(qk, plgpu.ACC((rows, bkv), jnp.float32)) * scale
+                s = matmul(qo, k_smem.at[slot].transpose((1, 0)), (rows, bkv)) * scale
                 if masked:
                     mask = visible(q_pos, q_seg, plgpu.load(meta_smem.at[slot, 0], layout=COL),
                                    plgpu.load(meta_smem.at[slot, 1], layout=COL), s.shape, 0, st.causal)
@@ -95,14 +91,10 @@ def _forward(st: _Static, q, k, v, q_meta, kv_meta, ranges):
                 total = total * alpha + p.sum(axis=1)
                 p_operand = lhs_operand(p, None if p_smem is None else p_smem.at[wg], dtype)
                 plgpu.barrier_wait(v_ready.at[slot])
-
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
-                    return acc_ref[...]
-
-                update = pl.run_scoped(pv, plgpu.ACC((rows, head_dim), jnp.float32))
+                acc = add_matmul(acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), p_operand, v_smem.at[slot],
+                                 st.interpret)
                 plgpu.barrier_arrive(v_free.at[slot])
-                return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + update, m_next, total
+                return acc, m_next, total
 
             carry = (plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32), plgpu.Layout.WGMMA),
                      plgpu.layout_cast(jnp.full((rows,), tiling.MASKED, jnp.float32), ROW),

@@ -20,8 +20,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from internlm2_jax.kernels.mgpu_pipeline import (COL, COMPUTE_WGS, LOG2E, ROW, ROWS, TRANSFORMS, interpret_params,
-                                                 lhs_operand, load_vector, produce, staging_buffer, tile_ranges,
-                                                 tile_tables, visible, walk)
+                                                 lhs_operand, load_vector, matmul, produce, staging_buffer,
+                                                 tile_ranges, tile_tables, visible, walk)
 
 # dq: 128 query rows x 64 keys; dk/dv: 128 key rows x 64 queries. The 64-wide streamed blocks keep both kernels'
 # shared memory (K/V or Q/dO slots, the resident slabs and the P/dS staging) near 150 KB at head_dim 128.
@@ -59,14 +59,6 @@ def _load_resident(slabs, ready, wg):
         plgpu.barrier_wait(ready.at[i * COMPUTE_WGS + wg])
 
 
-def _matmul(a, b, shape):
-    """a @ b in fp32 registers (a fresh wgmma accumulator)."""
-    def run(acc_ref):
-        plgpu.wgmma(acc_ref, a, b)
-        return acc_ref[...]
-    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
-
-
 def _dq(st: Static, q, k, v, do, lse, delta, q_meta, kv_meta, ranges):
     batch, q_len, heads, head_dim = q.shape
     dtype, bkv, stages = q.dtype, STREAMED_BLOCK, st.stages
@@ -91,14 +83,14 @@ def _dq(st: Static, q, k, v, do, lse, delta, q_meta, kv_meta, ranges):
                 def step(j, carry, masked):
                     slot = lax.rem(j - lo, stages)
                     plgpu.barrier_wait(k_ready.at[slot])
-                    p = jnp.exp2(_matmul(q_smem.at[wg], k_smem.at[slot].transpose((1, 0)), (ROWS, bkv))
+                    p = jnp.exp2(matmul(q_smem.at[wg], k_smem.at[slot].transpose((1, 0)), (ROWS, bkv))
                                  * (st.scale * LOG2E) - on_rows(row_lse * LOG2E))
                     if masked:
                         p = jnp.where(visible(q_pos, q_seg, plgpu.load(meta_smem.at[slot, 0], layout=COL),
                                               plgpu.load(meta_smem.at[slot, 1], layout=COL), p.shape, 0, st.causal),
                                       p, 0.0)
                     plgpu.barrier_wait(v_ready.at[slot])
-                    dp = _matmul(do_smem.at[wg], v_smem.at[slot].transpose((1, 0)), (ROWS, bkv))
+                    dp = matmul(do_smem.at[wg], v_smem.at[slot].transpose((1, 0)), (ROWS, bkv))
                     ds = lhs_operand(p * (dp - on_rows(row_delta)), None if ds_smem is None else ds_smem.at[wg], dtype)
                     _accumulate(dq_acc, ds, k_smem.at[slot])
                     plgpu.barrier_arrive(free.at[slot])
@@ -169,7 +161,7 @@ def _dkv(st: Static, q, k, v, do, lse, delta, q_meta, kv_meta, ranges):
                         slot = lax.rem(head * per_head + i - lo, stages)
                         plgpu.barrier_wait(q_ready.at[slot])
                         col_lse = plgpu.load(stat_smem.at[slot, 0], layout=COL)
-                        p = jnp.exp2(_matmul(k_smem.at[wg], q_smem.at[slot].transpose((1, 0)), (ROWS, bq))
+                        p = jnp.exp2(matmul(k_smem.at[wg], q_smem.at[slot].transpose((1, 0)), (ROWS, bq))
                                      * (st.scale * LOG2E) - on_cols(col_lse * LOG2E))
                         if masked:
                             p = jnp.where(visible(plgpu.load(meta_smem.at[slot, 0], layout=COL),
@@ -178,7 +170,7 @@ def _dkv(st: Static, q, k, v, do, lse, delta, q_meta, kv_meta, ranges):
                         p_operand = lhs_operand(p, None if p_smem is None else p_smem.at[wg], dtype)
                         plgpu.barrier_wait(do_ready.at[slot])
                         plgpu.wgmma(dv_acc, p_operand, do_smem.at[slot])
-                        dp = _matmul(v_smem.at[wg], do_smem.at[slot].transpose((1, 0)), (ROWS, bq))
+                        dp = matmul(v_smem.at[wg], do_smem.at[slot].transpose((1, 0)), (ROWS, bq))
                         col_delta = plgpu.load(stat_smem.at[slot, 1], layout=COL)
                         ds = lhs_operand(p * (dp - on_cols(col_delta)), None if ds_smem is None else ds_smem.at[wg],
                                          dtype)

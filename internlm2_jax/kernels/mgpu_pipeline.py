@@ -98,6 +98,24 @@ def walk(ranges, step, carry):
     return lax.fori_loop(f_hi, hi, functools.partial(step, masked=True), carry)
 
 
+def matmul(a, b, shape):
+    """a @ b in fp32 registers (WGMMA layout), from a fresh wgmma accumulator."""
+    def run(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        return acc_ref[...]
+    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+
+def add_matmul(acc, a, b, interpret):
+    """acc + a @ b. Compiled, the wgmma accumulates onto `acc` itself (pl.run_state with it as the accumulator's
+    initial value, which also waits for the wgmma): no second fp32 tile in registers, which at 64 x 128 would cost a
+    compute warpgroup 64 of its registers per thread. Mosaic GPU's interpret mode has no run_state, so there the
+    product is added after a fresh accumulation; the values are the same."""
+    if interpret:
+        return acc + matmul(a, b, acc.shape)
+    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
+
+
 def lhs_operand(value, staging, dtype):
     """A register tile (P or dS) as the left operand of a wgmma: from registers on a GPU, as FlashAttention-3 keeps
     P; through `staging` in shared memory when one is given, which Mosaic GPU's interpret mode needs (it has no
