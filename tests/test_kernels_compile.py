@@ -1,5 +1,5 @@
 """The kernels really lower for their hardware, with none here: Mosaic compiles the TPU kernels for v5e and v5p
-topologies (libtpu, ahead of time), the GPU kernels lower to Triton for an abstract H100, and the Hopper kernels
+topologies (libtpu, ahead of time; v6e too), the GPU kernels lower to Triton for an abstract H100, and the Hopper kernels
 go through Mosaic GPU's lowering (layouts, wgmma and TMA shapes are checked there). InternLM2-7B shapes:
 32 query heads, 8 kv heads, head_dim 128, bf16."""
 
@@ -38,7 +38,7 @@ def _paged_args(batch, chunk, context, page_size, sharding=None):
             sds(batch, dtype=jnp.int32))
 
 
-@pytest.fixture(scope="module", params=["v5e:2x2", "v5p:2x2x1"])
+@pytest.fixture(scope="module", params=["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
 def tpu(request):
     pytest.importorskip("libtpu", reason="TPU AOT compilation needs the libtpu package (test requirements)")
     # libtpu takes a machine-wide lock file by default; a compile-only client must not fail because another process
