@@ -1,5 +1,5 @@
-"""The kernels really lower for their hardware, with none here: Mosaic compiles the TPU kernels for v5e and v5p
-topologies (libtpu, ahead of time; v6e too), the GPU kernels lower to Triton for an abstract H100, and the Hopper kernels
+"""The kernels really lower for their hardware, with none here: Mosaic compiles the TPU kernels for v5e, v5p and
+v6e topologies (libtpu, ahead of time), the GPU kernels lower to Triton for an abstract H100, and the Hopper kernels
 go through Mosaic GPU's lowering (layouts, wgmma and TMA shapes are checked there). InternLM2-7B shapes:
 32 query heads, 8 kv heads, head_dim 128, bf16."""
 
