@@ -27,7 +27,7 @@ _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 DEFAULT_BLOCKS = tiling.BlockSizes(block_q=128, block_kv=64)
 
 
-class Static(tiling.KernelStatic):
+class _Static(tiling.KernelStatic):
     def call(self, kernel, *, head_dim, **kw):
         params = plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
         return pl.pallas_call(kernel, compiler_params=params, interpret=self.interpret, **kw)
@@ -176,18 +176,13 @@ def _flash_fwd(st, q, k, v, meta, live):
     return o, (q, k, v, meta, live, o, lse)
 
 
-def backward(st, q, k, v, meta, live, o, lse, do):
-    """dq, dk, dv from the forward's output and log-sum-exp [batch, heads, seq] (also the Mosaic GPU forward's)."""
+def _flash_bwd(st, res, do):
+    q, k, v, meta, live, o, lse = res
     # di = rowsum(dO * O) is the softmax-backward correction; one fused XLA reduction, [batch, heads, seq] like lse.
     di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
     dq = _dq(st, q, k, v, do, lse, di, meta, *tiling.block_ranges(live))
     dk, dv = _dkv(st, q, k, v, do, lse, di, meta, *tiling.block_ranges(live.transpose(0, 2, 1)))
-    return dq, dk, dv
-
-
-def _flash_bwd(st, res, do):
-    q, k, v, meta, live, o, lse = res
-    return *backward(st, q, k, v, meta, live, o, lse, do), None, None
+    return dq, dk, dv, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -211,7 +206,7 @@ def flash_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_seg
             raise ValueError(f"the Triton flash kernel needs {name} to be a power of two >= 16, got {value}")
     p = tiling.prepare(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_sizes, causal,
                        power_of_two=True)
-    st = Static(causal=causal, scale=float(head_dim ** -0.5 if scale is None else scale), block_q=p.block_q,
+    st = _Static(causal=causal, scale=float(head_dim ** -0.5 if scale is None else scale), block_q=p.block_q,
                  block_kv=p.block_kv, group=heads // k.shape[2], interpret=interpret)
     meta = (p.q_meta[..., 0], p.q_meta[..., 1], p.kv_meta[:, 0], p.kv_meta[:, 1])
     return _flash(st, p.q, p.k, p.v, meta, p.live)[:, :q_len]

@@ -76,9 +76,10 @@ def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_i
         return single_query_attention(q, k, v, mask, scale)
     if impl == "xla":
         return xla_attention(q, k, v, shared_segment=shared_segment, **kw)
-    kernel = {"pallas_tpu": flash_tpu.flash_attention, "pallas_gpu": flash_gpu.flash_attention}[impl]
-    if impl == "pallas_gpu" and gpu_flash_kernel == "mosaic":
-        kernel = flash_mgpu.flash_attention
+    if impl == "pallas_tpu":
+        kernel = flash_tpu.flash_attention
+    else:
+        kernel = flash_mgpu.flash_attention if gpu_flash_kernel == "mosaic" else flash_gpu.flash_attention
     run = functools.partial(kernel, causal=causal, scale=scale, block_sizes=block_sizes,
                             interpret=_interpret(impl, interpret))
     return _per_shard(run, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
