@@ -28,9 +28,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from internlm2_jax.kernels import flash_mgpu_bwd, tiling
-from internlm2_jax.kernels.mgpu_pipeline import (COL, COMPUTE_WGS, LOG2E, ROW, TRANSFORMS, add_matmul,
-                                                 interpret_params, lhs_operand, load_vector, mask_ranges, matmul,
-                                                 produce, staging_buffer, visible, walk)
+from internlm2_jax.kernels.mgpu_pipeline import (COL, COMPUTE_WGS, LOG2E, ROW, TRANSFORMS, add_matmul, launch,
+                                                 lhs_operand, load_vector, mask_ranges, matmul, produce,
+                                                 staging_buffer, visible, walk)
 
 # 128 query rows (64 per compute warpgroup) x 128 keys: the FlashAttention-3 forward tile for head_dim 128.
 DEFAULT_BLOCKS = tiling.BlockSizes(block_q=128, block_kv=128)
@@ -139,13 +139,9 @@ def _forward(st: _Static, q, k, v, q_meta, kv_meta, ranges):
         free = (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2
         pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, ready, free, collective_axes="wg")
 
-    return plgpu.kernel(
-        entry,
-        out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
-        grid=(heads, q_len // st.block_q, batch), grid_names=("heads", "q_tile", "batch"),
-        num_threads=COMPUTE_WGS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret_params(st.interpret),
-    )(ranges, q, k, v, q_meta, kv_meta)
+    out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32))
+    return launch(entry, out_type, (heads, q_len // st.block_q, batch), ("heads", "q_tile", "batch"), st.interpret,
+                  ranges, q, k, v, q_meta, kv_meta)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -19,12 +19,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from internlm2_jax.kernels.mgpu_pipeline import (COL, COMPUTE_WGS, LOG2E, ROW, ROWS, TRANSFORMS, interpret_params,
-                                                 lhs_operand, load_vector, matmul, produce, staging_buffer,
-                                                 tile_ranges, tile_tables, visible, walk)
+from internlm2_jax.kernels.mgpu_pipeline import (COL, COMPUTE_WGS, LOG2E, ROW, ROWS, TRANSFORMS, launch, lhs_operand,
+                                                 load_vector, matmul, produce, staging_buffer, tile_ranges,
+                                                 tile_tables, visible, walk)
 
 # dq: 128 query rows x 64 keys; dk/dv: 128 key rows x 64 queries. The 64-wide streamed blocks keep both kernels'
-# shared memory (K/V or Q/dO slots, the resident slabs and the P/dS staging) near 150 KB at head_dim 128.
+# shared memory (the resident slabs and two slots of K/V or Q/dO) at about 130 KB at head_dim 128.
 STREAMED_BLOCK = 64
 RESIDENT_BLOCK = ROWS * COMPUTE_WGS
 
@@ -36,12 +36,6 @@ class Static:
     group: int
     stages: int
     interpret: bool | plgpu.InterpretGPUParams
-
-
-def _call(st, kernel, out_type, grid, grid_names, *args):
-    return plgpu.kernel(kernel, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=COMPUTE_WGS + 1,
-                        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
-                        interpret=interpret_params(st.interpret))(*args)
 
 
 def _accumulate(acc_ref, a, b):
@@ -131,8 +125,8 @@ def _dq(st: Static, q, k, v, do, lse, delta, q_meta, kv_meta, ranges):
         free = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)
         pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, ready, free, collective_axes="wg")
 
-    return _call(st, entry, jax.ShapeDtypeStruct(q.shape, dtype), (heads, q_len // RESIDENT_BLOCK, batch),
-                 ("heads", "q_tile", "batch"), ranges, q, k, v, do, lse, delta, q_meta, kv_meta)
+    return launch(entry, jax.ShapeDtypeStruct(q.shape, dtype), (heads, q_len // RESIDENT_BLOCK, batch),
+                  ("heads", "q_tile", "batch"), st.interpret, ranges, q, k, v, do, lse, delta, q_meta, kv_meta)
 
 
 def _dkv(st: Static, q, k, v, do, lse, delta, q_meta, kv_meta, ranges):
@@ -221,8 +215,8 @@ def _dkv(st: Static, q, k, v, do, lse, delta, q_meta, kv_meta, ranges):
         pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, ready, free, collective_axes="wg")
 
     out = jax.ShapeDtypeStruct(k.shape, dtype)
-    return _call(st, entry, (out, out), (kv_heads, kv_len // RESIDENT_BLOCK, batch), ("kv_heads", "kv_tile", "batch"),
-                 ranges, q, k, v, do, lse, delta, q_meta, kv_meta)
+    return launch(entry, (out, out), (kv_heads, kv_len // RESIDENT_BLOCK, batch), ("kv_heads", "kv_tile", "batch"),
+                  st.interpret, ranges, q, k, v, do, lse, delta, q_meta, kv_meta)
 
 
 def backward(st: Static, q, k, v, meta, o, lse, do):

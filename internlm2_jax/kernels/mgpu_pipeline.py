@@ -132,8 +132,11 @@ def staging_buffer(interpret, shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=TRANSFORMS) if interpret else None
 
 
-def interpret_params(interpret):
-    """pallas' `interpret=` for Mosaic GPU: None (compile), the default simulation, or given params."""
-    if isinstance(interpret, plgpu.InterpretGPUParams):
-        return interpret
-    return plgpu.InterpretGPUParams() if interpret else None
+def launch(kernel, out_type, grid, grid_names, interpret, *args):
+    """Runs a kernel of this shape: compute warpgroups plus the producer, over `grid`. `interpret`: False (compile),
+    True (the default simulation) or InterpretGPUParams."""
+    if interpret and not isinstance(interpret, plgpu.InterpretGPUParams):
+        interpret = plgpu.InterpretGPUParams()
+    return plgpu.kernel(kernel, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=COMPUTE_WGS + 1,
+                        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+                        interpret=interpret or None)(*args)
