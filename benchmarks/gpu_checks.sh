@@ -17,10 +17,10 @@ PY=${PY:-python3}
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"; } > "$OUT/machine.txt" 2>&1
 
-timeout 330 "$PY" benchmarks/attention_gpu.py --results "$OUT/attention.md" > "$OUT/attention.log" 2>&1
+timeout 300 "$PY" benchmarks/attention_gpu.py --iters 3 --results "$OUT/attention.md" > "$OUT/attention.log" 2>&1
 echo "attention_gpu.py exit $?" >> "$OUT/machine.txt"
 for kernel in triton mosaic; do
-  timeout 110 "$PY" benchmarks/train_gpu.py --gpu-flash-kernel "$kernel" --results "$OUT/train.md" \
+  timeout 130 "$PY" benchmarks/train_gpu.py --gpu-flash-kernel "$kernel" --results "$OUT/train.md" \
     > "$OUT/train_$kernel.log" 2>&1
   echo "train_gpu.py --gpu-flash-kernel $kernel exit $?" >> "$OUT/machine.txt"
 done
