@@ -16,6 +16,7 @@ script is tested without a GPU; its numbers mean nothing.
 
 import argparse
 import datetime
+import functools
 import statistics
 import sys
 import time
@@ -40,7 +41,8 @@ def _inputs(batch, seq, heads, kv_heads, head_dim, seed=0):
     return q, k, v, positions, jnp.ones((batch, seq), jnp.int32)
 
 
-OURS = {"ours (pallas triton)": flash_gpu.flash_attention, "ours (pallas mosaic)": flash_mgpu.flash_attention}
+OURS = {"ours (pallas triton)": flash_gpu.flash_attention, "ours (pallas mosaic)": flash_mgpu.flash_attention,
+        "ours (pallas mosaic, ping-pong)": functools.partial(flash_mgpu.flash_attention, ping_pong=True)}
 
 
 def _contenders(interpret: bool, on_gpu: bool):

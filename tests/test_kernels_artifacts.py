@@ -16,7 +16,7 @@ def test_gpu_benchmark_dry_run_runs_on_cpu(capsys):
     spec.loader.exec_module(module)
     rows = module.main(["--dry-run", "--iters", "1"])
     assert {name for _, _, name, *_ in rows} == {"ours (pallas triton)", "ours (pallas mosaic)",
-                                                 "xla reference", "jax pallas mha"}
+                                                 "ours (pallas mosaic, ping-pong)", "xla reference", "jax pallas mha"}
     assert all(isinstance(fwd, float) and isinstance(total, float) for *_, fwd, total in rows)
     assert "correctness" in capsys.readouterr().out
 

@@ -3,6 +3,7 @@ v6e topologies (libtpu, ahead of time), the GPU kernels lower to Triton for an a
 go through Mosaic GPU's lowering (layouts, wgmma and TMA shapes are checked there). InternLM2-7B shapes:
 32 query heads, 8 kv heads, head_dim 128, bf16."""
 
+import functools
 import os
 
 import jax
@@ -92,11 +93,12 @@ def test_gpu_kernels_lower_to_triton():
         assert paged.lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 1
 
 
-@pytest.mark.parametrize("seq", [4096, 32768])
-def test_mosaic_gpu_kernels_lower(seq):
+@pytest.mark.parametrize("seq, ping_pong", [(4096, False), (32768, False), (4096, True)])
+def test_mosaic_gpu_kernels_lower(seq, ping_pong):
     """Pallas' Mosaic GPU lowering runs here through Mosaic's own dialect lowering (the PTX step is on the GPU)."""
+    kernel = functools.partial(flash_mgpu.flash_attention, ping_pong=ping_pong)
     with jax.sharding.use_abstract_mesh(H100):
-        traced = jax.jit(_flash_loss(flash_mgpu.flash_attention)).trace(*_flash_args(1, seq))
+        traced = jax.jit(_flash_loss(kernel)).trace(*_flash_args(1, seq))
         text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 3  # forward, dq, dk/dv
     assert "triton" not in text

@@ -45,6 +45,7 @@ class _Static:
     group: int
     stages: int  # K/V shared-memory slots in flight
     interpret: bool | plgpu.InterpretGPUParams  # True: the default simulation; params e.g. to detect races
+    ping_pong: bool  # take turns on the tensor cores: one warpgroup's softmax runs under the other's matmuls
 
 
 def _forward(st: _Static, q, k, v, q_meta, kv_meta, ranges):
@@ -55,7 +56,8 @@ def _forward(st: _Static, q, k, v, q_meta, kv_meta, ranges):
     scale = st.scale * LOG2E  # scores in base 2: exp2 instead of exp
 
     def kernel(ranges_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, lse_ref, scoped):
-        (q_smem, k_smem, v_smem, meta_smem, p_smem, lse_smem), (q_ready, k_ready, v_ready), (k_free, v_free) = scoped
+        (q_smem, k_smem, v_smem, meta_smem, p_smem, lse_smem), ready, (k_free, v_free), turn = scoped
+        q_ready, k_ready, v_ready = ready
         b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         # Last q tiles first: under a causal mask they are the longest, so the wave's tail is made of short ones.
         t = q_len // st.block_q - 1 - lax.axis_index("q_tile")
@@ -72,12 +74,17 @@ def _forward(st: _Static, q, k, v, q_meta, kv_meta, ranges):
             q_seg = load_vector(qm_ref.at[b, 1, pl.ds(row0, rows)], ROW)
             plgpu.barrier_wait(q_ready.at[wg])
 
+            def take_turns():  # both compute warpgroups meet here (FlashAttention-3's ping-pong schedule)
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(turn)
+
             def step(j, carry, masked):
                 acc, m, total = carry
                 slot = lax.rem(j - lo, stages)
                 plgpu.barrier_wait(k_ready.at[slot])
 
-                s = matmul(qo, k_smem.at[slot].transpose((1, 0)), (rows, bkv)) * scale
+                s = matmul(qo, k_smem.at[slot].transpose((1, 0)), (rows, bkv),
+                           take_turns if st.ping_pong else None) * scale
                 if masked:
                     mask = visible(q_pos, q_seg, plgpu.load(meta_smem.at[slot, 0], layout=COL),
                                    plgpu.load(meta_smem.at[slot, 1], layout=COL), s.shape, 0, st.causal)
@@ -90,7 +97,11 @@ def _forward(st: _Static, q, k, v, q_meta, kv_meta, ranges):
                 alpha = jnp.exp2(m - m_next)
                 total = total * alpha + p.sum(axis=1)
                 p_operand = lhs_operand(p, None if p_smem is None else p_smem.at[wg], dtype)
+                if st.ping_pong:  # softmax done: the other warpgroup may issue its QK^T; PV waits for its turn
+                    plgpu.barrier_arrive(turn)
                 plgpu.barrier_wait(v_ready.at[slot])
+                if st.ping_pong:
+                    plgpu.barrier_wait(turn)
                 acc = add_matmul(acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), p_operand, v_smem.at[slot],
                                  st.interpret)
                 plgpu.barrier_arrive(v_free.at[slot])
@@ -99,7 +110,11 @@ def _forward(st: _Static, q, k, v, q_meta, kv_meta, ranges):
             carry = (plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32), plgpu.Layout.WGMMA),
                      plgpu.layout_cast(jnp.full((rows,), tiling.MASKED, jnp.float32), ROW),
                      plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), ROW))
+            if st.ping_pong:  # warpgroup 1 starts a turn behind; warpgroup 0 closes the last turn after its loop
+                pl.when(wg == 1)(take_turns)
             acc, m, total = walk(blocks, step, carry)
+            if st.ping_pong:
+                pl.when(wg == 0)(take_turns)
             # Rows that saw no key keep total == 0: zeros out and an lse of 0, as in the Triton kernel.
             seen = total > 0
             inv = jnp.where(seen, 1.0 / jnp.where(seen, total, 1.0), 0.0)
@@ -137,7 +152,8 @@ def _forward(st: _Static, q, k, v, q_meta, kv_meta, ranges):
         ready = (plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                  plgpu.Barrier(num_barriers=stages))
         free = (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2
-        pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, ready, free, collective_axes="wg")
+        turn = plgpu.Barrier(num_arrivals=COMPUTE_WGS) if st.ping_pong else None
+        pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, ready, free, turn, collective_axes="wg")
 
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32))
     return launch(entry, out_type, (heads, q_len // st.block_q, batch), ("heads", "q_tile", "batch"), st.interpret,
@@ -178,10 +194,12 @@ def check_supported(q, k, block_sizes: tiling.BlockSizes) -> None:
 
 
 def flash_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal=True, scale=None,
-                    block_sizes: tiling.BlockSizes | None = None, stages: int = 2, interpret=False):
+                    block_sizes: tiling.BlockSizes | None = None, stages: int = 2, ping_pong: bool = False,
+                    interpret=False):
     """The `attention(...)` contract (layout [batch, seq, heads, head_dim]) as Hopper kernels: this forward and the
     dq and dk/dv kernels of flash_mgpu_bwd.py. `block_sizes` sets the forward's tile; `stages` the shared-memory
-    slots each producer keeps in flight.
+    slots each producer keeps in flight; `ping_pong` makes the forward's two compute warpgroups take turns on the
+    tensor cores (FlashAttention-3's schedule; off until a GPU has timed it).
 
     `interpret=True` (or InterpretGPUParams) runs all three in Mosaic GPU's interpret mode: a CPU simulation of the
     warpgroups, shared memory, TMA copies and barriers.
@@ -201,7 +219,7 @@ def flash_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_seg
     scale = float(head_dim ** -0.5 if scale is None else scale)
     group = heads // k.shape[2]
     st = _Static(causal=causal, scale=scale, block_q=block_sizes.block_q, block_kv=block_sizes.block_kv,
-                 group=group, stages=stages, interpret=interpret)
+                 group=group, stages=stages, interpret=interpret, ping_pong=ping_pong)
     bwd = flash_mgpu_bwd.Static(causal=causal, scale=scale, group=group, stages=stages, interpret=interpret)
     ranges = mask_ranges(q_pos, kv_pos, q_seg, kv_seg, st.block_q, st.block_kv, causal)
     meta = (jnp.stack([q_pos, q_seg], axis=1), jnp.stack([kv_pos, kv_seg], axis=1))  # [B, 2, T]: TMA-able rows

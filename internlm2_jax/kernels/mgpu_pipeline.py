@@ -77,11 +77,18 @@ def produce(steps, stages, transfers):
     issue(i, slot)) and waits for its slot's previous contents to be released before copying. Afterwards it waits
     for the last releases too, so no barrier phase is left unobserved when the scratch goes out of scope."""
 
+    def reuse(free):
+        plgpu.barrier_wait(free)
+        # The consumers read some of a slot (positions, statistics) with ordinary loads; the TMA copy that overwrites
+        # it goes through the async proxy, which a proxy fence orders after them (the race detector of Mosaic GPU's
+        # interpret mode reports the overwrite otherwise).
+        plgpu.commit_smem()
+
     @pl.loop(0, steps)
     def _(i):
         slot = lax.rem(i, stages)
         for free, issue in transfers:
-            pl.when(i >= stages)(functools.partial(plgpu.barrier_wait, free.at[slot]))
+            pl.when(i >= stages)(functools.partial(reuse, free.at[slot]))
             issue(i, slot)
 
     @pl.loop(jnp.maximum(steps - stages, 0), steps)
@@ -98,10 +105,13 @@ def walk(ranges, step, carry):
     return lax.fori_loop(f_hi, hi, functools.partial(step, masked=True), carry)
 
 
-def matmul(a, b, shape):
-    """a @ b in fp32 registers (WGMMA layout), from a fresh wgmma accumulator."""
+def matmul(a, b, shape, while_running=None):
+    """a @ b in fp32 registers (WGMMA layout), from a fresh wgmma accumulator; `while_running()` is called after the
+    wgmma is issued and before it is waited for."""
     def run(acc_ref):
         plgpu.wgmma(acc_ref, a, b)
+        if while_running is not None:
+            while_running()
         return acc_ref[...]
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
