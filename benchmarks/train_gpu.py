@@ -35,20 +35,17 @@ from internlm2_jax.train import (  # noqa: E402
     make_train_step,
     train_state_shardings,
 )
-from internlm2_jax.train.metrics import PEAK_FLOPS, mfu, train_flops_per_token  # noqa: E402
+from internlm2_jax.train.metrics import PEAK_FLOPS, mfu, peak_flops_key, train_flops_per_token  # noqa: E402
 from internlm2_jax.train.state import model_graphdef  # noqa: E402
 
 OPT = OptimizerConfig(peak_lr=3e-4, warmup_steps=2, total_steps=1000)
 
 
 def peak_flops(device) -> tuple[str, float]:
-    kind = device.device_kind.lower()
-    for name in ("h200", "h100"):
-        if name in kind:
-            return name, PEAK_FLOPS[name]
-    if device.platform == "cpu":
-        return "cpu_bf16", PEAK_FLOPS["cpu_bf16"]
-    raise SystemExit(f"no bf16 peak known for {device.device_kind!r}: add it to metrics.PEAK_FLOPS")
+    key = peak_flops_key(device.platform, device.device_kind, "bfloat16")
+    if key is None:
+        raise SystemExit(f"no bf16 peak known for {device.device_kind!r}: add it to metrics.PEAK_FLOPS")
+    return key, PEAK_FLOPS[key]
 
 
 def make_batch(batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
@@ -117,7 +114,7 @@ def main(argv=None):
             notes.append(f"B{batch} did not fit")
             batch //= 2
     tokens_per_second = batch * args.seq / seconds
-    utilisation = mfu(cfg, args.seq, tokens_per_second, peak)
+    utilisation = mfu(train_flops_per_token(cfg, args.seq), tokens_per_second, peak)
     title = device.device_kind if not args.dry_run else "CPU dry run (tiny shape; numbers meaningless)"
     header = "| shape | params | remat | attention | B x T | step s | tokens/s | TFLOP/s | MFU | peak mem |"
     row = (f"| {args.preset} | {cfg.num_params() / 1e9:.2f}B | {args.remat} "

@@ -30,7 +30,7 @@ from internlm2_jax.train import (  # noqa: E402
     make_train_step,
     train_state_shardings,
 )
-from internlm2_jax.train.metrics import PEAK_FLOPS, mfu  # noqa: E402
+from internlm2_jax.train.metrics import PEAK_FLOPS, mfu, train_flops_per_token  # noqa: E402
 from internlm2_jax.train.state import model_graphdef  # noqa: E402
 
 # Our recipe's AdamW (spec §5.4), warmup short enough that the timed steps take real updates.
@@ -110,7 +110,7 @@ def main():
           f"bf16 {PEAK_FLOPS['cpu_bf16'] / 1e9:.0f} GFLOP/s")
     print(f"{'implementation':<30} {'median s':>9} {'tokens/s':>10} {'vs baseline':>12} {'MFU':>7}")
     for name, precision, seconds in rows:
-        utilisation = mfu(cfg, args.seq, tokens / seconds, PEAK_FLOPS[f"cpu_{precision}"])
+        utilisation = mfu(train_flops_per_token(cfg, args.seq), tokens / seconds, PEAK_FLOPS[f"cpu_{precision}"])
         print(f"{name:<30} {seconds:>9.3f} {tokens / seconds:>10.0f} {base / seconds:>11.2f}x {utilisation:>7.1%}")
 
 

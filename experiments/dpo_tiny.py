@@ -16,7 +16,7 @@ from internlm2_jax.launch import DataConfig, Experiment, load_experiment, run_tr
 from internlm2_jax.parallel import MeshConfig
 from internlm2_jax.train import OptimizerConfig
 from internlm2_jax.train.loop import TrainConfig
-from internlm2_jax.train.preference_loss import DPOConfig
+from internlm2_jax.train.objectives import DPOObjective
 
 RUN = Path("runs/dpo_tiny")
 SFT = load_experiment(Path(__file__).with_name("sft_tiny.py"))
@@ -31,12 +31,11 @@ def config() -> Experiment:
                           init_weights=str(SFT.RUN)),
         optimizer=OptimizerConfig(peak_lr=5e-3, warmup_steps=5, total_steps=100, weight_decay=0.0,
                                   trainable=("lora_",)),
-        mesh=MeshConfig(data=2, fsdp=-1),
+        mesh=MeshConfig(fsdp=-1),  # every device there is
         data=DataConfig(format="pairs", train_files=(str(RUN / "data/train.jsonl"),),
                         heldout_files=(str(RUN / "data/heldout.jsonl"),), tokenizer=str(SFT.DATA / "tokenizer.model"),
                         max_pairs=4, eval_batches=16),
-        objective="dpo",
-        dpo=DPOConfig(beta=0.1))
+        objective=DPOObjective(beta=0.1))
 
 
 def preference_rate(model, exp: Experiment) -> float:

@@ -5,6 +5,7 @@ python -m internlm2_jax.launch experiments/internlm2_7b_long_context.py --compil
 """
 
 import dataclasses
+from pathlib import Path
 
 from internlm2_jax.launch import DataConfig, Experiment, load_experiment, run_training
 from internlm2_jax.train.loop import TrainConfig
@@ -13,7 +14,7 @@ SEQ, BATCH_TOKENS, EXTRA_STEPS = 32768, 4 * 1024 * 1024, 50_000
 
 
 def config() -> Experiment:
-    phase1 = load_experiment(__file__.replace("long_context", "pretrain")).config()
+    phase1 = load_experiment(Path(__file__).with_name("internlm2_7b_pretrain.py")).config()
     steps = phase1.train.steps + EXTRA_STEPS
     return dataclasses.replace(
         phase1, name="internlm2_7b_long_context",

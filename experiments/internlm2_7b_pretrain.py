@@ -4,13 +4,14 @@ python -m internlm2_jax.launch experiments/internlm2_7b_pretrain.py --compile-on
 """
 
 import dataclasses
+from pathlib import Path
 
 from internlm2_jax.config import preset
 from internlm2_jax.launch import Experiment, load_experiment, run_training
 
 
 def config() -> Experiment:
-    recipe = load_experiment(__file__.replace("7b", "1_8b")).config()
+    recipe = load_experiment(Path(__file__).with_name("internlm2_1_8b_pretrain.py")).config()
     return dataclasses.replace(
         recipe, name="internlm2_7b_pretrain",
         model=preset("internlm2_7b", rope_theta=50_000.0, dtype="bfloat16", scan_layers=True, remat="full"),

@@ -13,7 +13,7 @@ from internlm2_jax.launch import DataConfig, Experiment, run_training
 from internlm2_jax.parallel import MeshConfig
 from internlm2_jax.train import OptimizerConfig
 from internlm2_jax.train.loop import TrainConfig
-from internlm2_jax.train.preference_loss import RewardLossConfig
+from internlm2_jax.train.objectives import RewardObjective
 
 SEQ, ROWS = 4096, 256
 STEPS = 2_400_000 // (ROWS * 4)  # 2.4M pairs (the released RMs' data), ~4 pairs per packed 4K row, one epoch
@@ -30,8 +30,7 @@ def config() -> Experiment:
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
         data=DataConfig(format="pairs", train_files=("data/preferences/train.jsonl",),
                         tokenizer="models/internlm2-chat-7b-sft", max_pairs=8),
-        objective="reward",
-        reward=RewardLossConfig(penalty_weight=0.02))
+        objective=RewardObjective(penalty_weight=0.02))
 
 
 def main(exp: Experiment) -> None:

@@ -1,6 +1,7 @@
 """Pretrain the `tiny` preset on the embedded stdlib corpus on CPU in about a minute: the smallest real run.
 
-Run: python -m internlm2_jax.launch experiments/pretrain_tiny.py --set train.steps=100 --set mesh.fsdp=4
+Run: python -m internlm2_jax.launch experiments/pretrain_tiny.py --set train.steps=100   (one device, or all there are)
+     python -m internlm2_jax.launch experiments/pretrain_tiny.py --cpu-devices 8 --set mesh.data=2   (a 2x4 mesh)
 """
 
 from pathlib import Path
@@ -21,7 +22,7 @@ def config() -> Experiment:
         model=preset("tiny", vocab_size=1024),
         train=TrainConfig(steps=60, batch_size=8, seq_len=64, log_every=5, checkpoint_every=20, run_dir=str(RUN)),
         optimizer=OptimizerConfig(peak_lr=3e-3, warmup_steps=6, total_steps=60),
-        mesh=MeshConfig(data=2, fsdp=-1),
+        mesh=MeshConfig(fsdp=-1),  # every device there is (a 2x4 mesh: --cpu-devices 8 --set mesh.data=2)
         data=DataConfig(manifest=str(RUN / "data/train/manifest.json"),
                         heldout_manifest=str(RUN / "data/heldout/manifest.json"),
                         tokenizer=str(RUN / "data/tokenizer.model"), eval_batches=4))

@@ -17,7 +17,7 @@ from internlm2_jax.launch import DataConfig, Experiment, run_training
 from internlm2_jax.parallel import MeshConfig
 from internlm2_jax.train import OptimizerConfig
 from internlm2_jax.train.loop import TrainConfig
-from internlm2_jax.train.preference_loss import RewardLossConfig
+from internlm2_jax.train.objectives import RewardObjective
 
 RUN = Path("runs/reward_tiny")
 DATA = RUN / "data"
@@ -31,12 +31,11 @@ def config() -> Experiment:
                           run_dir=str(RUN)),
         # XTuner's RM recipe scaled down: AdamW, no weight decay, short warmup.
         optimizer=OptimizerConfig(peak_lr=2e-3, warmup_steps=10, total_steps=160, weight_decay=0.0, b2=0.999),
-        mesh=MeshConfig(data=2, fsdp=-1),
+        mesh=MeshConfig(fsdp=-1),  # every device there is
         data=DataConfig(format="pairs", train_files=(str(DATA / "train.jsonl"),),
                         heldout_files=(str(DATA / "heldout.jsonl"),), tokenizer=str(DATA / "tokenizer.model"),
                         max_pairs=4, eval_batches=64),
-        objective="reward",
-        reward=RewardLossConfig(penalty_weight=0.02))
+        objective=RewardObjective(penalty_weight=0.02))
 
 
 def prepare_data(vocab_size: int) -> None:

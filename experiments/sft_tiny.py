@@ -27,7 +27,7 @@ def config() -> Experiment:
         model=preset("tiny", vocab_size=1024, max_position_embeddings=512),
         train=TrainConfig(steps=120, batch_size=8, seq_len=512, log_every=10, checkpoint_every=60, run_dir=str(RUN)),
         optimizer=OptimizerConfig(peak_lr=3e-3, warmup_steps=10, total_steps=120, weight_decay=0.0),
-        mesh=MeshConfig(data=2, fsdp=-1),
+        mesh=MeshConfig(fsdp=-1),  # every device there is
         data=DataConfig(format="messages", train_files=(str(DATA / "train.jsonl"),),
                         heldout_files=(str(DATA / "heldout.jsonl"),), tokenizer=str(DATA / "tokenizer.model"),
                         eval_batches=8))

@@ -1,9 +1,11 @@
 """`python -m internlm2_jax.launch experiments/<name>.py [--set a.b=v ...] [--compile-only [--topology v5p:4x4x4]]`.
 
 An experiment file defines `config() -> Experiment` and, to run, `main(experiment)`. The launcher applies `--set`
-overrides, prints the resolved config, the parameter count and the compiled per-device memory of the real sharded
-train step, then runs `main`. With `--compile-only` it stops after compiling; with `--topology` it compiles for
-abstract TPU devices (needs the `libtpu` package, no TPU) and says whether the step fits the chip's HBM.
+overrides, prints the resolved config and the parameter count, then runs `main`; the training loop compiles the real
+sharded step once, on its first batch, and prints its per-device memory before step 0. With `--compile-only` the same
+step is compiled from shapes and the launcher stops; with `--topology` it compiles for abstract TPU devices (needs
+the `libtpu` package, no TPU) and says whether the step fits the chip's HBM. On a multi-host job (a TPU pod slice,
+SLURM, or JAX_COORDINATOR_ADDRESS set) `jax.distributed` starts first.
 """
 
 from __future__ import annotations
@@ -21,21 +23,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from internlm2_jax.config import ModelConfig
+from internlm2_jax.data_formats import DATA_FORMATS, data_format, data_iterators
+from internlm2_jax.model import InternLM2ForRewardModel
 from internlm2_jax.overrides import apply_overrides, to_dict
-from internlm2_jax.parallel import MeshConfig, batch_sharding, make_mesh
-from internlm2_jax.train.loop import RunResult, TrainConfig, train
-from internlm2_jax.train.optim import OptimizerConfig, lr_schedule, make_optimizer
-from internlm2_jax.train.state import abstract_train_state, model_graphdef, train_state_shardings
-from internlm2_jax.train.objectives import LM, Objective, dpo_objective, reward_objective, sequence_logprobs
-from internlm2_jax.train.preference_loss import DPOConfig, RewardLossConfig
-from internlm2_jax.train.step import StepConfig, make_train_step
+from internlm2_jax.parallel import AXES, MeshConfig, batch_sharding, make_mesh
+from internlm2_jax.train.checkpoint import CheckpointMismatch, CheckpointRestoreError
+from internlm2_jax.train.layout_checks import LayoutError, check_layout
+from internlm2_jax.train.loop import RunResult, TrainConfig, build_program, train
+from internlm2_jax.train.metrics import memory_report, print_memory_report
+from internlm2_jax.train.objectives import PAIR_ROWS, Objective, ObjectiveConfig, sequence_logprobs
+from internlm2_jax.train.optim import OptimizerConfig
+from internlm2_jax.train.registry import objective_config
+from internlm2_jax.train.state import model_graphdef
+from internlm2_jax.train.step import StepConfig
 
 # HBM per chip, bytes.
 HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5litepod": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
 
-
-DATA_FORMATS = ("pretrain", "messages", "alpaca", "pairs")
-OBJECTIVES = ("lm", "reward", "dpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +49,8 @@ class DataConfig:
     tokenizer: str = ""  # a SentencePiece .model file or a model directory
     strict: bool = False  # raise on the first bad record instead of counting and skipping it
     eval_batches: int = 16
-    # Fine-tuning data (data.conversations): "messages" / "alpaca" SFT JSONL, or "pairs" preference JSONL.
+    # A registered data format (data_formats): "pretrain" (the manifest above), "messages" / "alpaca" SFT JSONL or
+    # "pairs" preference JSONL (data.conversations), or one an experiment file registers.
     format: str = "pretrain"
     train_files: tuple[str, ...] = ()
     heldout_files: tuple[str, ...] = ()
@@ -53,8 +58,7 @@ class DataConfig:
     default_domain: str | None = None  # reward model: the domain of records that name none
 
     def __post_init__(self):
-        if self.format not in DATA_FORMATS:
-            raise ValueError(f"data.format must be one of {DATA_FORMATS}, got {self.format!r}")
+        data_format(self.format)  # raises naming the registered formats
         if self.format != "pretrain" and self.manifest:
             raise ValueError(f"data.format={self.format!r} reads data.train_files; data.manifest is for pretraining")
 
@@ -68,21 +72,18 @@ class Experiment:
     step: StepConfig = StepConfig()
     mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()
-    objective: str = "lm"  # "lm" (pretraining, SFT), "reward" (conditional reward model), "dpo"
-    reward: RewardLossConfig = RewardLossConfig()
-    dpo: DPOConfig = DPOConfig()
+    # A registered objective's name ("lm", "reward", "dpo", "orpo", ...: its default config) or its config, e.g.
+    # DPOObjective(beta=0.1). Always a config after construction, so `--set objective.beta=0.2` reaches it.
+    objective: str | ObjectiveConfig = "lm"
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        pairs = self.data.format == "pairs"
-        if pairs != (self.objective != "lm"):
-            raise ValueError(f"objective={self.objective!r} does not go with data.format={self.data.format!r}: "
-                             "reward and dpo train on 'pairs', lm on 'pretrain', 'messages' or 'alpaca'")
-
-
-def build_objective(exp: Experiment) -> Objective:
-    return {"lm": LM, "reward": reward_objective(exp.reward), "dpo": dpo_objective(exp.dpo)}[exp.objective]
+        objective = objective_config(self.objective)
+        object.__setattr__(self, "objective", objective)  # frozen: the name is resolved once, here
+        rows = objective.build().rows
+        if rows not in data_format(self.data.format).rows:
+            fitting = [name for name in DATA_FORMATS.names() if rows in data_format(name).rows]
+            raise ValueError(f"objective={objective.name!r} does not go with data.format={self.data.format!r}: it "
+                             f"trains on {rows} rows, which {', '.join(fitting) or 'no registered format'} give")
 
 
 def load_experiment(path: str | Path):
@@ -97,50 +98,43 @@ def load_experiment(path: str | Path):
     return module
 
 
-def abstract_batch(exp: Experiment, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(exp: Experiment, mesh, objective: Objective) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of one global batch of the experiment's rows, as `run_training` feeds them."""
     shape, sharding = (exp.train.batch_size, exp.train.seq_len), batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
              for k in ("input_ids", "targets", "positions", "segment_ids")}
     batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
-    if exp.data.format == "pairs":
-        batch["pair_mask"] = jax.ShapeDtypeStruct((exp.train.batch_size, exp.data.max_pairs), jnp.float32,
-                                                  sharding=sharding)
+    pairs = (exp.train.batch_size, exp.data.max_pairs)
+    if objective.rows in PAIR_ROWS:
+        batch["pair_mask"] = jax.ShapeDtypeStruct(pairs, jnp.float32, sharding=sharding)
+    if needs_reference_logprobs(exp, objective):
+        batch["reference_logps"] = jax.ShapeDtypeStruct((pairs[0], 2 * pairs[1]), jnp.float32, sharding=sharding)
     return batch
 
 
+def needs_reference_logprobs(exp: Experiment, objective: Objective) -> bool:
+    """Full fine-tuning against a reference: its log-probs come with every batch (LoRA: adapters off, in the step)."""
+    return objective.reference and exp.model.lora is None
+
+
 def compile_train_step(exp: Experiment, devices=None):
-    """Lowers and compiles the real sharded train step for `devices` (abstract TPU devices work) from shapes."""
+    """The run's step, built as `train` builds it, compiled from shapes for `devices` (abstract TPU devices work):
+    what `--compile-only` reports. A real run compiles it once, on its first batch."""
     mesh = make_mesh(exp.mesh, devices)
-    tx = make_optimizer(exp.optimizer)
-    objective = build_objective(exp)
-    classes = dict(model_class=objective.model_class, trainable=exp.optimizer.trainable)
-    graphdef, _ = model_graphdef(exp.model, objective.model_class)
-    shardings = train_state_shardings(exp.model, tx, mesh, **classes)
-    step = make_train_step(graphdef, tx, lr_schedule(exp.optimizer), exp.step, objective=objective,
-                           trainable=exp.optimizer.trainable)
-    jitted = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
-                     donate_argnums=(0,))
-    args = abstract_train_state(exp.model, tx, mesh, **classes), abstract_batch(exp, mesh)
-    with jax.set_mesh(mesh):
-        return jitted.lower(*args).compile()
+    objective = exp.objective.build()
+    program = build_program(exp.model, exp.optimizer, exp.step, mesh, objective)
+    check_layout(exp.model, exp.train, exp.step, mesh, program.abstract_state.params, program.shardings.params)
+    return program.compile(abstract_batch(exp, mesh, objective))
 
 
-def memory_report(compiled, hbm_bytes: int | None = None) -> dict[str, float]:
-    m = compiled.memory_analysis()
-    report = {
-        "arguments_gib": m.argument_size_in_bytes / 2**30,
-        "outputs_gib": m.output_size_in_bytes / 2**30,
-        "aliased_gib": m.alias_size_in_bytes / 2**30,
-        "temporaries_gib": m.temp_size_in_bytes / 2**30,
-        "code_gib": m.generated_code_size_in_bytes / 2**30,
-    }
-    # Donated state is aliased to the outputs: it is counted once.
-    report["total_gib"] = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                           + m.temp_size_in_bytes + m.generated_code_size_in_bytes) / 2**30
-    if hbm_bytes:
-        report["hbm_gib"] = hbm_bytes / 2**30
-        report["fits"] = report["total_gib"] <= report["hbm_gib"]
-    return report
+def start_distributed() -> None:
+    """jax.distributed on a multi-host job: configured by the environment (JAX_COORDINATOR_ADDRESS, ...) or one
+    jax detects itself (a TPU pod slice, SLURM, Open MPI, Kubernetes), so a pod run needs no launcher flags."""
+    from jax._src.clusters import ClusterEnv  # the detection jax.distributed.initialize() itself runs
+
+    detected = any(not env.opt_in_only_method and env.is_env_present() for env in ClusterEnv._cluster_types)
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or detected:
+        jax.distributed.initialize()
 
 
 def tpu_devices(topology: str):
@@ -153,12 +147,6 @@ def tpu_devices(topology: str):
                          "(requirements-test.txt) and the name like 'v5p:4x4x4' or 'v5e:16x16'?") from None
 
 
-def print_report(exp: Experiment, report: dict, where: str) -> None:
-    print(f"compiled train step for {where}: per-device memory")
-    for key, value in report.items():
-        print(f"  {key:<16} {value:.3f}" if isinstance(value, float) else f"  {key:<16} {value}")
-
-
 def load_tokenizer(exp: Experiment):
     from internlm2_jax.tokenizer import Tokenizer
 
@@ -168,52 +156,6 @@ def load_tokenizer(exp: Experiment):
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
                          f"{exp.model.vocab_size}")
     return tokenizer
-
-
-def data_iterators(exp: Experiment, tokenizer):
-    """(training iterator, held-out batches factory or None, data hash) for the experiment's data format."""
-    from internlm2_jax.data import PairDataIterator, PretrainDataIterator, SFTDataIterator, load_manifest
-
-    processes = jax.process_count()
-    if exp.train.batch_size % processes:
-        raise ValueError(f"train.batch_size={exp.train.batch_size} must divide over {processes} processes")
-    common = dict(process_index=jax.process_index(), process_count=processes)
-    rows = exp.train.batch_size // processes
-    if exp.data.format == "pretrain":
-        manifest = load_manifest(exp.data.manifest)
-        heldout = load_manifest(exp.data.heldout_manifest) if exp.data.heldout_manifest else None  # fail early
-
-        def make(source, **options):
-            return PretrainDataIterator(source, tokenizer, exp.train.seq_len, rows, **common, **options)
-
-        train_data, data_hash = make(manifest, seed=exp.train.seed, strict=exp.data.strict), manifest.hash
-    else:
-        if not exp.data.train_files:
-            raise ValueError(f"data.format={exp.data.format!r} needs data.train_files (JSONL paths)")
-        heldout = exp.data.heldout_files or None
-        if exp.data.format == "pairs":
-            kind = exp.objective
-
-            def make(source, **options):
-                return PairDataIterator(source, tokenizer, exp.train.seq_len, rows, kind=kind,
-                                        max_pairs=exp.data.max_pairs, default_domain=exp.data.default_domain,
-                                        **common, **options)
-        else:
-            def make(source, **options):
-                return SFTDataIterator(source, tokenizer, exp.train.seq_len, rows, format=exp.data.format,
-                                       **common, **options)
-
-        train_data = make(exp.data.train_files, seed=exp.train.seed, strict=exp.data.strict)
-        data_hash = train_data.data_sha256
-    eval_batches = None
-    if heldout is not None:
-        def eval_batches():
-            for i, batch in enumerate(make(heldout, seed=0, shuffle=False, repeat=False)):
-                if i >= exp.data.eval_batches:
-                    break
-                yield batch
-
-    return train_data, eval_batches, data_hash
 
 
 class ReferenceLogprobs:
@@ -276,7 +218,8 @@ def run_training(exp: Experiment, *, progress: bool = True) -> RunResult:
     """The standard run of an experiment: tokenizer, data of its format, objective, configs -> `train`."""
     tokenizer = load_tokenizer(exp)
     data, eval_batches, data_hash = data_iterators(exp, tokenizer)
-    if exp.objective == "dpo" and exp.model.lora is None:
+    objective = exp.objective.build()
+    if needs_reference_logprobs(exp, objective):
         logprobs, mesh = reference_model(exp)
         data = ReferenceLogprobs(data, logprobs, mesh)
         if eval_batches is not None:
@@ -285,7 +228,7 @@ def run_training(exp: Experiment, *, progress: bool = True) -> RunResult:
     metadata = {"experiment": to_dict(exp), "tokenizer_sha256": tokenizer.sha256, "manifest_hash": data_hash,
                 "tokenizer_path": str(Path(exp.data.tokenizer).resolve())}
     result = train(exp.model, exp.optimizer, exp.step, exp.mesh, exp.train, data, metadata=metadata,
-                   eval_batches=eval_batches, progress=progress, objective=build_objective(exp))
+                   eval_batches=eval_batches, progress=progress, objective=objective)
     stats = data.log_stats() if hasattr(data, "log_stats") else data.stats
     (Path(exp.train.run_dir) / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
     return result
@@ -298,30 +241,68 @@ def main(argv=None) -> int:
                         help="override a config field, e.g. --set train.steps=100 (repeatable)")
     parser.add_argument("--compile-only", action="store_true", help="compile the train step, print memory, stop")
     parser.add_argument("--topology", help="with --compile-only: a TPU topology such as v5p:4x4x4 or v5e:16x16")
+    parser.add_argument("--cpu-devices", type=int, metavar="N",
+                        help="split the CPU into N devices (for a mesh on a CPU machine, e.g. --cpu-devices 8)")
     args = parser.parse_args(argv)
     if args.topology and not args.compile_only:
         parser.error("--topology needs --compile-only (nothing can run on abstract devices)")
+    if args.cpu_devices is not None:
+        if args.cpu_devices < 1:
+            parser.error(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
+        try:  # before anything touches a device: nothing the launcher imports does
+            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+        except RuntimeError:
+            parser.error("--cpu-devices must be set before JAX starts its backends (this process already did)")
+        if jax.default_backend() != "cpu":
+            parser.error(f"--cpu-devices is for the CPU platform, but JAX runs on {jax.default_backend()} here "
+                         "(set JAX_PLATFORMS=cpu to run on the CPU)")
 
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):  # multi-host: one process per host, configured by environment
-        jax.distributed.initialize()
+    start_distributed()
     module = load_experiment(args.experiment)
     exp = apply_overrides(module.config(), args.set)
     print(json.dumps(to_dict(exp), indent=2, default=str))
-    print(f"parameters: {exp.model.num_params(reward_head=exp.objective == 'reward'):,}")
+    reward_head = exp.objective.build().model_class is InternLM2ForRewardModel
+    print(f"parameters: {exp.model.num_params(reward_head=reward_head):,}")
 
     if args.topology:
         devices = tpu_devices(args.topology)
-        hbm = HBM_BYTES.get(args.topology.split(":")[0])
-        where = f"TPU {args.topology} ({len(devices)} chips, mesh {make_mesh(exp.mesh, devices).shape})"
+        hbm, platform, count = HBM_BYTES.get(args.topology.split(":")[0]), "tpu", len(devices)
     else:
-        devices, hbm, where = None, None, f"{jax.device_count()} local {jax.devices()[0].platform} devices"
-    print_report(exp, memory_report(compile_train_step(exp, devices), hbm), where)
-    if args.compile_only:
-        return 0
-    if not hasattr(module, "main"):
-        print(f"{args.experiment} defines no main(experiment); nothing to run", file=sys.stderr)
+        devices, hbm, platform, count = None, None, jax.devices()[0].platform, jax.device_count()
+    try:
+        mesh_shape = dict(zip(AXES, exp.mesh.shape(count), strict=True))
+    except ValueError as e:  # one line naming the fields to change, not a traceback from deep inside the step
+        sizes = dict(zip(AXES, (getattr(exp.mesh, a) for a in AXES), strict=True))
+        change = ([a for a, n in sizes.items() if n == 0 or n < -1] or
+                  ([a for a, n in sizes.items() if n == -1] if list(sizes.values()).count(-1) > 1 else []) or
+                  [a for a, n in sizes.items() if n > 1] or ["fsdp"])
+        fix = f"change {' / '.join(f'mesh.{a}' for a in change)} with --set (one axis may be -1: the rest)"
+        if platform == "cpu":
+            needed = max(1, int(np.prod([n for n in sizes.values() if n > 0])))
+            fix += f", or split the CPU into {needed} devices with --cpu-devices {needed}"
+        devices_here = f"TPU {args.topology}" if args.topology else f"the {count} {platform} device(s) here"
+        print(f"error: the experiment's mesh does not fit {devices_here}: {e}; {fix}", file=sys.stderr)
         return 2
-    module.main(exp)
+    where = (f"TPU {args.topology} ({count} chips, mesh {mesh_shape})" if args.topology
+             else f"{count} local {platform} devices")
+    try:
+        if args.compile_only:
+            try:
+                compiled = compile_train_step(exp, devices)
+            except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a step over HBM: say so, one line
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                print(f"error: the train step does not fit {where}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+                return 1
+            print_memory_report(memory_report(compiled, hbm), where)
+            return 0
+        if not hasattr(module, "main"):
+            print(f"{args.experiment} defines no main(experiment); nothing to run", file=sys.stderr)
+            return 2
+        module.main(exp)  # the loop compiles the step once and prints its memory before step 0
+    except (LayoutError, CheckpointMismatch, CheckpointRestoreError) as e:  # the run's own config: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

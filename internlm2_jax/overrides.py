@@ -85,11 +85,26 @@ def _set(node: Any, keys: list[str], text: str, where: str) -> Any:
     if len(keys) == 1:
         value = _parse(text, hints[key], where)
     else:
-        value = _set(getattr(node, key), keys[1:], text, where)
+        child = getattr(node, key)
+        if child is None:  # e.g. `--set model.lora.rank=8` on a model without adapters: start from the defaults
+            child = _default_instance(hints[key], where.rsplit(".", len(keys) - 1)[0])
+        value = _set(child, keys[1:], text, where)
     try:
         return dataclasses.replace(node, **{key: value})
     except ValueError as e:  # the dataclass's own validation, e.g. ConfigError
         raise OverrideError(f"{where}={text}: {e}") from None
+
+
+def _default_instance(annotation: Any, where: str) -> Any:
+    """The default-constructed dataclass of an `X | None` field that is None, so that its fields can be set."""
+    candidates = [a for a in (typing.get_args(annotation) or (annotation,))
+                  if isinstance(a, type) and dataclasses.is_dataclass(a)]
+    if len(candidates) != 1:
+        raise OverrideError(f"{where} is None and its type {annotation} is not one dataclass; set {where} as a whole")
+    try:
+        return candidates[0]()
+    except (TypeError, ValueError) as e:  # required fields, or defaults its own validation refuses
+        raise OverrideError(f"{where} is None and {candidates[0].__name__} has no usable defaults ({e})") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

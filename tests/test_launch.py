@@ -30,7 +30,7 @@ def launch(*args, cwd, timeout=600, env_extra=None):
 def tiny_run(tmp_path_factory):
     """experiments/pretrain_tiny.py for 12 steps through the launcher, with its own data preparation."""
     work = tmp_path_factory.mktemp("launch")
-    done = launch(ROOT / "experiments" / "pretrain_tiny.py", "--set", "train.steps=12",
+    done = launch(ROOT / "experiments" / "pretrain_tiny.py", "--set", "train.steps=12", "--set", "mesh.data=2",
                   "--set", "optimizer.total_steps=12", "--set", "train.checkpoint_every=5", cwd=work)
     assert done.returncode == 0, done.stderr[-4000:]
     return work / "runs" / "pretrain_tiny", done.stdout
@@ -39,9 +39,10 @@ def tiny_run(tmp_path_factory):
 def test_launcher_prints_config_params_and_memory_then_trains(tiny_run):
     run_dir, stdout = tiny_run
     config = json.loads(stdout[: stdout.index("\nparameters:")])
-    assert config["train"]["steps"] == 12 and config["mesh"]["data"] == 2
+    assert config["train"]["steps"] == 12 and config["mesh"]["fsdp"] == -1  # all 8 devices
     params = preset("tiny", vocab_size=1024).num_params()
     assert f"parameters: {params:,}" in stdout and "temporaries_gib" in stdout and "held-out loss" in stdout
+    assert stdout.count("compiled train step for 8 cpu devices") == 1  # once, by the loop, before step 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [5, 10, 12]
     assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in rows if "loss" in r)
@@ -116,3 +117,21 @@ def test_compile_only_for_a_tpu_topology_reports_per_device_memory(tmp_path):
     assert "TPU v5e:2x2 (4 chips" in done.stdout and "parameters: 1,889,110,016" in done.stdout
     total = float(done.stdout.split("total_gib")[1].split()[0])
     assert 5 < total < 16 and "fits             True" in done.stdout
+
+
+def test_full_parameter_dpo_compiles_and_trains_through_the_launcher(tmp_path):
+    """Full fine-tuning DPO brings its reference log-probs with every batch: the `--compile-only` shapes and the
+    run's own compilation (once, on the first batch) both see them."""
+    experiment = ROOT / "tests" / "experiments_testing" / "simpo_experiment.py"
+    common = ("--set", "objective=dpo", "--set", f"train.run_dir={tmp_path / 'run'}",
+              "--set", f"data.tokenizer={tmp_path / 'tokenizer.model'}")
+    compiled = launch(experiment, *common, "--compile-only", cwd=tmp_path, timeout=300)
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert compiled.stdout.count("compiled train step for") == 1 and "temporaries_gib" in compiled.stdout
+    done = launch(experiment, *common, "--set", "train.steps=2", "--set", "optimizer.total_steps=2",
+                  cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("compiled train step for") == 1  # compiled once, by the loop
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and np.isfinite(rows[-1]["loss"])
+    assert load_run(tmp_path / "run")[2]["objective"] == "dpo"

@@ -6,11 +6,14 @@ test session (and when one process fails, its peers are killed at once).
 """
 
 import json
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from train_child import complete_checkpoints, free_port, log_tail, prepare_data, start, wait_all
+from train_child import (complete_checkpoints, free_port, kill_all, log_tail, prepare_data, read_metrics, start,
+                         wait_all)
 
 STEPS = 4
 TIMEOUT_S = 240
@@ -71,3 +74,28 @@ def test_two_processes_resume_from_their_checkpoint_like_one_process(tmp_path):
     s0, s1 = results(second, tmp_path)
     assert_same_losses(s0["losses"], {k: ref["losses"][k] for k in ("4", "5")})
     assert s0["losses"] == s1["losses"]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_bitwise(tmp_path):
+    """A preemption notice reaches one host only: both agree on the step to stop at (jax's preemption sync point),
+    save that one checkpoint together, exit 0, and the resumed pair continues exactly as a straight run."""
+    data = prepare_data(tmp_path / "data")
+    reference = start_reference(tmp_path, data, 8)
+    port = free_port()
+    pair = [start({**COMMON, "data_dir": str(data), "steps": 8, "devices": 4, "num_processes": 2, "process_id": i,
+                   "coordinator": f"127.0.0.1:{port}", "run_dir": str(tmp_path / "two"), "step_delay_s": 0.3,
+                   "out": str(tmp_path / f"stopped{i}.out.json")}, tmp_path, f"stopped{i}") for i in range(2)]
+    deadline = time.monotonic() + TIMEOUT_S
+    while not [r for r in read_metrics(tmp_path / "two") if r["step"] >= 2]:
+        if time.monotonic() > deadline or any(p.poll() is not None for p in pair):
+            kill_all([reference, *pair])
+            pytest.fail("the pair did not reach step 2\n" + "\n".join(log_tail(p) for p in pair))
+        time.sleep(0.01)
+    pair[1].send_signal(signal.SIGTERM)
+    ref, s0, s1 = results([reference, *pair], tmp_path)
+    assert s0["interrupted"] and s1["interrupted"] and s0["final_step"] == s1["final_step"] < 8
+    assert complete_checkpoints(tmp_path / "two")[-1] == s0["final_step"]
+    resumed = start_two_processes(tmp_path, data, 8, tmp_path / "two", "resumed")
+    r0, r1 = results(resumed, tmp_path)
+    assert_same_losses(r0["losses"], {k: v for k, v in ref["losses"].items() if int(k) > s0["final_step"]})
+    assert r0["losses"] == r1["losses"]

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from internlm2_jax.config import RopeScaling, preset
+from internlm2_jax.config import LoraConfig, RopeScaling, preset
 from internlm2_jax.launch import Experiment
 from internlm2_jax.overrides import OverrideError, apply_overrides, to_dict
 from internlm2_jax.parallel import MeshConfig
@@ -45,3 +45,18 @@ def test_dataclass_validation_runs_on_the_result():
     with pytest.raises(OverrideError, match="train.batch_size must be positive"):
         apply_overrides(EXP, ["train.batch_size=0"])
     assert dataclasses.replace(OptimizerConfig(), peak_lr=1.0).peak_lr == 1.0
+
+
+def test_a_none_dataclass_field_is_built_from_its_defaults_then_set():
+    assert EXP.model.lora is None
+    exp = apply_overrides(EXP, ["model.lora.rank=4", "model.lora.targets=wqkv,wo"])
+    assert exp.model.lora == LoraConfig(rank=4, targets=("wqkv", "wo"))  # the other fields keep their defaults
+    assert apply_overrides(EXP, ["model.lora.alpha=8"]).model.lora == LoraConfig(alpha=8.0)
+    assert apply_overrides(exp, ["model.lora=None"]).model.lora is None
+    assert EXP.model.lora is None  # the original is untouched
+    with pytest.raises(OverrideError, match="model.lora.rank: expected an integer"):
+        apply_overrides(EXP, ["model.lora.rank=big"])
+    with pytest.raises(OverrideError, match="lora.rank must be a positive integer"):
+        apply_overrides(EXP, ["model.lora.rank=0"])
+    with pytest.raises(OverrideError, match="model.rope_scaling is None and RopeScaling has no usable defaults"):
+        apply_overrides(EXP, ["model.rope_scaling=None", "model.rope_scaling.factor=4"])

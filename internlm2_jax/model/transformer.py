@@ -191,7 +191,10 @@ class InternLM2Model(nnx.Module):
             return constrain(x, ("batch", "length", "embed"))
 
         if cfg.remat != "none":
-            run_layer = jax.checkpoint(run_layer, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(0,))
+            # Under scan the loop boundary already stops XLA from merging the recomputation into the forward, so
+            # the CSE barriers prevent_cse adds would only cost (jax.checkpoint docs); unrolled layers need them.
+            run_layer = jax.checkpoint(run_layer, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(0,),
+                                       prevent_cse=not cfg.scan_layers)
         keys = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_hidden_layers)
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)

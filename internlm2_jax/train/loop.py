@@ -1,7 +1,10 @@
-"""The pretraining loop: restore or initialise, step, log, checkpoint, stop cleanly on SIGTERM.
+"""The training loop: restore or initialise, step, log, evaluate, checkpoint, stop cleanly on SIGTERM.
 
 It composes the pure pieces (state, jitted step, checkpointer, data iterator) and owns only what a run needs on
 top: the progress bar, the metrics log (JSONL and tensorboard), the interrupt handling and the loss-curve PNG.
+
+A stop asked for by SIGTERM is agreed by all processes at the same step (jax's preemption sync point on several
+hosts, whose notifier owns SIGTERM there), so every host saves the same step and none waits in a collective alone.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from internlm2_jax.config import ModelConfig
 from internlm2_jax.parallel import MeshConfig, batch_sharding, make_mesh
 from internlm2_jax.train.checkpoint import Checkpointer, provenance
 from internlm2_jax.train.init_weights import initial_params
-from internlm2_jax.train.metrics import PEAK_FLOPS, mfu
+from internlm2_jax.train.layout_checks import check_layout
+from internlm2_jax.train.metrics import PEAK_FLOPS, memory_report, mfu, peak_flops_key, print_memory_report
 from internlm2_jax.train.objectives import LM, Objective
 from internlm2_jax.train.optim import OptimizerConfig, lr_schedule, make_optimizer
-from internlm2_jax.train.state import abstract_train_state, init_train_state, model_graphdef, train_state_shardings
+from internlm2_jax.train.state import (abstract_train_state, init_train_state, model_graphdef, split_trainable,
+                                       train_state_shardings)
 from internlm2_jax.train.step import StepConfig, jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
 
@@ -45,11 +50,20 @@ class TrainConfig:
     # parameters it lacks (LoRA adapters, a new reward head) keep their fresh initialisation.
     init_weights: str | None = None
     peak_flops: str = "auto"  # a key of PEAK_FLOPS, or "auto" from the device kind and compute dtype
+    eval_every: int = 0  # held-out evaluation every this many steps (0: only at the end)
+    compile_cache: str | None = None  # a persistent XLA compilation cache directory: restarts skip compiling
+    # Fraction of the parameters a multi-device mesh may leave fully replicated on every chip before the run is
+    # refused (a missing rule or a dimension that does not divide costs memory on every chip, silently).
+    max_replicated_fraction: float = 0.05
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"train.eval_every must be >= 0, got {self.eval_every}")
+        if not 0.0 <= self.max_replicated_fraction <= 1.0:
+            raise ValueError(f"train.max_replicated_fraction must be in [0, 1], got {self.max_replicated_fraction}")
         if self.peak_flops != "auto" and self.peak_flops not in PEAK_FLOPS:
             raise ValueError(f"train.peak_flops must be 'auto' or one of {sorted(PEAK_FLOPS)}")
 
@@ -62,15 +76,13 @@ class DataIterator(Protocol):
     def set_state(self, state: dict) -> None: ...
 
 
-def peak_flops(name: str, model: ModelConfig) -> float:
+def peak_flops(name: str, model: ModelConfig) -> float | None:
+    """The per-chip peak MFU is measured against: named, or from the device kind (None: unknown accelerator)."""
     if name != "auto":
         return PEAK_FLOPS[name]
-    kind = jax.devices()[0].device_kind.lower()
-    for key, marker in (("tpu_v6e", "v6"), ("tpu_v5p", "v5p"), ("tpu_v5e", "v5 lite"), ("tpu_v5e", "v5e"),
-                        ("tpu_v4", "v4"), ("h200", "h200"), ("h100", "h100")):
-        if marker in kind:
-            return PEAK_FLOPS[key]
-    return PEAK_FLOPS["cpu_bf16" if model.dtype == "bfloat16" else "cpu_f32"]
+    device = jax.devices()[0]
+    key = peak_flops_key(device.platform, device.device_kind, model.dtype)
+    return None if key is None else PEAK_FLOPS[key]
 
 
 class MetricsLog:
@@ -126,14 +138,46 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
 
 def window_summary(window: list[dict], count_name: str = "tokens") -> dict[str, float]:
     """One log line for the steps since the last: the loss and the objective's metrics weighted by what they
-    average over (tokens or pairs), mean grad norm, last lr, skipped count."""
-    counts = [float(m[count_name]) for m in window]
+    average over (tokens or pairs), mean grad norm, last lr, skipped count, real tokens.
+
+    Skipped (non-finite) steps are counted but left out of the averages: one bad batch must not turn the whole
+    window's loss into NaN. A window of only skipped steps reports NaN, which is what happened."""
+    kept = [m for m in window if not bool(m["skipped"])]
+    counts = [float(m[count_name]) for m in kept]
     total = max(sum(counts), 1.0)
-    weighted = [k for k in window[-1] if k not in ("grad_norm", "lr", "skipped", count_name)]
-    out = {k: sum(float(m[k]) * c for m, c in zip(window, counts, strict=True)) / total for k in weighted}
-    return {**out, "grad_norm": sum(float(m["grad_norm"]) for m in window) / len(window),
+    weighted = [k for k in window[-1] if k not in ("grad_norm", "lr", "skipped", "real_tokens", count_name)]
+    out = {k: (sum(float(m[k]) * c for m, c in zip(kept, counts, strict=True)) / total if kept else math.nan)
+           for k in weighted}
+    grad_norms = [float(m["grad_norm"]) for m in kept]
+    return {**out, "grad_norm": sum(grad_norms) / len(grad_norms) if kept else math.nan,
             "lr": float(window[-1]["lr"]), count_name: sum(counts),
-            "skipped": float(sum(bool(m["skipped"]) for m in window))}
+            "skipped": float(len(window) - len(kept)), "real_tokens": float(sum(m["real_tokens"] for m in window))}
+
+
+class StopRequest:
+    """SIGTERM asks the run to stop after the step in progress; `stop_at(step)` is the agreed answer.
+
+    On one process a Python handler records the signal. On several, jax's preemption sync manager owns SIGTERM
+    (a Python handler would replace its notifier): when any host is signalled, all of them reach the same sync
+    step, so they save the same checkpoint and leave together.
+    """
+
+    def __init__(self):
+        self.multi = jax.process_count() > 1
+        self.requested = False
+        if not self.multi:
+            self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+
+    def stop_at(self, step: int) -> bool:
+        if self.multi:
+            from jax.experimental import multihost_utils
+
+            self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def close(self) -> None:
+        if not self.multi:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 @dataclasses.dataclass
@@ -169,6 +213,45 @@ def evaluate(eval_step, state, batches: Iterator[dict[str, np.ndarray]], shardin
     return result
 
 
+@dataclasses.dataclass
+class TrainProgram:
+    """What a run's step is built from, made once: the launcher's `--compile-only` and the loop share it."""
+
+    mesh: Any
+    tx: Any
+    graphdef: Any
+    shardings: Any
+    abstract_state: Any
+    step: Callable  # jax.jit of the pure train step (state donated)
+
+    def compile(self, batch):
+        """The step compiled for `batch` (arrays or ShapeDtypeStructs with the batch sharding)."""
+        with jax.set_mesh(self.mesh):
+            return self.step.lower(self.abstract_state, batch).compile()
+
+
+def build_program(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, mesh,
+                  objective: Objective = LM) -> TrainProgram:
+    tx = make_optimizer(optimizer)
+    classes = dict(model_class=objective.model_class, trainable=optimizer.trainable)
+    graphdef, _ = model_graphdef(model, objective.model_class)
+    shardings = train_state_shardings(model, tx, mesh, **classes)
+    step = make_train_step(graphdef, tx, lr_schedule(optimizer), step_cfg, objective=objective,
+                           trainable=optimizer.trainable)
+    return TrainProgram(mesh, tx, graphdef, shardings, abstract_train_state(model, tx, mesh, **classes),
+                        jit_train_step(step, shardings, mesh).jitted)
+
+
+def step_flops_per_token(model: ModelConfig, optimizer: OptimizerConfig, objective: Objective, abstract_params,
+                         seq_len: int) -> float:
+    """The FLOPs per real token of the step as it runs: frozen weights get no weight gradients."""
+    trainable = None
+    if optimizer.trainable:
+        trainable = sum(math.prod(v.shape) for v in jax.tree.leaves(split_trainable(abstract_params,
+                                                                                     optimizer.trainable)[0]))
+    return objective.flops_per_token(model, seq_len, trainable_params=trainable)
+
+
 def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, mesh_cfg: MeshConfig,
           cfg: TrainConfig, data: DataIterator, *, metadata: dict[str, Any],
           eval_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None,
@@ -178,27 +261,28 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
 
     `metadata` is what the checkpoints should record beyond the provenance added here (schema, git commit,
     package versions, model config, seed): the resolved experiment config, tokenizer and data-manifest hashes.
+    The step is compiled once, on the first batch (its per-device memory is printed before step 0).
     """
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metadata = provenance(model=dataclasses.asdict(model), optimizer=dataclasses.asdict(optimizer), seed=cfg.seed,
                           objective=objective.name, model_class=objective.model_class.__name__, **metadata)
+    if cfg.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", cfg.compile_cache)
     mesh = make_mesh(mesh_cfg)
-    tx = make_optimizer(optimizer)
+    program = build_program(model, optimizer, step_cfg, mesh, objective)
+    check_layout(model, cfg, step_cfg, mesh, program.abstract_state.params, program.shardings.params)
     classes = dict(model_class=objective.model_class, trainable=optimizer.trainable)
-    graphdef, _ = model_graphdef(model, objective.model_class)
-    shardings = train_state_shardings(model, tx, mesh, **classes)
     checkpointer = Checkpointer(run_dir / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
 
-    abstract = abstract_train_state(model, tx, mesh, **classes)
-    restored = checkpointer.restore_latest(abstract, model)
+    restored = checkpointer.restore_latest(program.abstract_state, metadata)
     if restored is not None:
         start, state, data_state, _ = restored
         data.set_state(data_state)
     elif cfg.init_from:
         # A new phase: weights, optimizer moments and step count carry over; the data (a new mixture) starts fresh.
         source = Checkpointer(Path(cfg.init_from) / "checkpoints")
-        found = source.restore_latest(abstract, model)
+        found = source.restore_latest(program.abstract_state, metadata)
         source.close()
         if found is None:
             raise FileNotFoundError(f"train.init_from={cfg.init_from}: no checkpoint found there")
@@ -207,30 +291,42 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
         params = None
         if cfg.init_weights:
             params = initial_params(cfg.init_weights, model, objective.model_class, mesh, seed=cfg.seed)
-        start, state = 0, init_train_state(model, tx, mesh, seed=cfg.seed, params=params, **classes)
+        start, state = 0, init_train_state(model, program.tx, mesh, seed=cfg.seed, params=params, **classes)
 
-    step_fn = jit_train_step(make_train_step(graphdef, tx, lr_schedule(optimizer), step_cfg, objective=objective,
-                                             trainable=optimizer.trainable), shardings, mesh)
     sharding = batch_sharding(mesh)
     log = MetricsLog(run_dir)
-    stop = {"requested": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    stop = StopRequest()
     peak = peak_flops(cfg.peak_flops, model)
+    flops_per_token = step_flops_per_token(model, optimizer, objective, program.abstract_state.params, cfg.seq_len)
+    eval_fn = None
+    if eval_batches is not None:
+        eval_fn = jit_eval_step(make_eval_step(program.graphdef, step_cfg, objective=objective), program.shardings,
+                                mesh)
     losses: dict[int, float] = {}
+    step, step_fn, result = start, None, None
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
                disable=not progress or jax.process_index() != 0)
-    window_start, window, step = time.perf_counter(), [], start
     try:
-        while step < cfg.steps and not stop["requested"]:
-            state, metrics = step_fn(state, to_global_batch(next(data), sharding))
+        window_start, window = time.perf_counter(), []
+        while step < cfg.steps and not stop.stop_at(step):
+            batch = to_global_batch(next(data), sharding)
+            if step_fn is None:
+                step_fn = program.compile(batch)
+                if jax.process_index() == 0:
+                    print_memory_report(memory_report(step_fn), f"{jax.device_count()} {jax.devices()[0].platform} "
+                                        f"devices, mesh {dict(mesh.shape)}")
+                window_start = time.perf_counter()
+            state, metrics = step_fn(state, batch)
             window.append(metrics)  # device arrays: reading them now would stall the asynchronous dispatch
             step += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
                 values = window_summary(jax.device_get(window), objective.count_name)
                 elapsed = time.perf_counter() - window_start
-                values["tokens_per_s"] = len(window) * cfg.batch_size * cfg.seq_len / elapsed  # row slots
+                values["tokens_per_s"] = values.pop("real_tokens") / elapsed
                 values["step_time_s"] = elapsed / len(window)
-                values["mfu"] = mfu(model, cfg.seq_len, values["tokens_per_s"], peak, jax.device_count())
+                utilisation = mfu(flops_per_token, values["tokens_per_s"], peak, jax.device_count())
+                if utilisation is not None:
+                    values["mfu"] = utilisation
                 losses[step] = values["loss"]
                 log.write(step, values)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}",
@@ -239,18 +335,20 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
             bar.update(1)
             if checkpointer.manager.should_save(step):
                 checkpointer.save(step, state, data_state=data.get_state(), metadata=metadata)
+            if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                log.write(step, evaluate(eval_fn, state, eval_batches(), sharding, objective.count_name))
+                window_start = time.perf_counter()  # evaluation time is not training throughput
         # At the end, or on SIGTERM: always leave a checkpoint of the last step.
         if step not in checkpointer.steps():
             checkpointer.save(step, state, data_state=data.get_state(), metadata=metadata, force=True)
-        result = RunResult(state=state, final_step=step, losses=losses, interrupted=stop["requested"],
+        result = RunResult(state=state, final_step=step, losses=losses, interrupted=stop.requested,
                            run_dir=run_dir)
-        if eval_batches is not None and not stop["requested"]:
-            eval_fn = jit_eval_step(make_eval_step(graphdef, step_cfg, objective=objective), shardings, mesh)
+        if eval_fn is not None and not stop.requested:
             result.eval = evaluate(eval_fn, state, eval_batches(), sharding, objective.count_name)
             log.write(step, result.eval)
     finally:
         bar.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+        stop.close()
         checkpointer.close()
         log.close()
     if jax.process_index() == 0:

@@ -1,13 +1,15 @@
-"""What a train step minimises: the LM loss (pretraining and SFT), the reward-model loss and DPO, on packed rows.
+"""What a train step minimises: the LM loss (pretraining and SFT), the reward-model loss, DPO and ORPO, on packed
+rows, and the objective configs an experiment names (`Experiment.objective`, registered in `train.registry`).
 
 An `Objective` is a model class plus a loss `(graphdef, params, batch, rng, chunk_size) -> (loss_sum, count,
 sums)`: the summed loss, what it is averaged over (tokens or pairs) and summed metrics, so gradient accumulation
-stays exact and the step stays one function for every kind of training.
+stays exact and the step stays one function for every kind of training. It also says which rows it trains on
+(`rows`), so the launcher can check the data format and build the batch shapes without knowing the objective.
 
 Preference rows (`data.conversations.pack_pairs`) hold whole pairs: in each row, pair k is segment 2k+1 (chosen)
 then segment 2k+2 (rejected), and `pair_mask [batch, max_pairs]` says which pairs exist. Attention never crosses a
 segment, so a packed pair scores exactly as it would alone. A reward sample's score is read at the last token of
-its segment (the reward token the data appends); a DPO sequence's log-probability is the sum over its response
+its segment (the reward token the data appends); a policy sequence's log-probability is the sum over its response
 tokens (`loss_mask`).
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +26,18 @@ from flax import nnx
 from internlm2_jax.model import InternLM2ForCausalLM, InternLM2ForRewardModel
 from internlm2_jax.model.lora import is_lora_path
 from internlm2_jax.train.loss import Batch, next_token_loss
-from internlm2_jax.train.preference_loss import DPOConfig, RewardLossConfig, dpo_pair_loss, reward_pair_loss
+from internlm2_jax.train.metrics import train_flops_per_token
+from internlm2_jax.train.preference_loss import (DPOConfig, RewardLossConfig, dpo_pair_loss, log_odds, orpo_pair_loss,
+                                                 reward_pair_loss)
+from internlm2_jax.train.registry import register_objective
 
 LossFn = Callable[..., tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+
+# What an objective's batches hold: packed text (pretraining, SFT), or packed preference pairs rendered for a reward
+# model (domain system turn, reward token) or for a policy (loss mask on the responses). Data formats say which of
+# these they give (`data_formats.register_data_format`).
+ROWS = ("text", "reward_pairs", "policy_pairs")
+PAIR_ROWS = ("reward_pairs", "policy_pairs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +46,30 @@ class Objective:
     loss: LossFn
     model_class: type = InternLM2ForCausalLM
     count_name: str = "tokens"  # what the loss is averaged over
+    rows: str = "text"  # one of ROWS
+    # Compares with a frozen reference's log-probs: the policy with its adapters off under LoRA, otherwise the
+    # launcher adds `reference_logps` from the starting weights to every batch.
+    reference: bool = False
+
+    def __post_init__(self):
+        if self.rows not in ROWS:
+            raise ValueError(f"objective {self.name!r}: rows must be one of {ROWS}, got {self.rows!r}")
+
+    def flops_per_token(self, cfg, seq_len: int, *, trainable_params: int | None = None) -> float:
+        """FLOPs per real token of this objective's step (MFU): a reward model has no vocabulary head, and a
+        reference costs one more forward pass (the adapters-off policy, or the launcher's starting weights)."""
+        return train_flops_per_token(cfg, seq_len, trainable_params=trainable_params,
+                                     head=self.model_class is not InternLM2ForRewardModel,
+                                     extra_forwards=int(self.reference))
+
+
+class ObjectiveConfig(Protocol):
+    """What `Experiment.objective` holds: a frozen dataclass of an objective's settings, with the `name` it is
+    registered under (a field, so recorded configs say which objective they are) and `build()`."""
+
+    name: str
+
+    def build(self) -> Objective: ...
 
 
 def segment_sums(values: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
@@ -82,7 +118,7 @@ def reward_objective(cfg: RewardLossConfig = RewardLossConfig()) -> Objective:
         return (jnp.sum(mask * reward_pair_loss(chosen, rejected, cfg)), jnp.sum(mask),
                 pair_metrics(chosen, rejected, mask))
 
-    return Objective("reward", loss, InternLM2ForRewardModel, "pairs")
+    return Objective("reward", loss, InternLM2ForRewardModel, "pairs", rows="reward_pairs")
 
 
 def sequence_logprobs(model: InternLM2ForCausalLM, batch: Batch, *, chunk_size: int = 1024, rng=None):
@@ -94,6 +130,13 @@ def sequence_logprobs(model: InternLM2ForCausalLM, batch: Batch, *, chunk_size: 
     segments = 2 * batch["pair_mask"].shape[1]
     return (segment_sums(logprobs * mask, batch["segment_ids"], segments),
             segment_sums(mask, batch["segment_ids"], segments))
+
+
+def pair_mean_logprobs(model: InternLM2ForCausalLM, batch: Batch, *, chunk_size: int = 1024, rng=None):
+    """(chosen, rejected) [batch, max_pairs]: each response's per-token average log-probability (0 for no tokens),
+    the length-normalised score of ORPO and SimPO."""
+    sums, counts = sequence_logprobs(model, batch, chunk_size=chunk_size, rng=rng)
+    return pair_values(sums / jnp.maximum(counts, 1.0))
 
 
 def without_adapters(params: nnx.State) -> nnx.State:
@@ -125,4 +168,70 @@ def dpo_objective(cfg: DPOConfig = DPOConfig()) -> Objective:
         metrics = pair_metrics(cfg.beta * (pc - rc), cfg.beta * (pr - rr), mask)
         return jnp.sum(mask * per_pair), jnp.sum(mask), metrics
 
-    return Objective("dpo", loss, InternLM2ForCausalLM, "pairs")
+    return Objective("dpo", loss, InternLM2ForCausalLM, "pairs", rows="policy_pairs", reference=True)
+
+
+# ---- the objective configs: what an experiment names -------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LMObjective:
+    """Next-token cross-entropy on the loss-masked tokens of packed text (pretraining, SFT)."""
+
+    name: str = dataclasses.field(default="lm", init=False)
+
+    def build(self) -> Objective:
+        return LM
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardObjective(RewardLossConfig):
+    """The conditional reward model (`RewardLossConfig`'s settings: `--set objective.penalty_weight=0.01`)."""
+
+    name: str = dataclasses.field(default="reward", init=False)
+
+    def build(self) -> Objective:
+        return reward_objective(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOObjective(DPOConfig):
+    """DPO or IPO against a frozen reference (`DPOConfig`'s settings: `--set objective.beta=0.2`)."""
+
+    name: str = dataclasses.field(default="dpo", init=False)
+
+    def build(self) -> Objective:
+        return dpo_objective(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ORPOObjective:
+    """ORPO (Hong et al. 2024, as XTuner ships it): the chosen response's NLL plus beta x the odds-ratio loss, on
+    policy pairs and without a reference model (`preference_loss.orpo_pair_loss`). The NLL is each chosen
+    response's mean over its tokens, so a packed pair weighs what it weighs alone."""
+
+    beta: float = 0.1  # the paper's lambda; XTuner's default
+    name: str = dataclasses.field(default="orpo", init=False)
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"beta must be positive, got {self.beta}")
+
+    def build(self) -> Objective:
+        beta = self.beta
+
+        def loss(graphdef, params, batch: Batch, rng, chunk_size: int):
+            chosen, rejected = pair_mean_logprobs(nnx.merge(graphdef, params), batch, chunk_size=chunk_size, rng=rng)
+            mask = batch["pair_mask"].astype(jnp.float32)
+            # Metrics as XTuner reports them: "rewards" are beta x the mean log-probs.
+            metrics = {**pair_metrics(beta * chosen, beta * rejected, mask), "nll": jnp.sum(mask * -chosen),
+                       "log_odds_ratio": jnp.sum(mask * (log_odds(chosen) - log_odds(rejected)))}
+            return jnp.sum(mask * orpo_pair_loss(chosen, rejected, beta)), jnp.sum(mask), metrics
+
+        return Objective("orpo", loss, InternLM2ForCausalLM, "pairs", rows="policy_pairs")
+
+
+# The built-ins register the way an experiment file registers its own.
+register_objective("lm", LMObjective)
+register_objective("reward", RewardObjective)
+register_objective("dpo", DPOObjective)
+register_objective("orpo", ORPOObjective)

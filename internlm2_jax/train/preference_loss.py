@@ -1,4 +1,4 @@
-"""The preference losses as formulas on per-pair numbers: the COOL RLHF reward loss (spec §7.1) and DPO / IPO.
+"""The preference losses as formulas on per-pair numbers: the COOL RLHF reward loss (spec §7.1), DPO / IPO and ORPO.
 
 Everything here is elementwise over pairs, so the same functions serve the packed training steps, the tests against
 the spec's numbers (§11.8) and anyone checking a value by hand.
@@ -7,6 +7,7 @@ the spec's numbers (§11.8) and anyone checking a value by hand.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -46,11 +47,11 @@ class RewardLossConfig:
 
     def __post_init__(self):
         if self.rank_loss not in RANK_LOSSES:
-            raise ValueError(f"reward.rank_loss must be one of {RANK_LOSSES}, got {self.rank_loss!r}")
+            raise ValueError(f"rank_loss must be one of {RANK_LOSSES}, got {self.rank_loss!r}")
         if self.penalty_weight < 0:
-            raise ValueError(f"reward.penalty_weight must be >= 0, got {self.penalty_weight}")
+            raise ValueError(f"penalty_weight must be >= 0, got {self.penalty_weight}")
         if not self.lower < self.upper:
-            raise ValueError(f"reward.lower ({self.lower}) must be below reward.upper ({self.upper})")
+            raise ValueError(f"lower ({self.lower}) must be below upper ({self.upper})")
 
 
 def reward_pair_loss(chosen: jax.Array, rejected: jax.Array, cfg: RewardLossConfig = RewardLossConfig()):
@@ -69,11 +70,11 @@ class DPOConfig:
 
     def __post_init__(self):
         if self.loss not in DPO_LOSSES:
-            raise ValueError(f"dpo.loss must be one of {DPO_LOSSES}, got {self.loss!r}")
+            raise ValueError(f"loss must be one of {DPO_LOSSES}, got {self.loss!r}")
         if not self.beta > 0:
-            raise ValueError(f"dpo.beta must be positive, got {self.beta}")
+            raise ValueError(f"beta must be positive, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
 def dpo_pair_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
@@ -87,3 +88,27 @@ def dpo_pair_loss(policy_chosen, policy_rejected, reference_chosen, reference_re
         return (h - 1.0 / (2.0 * cfg.beta)) ** 2
     e = cfg.label_smoothing
     return -(1.0 - e) * jax.nn.log_sigmoid(cfg.beta * h) - e * jax.nn.log_sigmoid(-cfg.beta * h)
+
+
+def log1mexp(x: jax.Array) -> jax.Array:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012): log(-expm1(x)) near 0, where 1 - exp(x)
+    cancels, and log1p(-exp(x)) below -log 2, where expm1 would round to -1."""
+    return jnp.where(x > -math.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+# A mean log-probability of 0 (a probability of 1, or a padded pair slot with no tokens) has infinite odds; capped
+# here, the odds stay finite (log odds <= ~16) and masked-out pairs cannot put NaN into the sums or gradients.
+MAX_MEAN_LOGPROB = -1e-7
+
+
+def log_odds(mean_logprob: jax.Array) -> jax.Array:
+    """log(p / (1 - p)) with log p = `mean_logprob`, the per-token average log-probability of a response."""
+    x = jnp.minimum(mean_logprob.astype(jnp.float32), MAX_MEAN_LOGPROB)
+    return x - log1mexp(x)
+
+
+def orpo_pair_loss(chosen: jax.Array, rejected: jax.Array, beta: float = 0.1) -> jax.Array:
+    """ORPO (Hong et al. 2024) per pair, from the responses' per-token average log-probabilities:
+
+    -chosen (the chosen response's mean NLL)  +  beta * -log sigmoid(log odds(chosen) - log odds(rejected))."""
+    return -chosen + beta * -jax.nn.log_sigmoid(log_odds(chosen) - log_odds(rejected))

@@ -79,6 +79,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         new_state = state.replace(params=params, opt_state=keep(opt_state, state.opt_state),
                                   step=state.step + 1, skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
         metrics = {"loss": loss, "grad_norm": grad_norm, objective.count_name: count, "skipped": ~finite,
+                   "real_tokens": jnp.sum(batch["segment_ids"] != 0),  # throughput and MFU count no padding
                    "lr": schedule(state.step - state.skipped_steps),
                    **{name: value / denom for name, value in sums.items()}}
         return new_state, metrics
