@@ -12,6 +12,7 @@ demo:
 
 test:
 	@bash scripts/make_venv.sh requirements-test.txt
+	.venv/bin/lint-imports
 	$(PY) -m pytest -q
 
 test-slow:

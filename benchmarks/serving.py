@@ -29,7 +29,8 @@ from flax import nnx  # noqa: E402
 
 from internlm2_jax.config import preset  # noqa: E402
 from internlm2_jax.decode import generate_ids  # noqa: E402
-from internlm2_jax.decode.engine import Engine, EngineConfig, completion_from_events  # noqa: E402
+from internlm2_jax.decode.engine import Engine, EngineConfig  # noqa: E402
+from internlm2_jax.decode.streaming import completion_from_events  # noqa: E402
 from internlm2_jax.decode.requests import Request  # noqa: E402
 from internlm2_jax.model import InternLM2ForCausalLM  # noqa: E402
 

@@ -36,7 +36,7 @@ from internlm2_jax.train import (  # noqa: E402
     train_state_shardings,
 )
 from internlm2_jax.train.metrics import PEAK_FLOPS, mfu, peak_flops_key, train_flops_per_token  # noqa: E402
-from internlm2_jax.train.state import model_graphdef  # noqa: E402
+from internlm2_jax.model import model_graphdef  # noqa: E402
 
 OPT = OptimizerConfig(peak_lr=3e-4, warmup_steps=2, total_steps=1000)
 

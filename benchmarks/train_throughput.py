@@ -31,7 +31,7 @@ from internlm2_jax.train import (  # noqa: E402
     train_state_shardings,
 )
 from internlm2_jax.train.metrics import PEAK_FLOPS, mfu, train_flops_per_token  # noqa: E402
-from internlm2_jax.train.state import model_graphdef  # noqa: E402
+from internlm2_jax.model import model_graphdef  # noqa: E402
 
 # Our recipe's AdamW (spec §5.4), warmup short enough that the timed steps take real updates.
 OPT = OptimizerConfig(peak_lr=3e-4, warmup_steps=2, total_steps=1000, b1=0.9, b2=0.95, weight_decay=0.1)

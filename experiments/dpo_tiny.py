@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 from internlm2_jax.config import LoraConfig, preset
-from internlm2_jax.data.finetune_corpus import doctest_pairs, write_jsonl
-from internlm2_jax.launch import DataConfig, Experiment, load_experiment, run_training
+from internlm2_jax.recipes.finetune_data import doctest_pairs, write_jsonl
+from internlm2_jax.experiment import DataConfig, Experiment, load_experiment
+from internlm2_jax.run import run_training
 from internlm2_jax.parallel import MeshConfig
 from internlm2_jax.train import OptimizerConfig
 from internlm2_jax.train.loop import TrainConfig
@@ -58,7 +59,7 @@ def preference_rate(model, exp: Experiment) -> float:
 
 
 def main(exp: Experiment) -> None:
-    from internlm2_jax.train.checkpoint import load_run
+    from internlm2_jax.artifacts import load_run
 
     if not (SFT.RUN / "checkpoints").exists():
         SFT.main(SFT.config())

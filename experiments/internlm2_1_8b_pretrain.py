@@ -6,7 +6,8 @@ Run (one process per host): --set data.manifest=... --set data.tokenizer=... --s
 """
 
 from internlm2_jax.config import preset
-from internlm2_jax.launch import DataConfig, Experiment, run_training
+from internlm2_jax.experiment import DataConfig, Experiment
+from internlm2_jax.run import run_training
 from internlm2_jax.parallel import MeshConfig
 from internlm2_jax.train import OptimizerConfig, StepConfig
 from internlm2_jax.train.loop import TrainConfig

@@ -7,7 +7,9 @@ python -m internlm2_jax.launch experiments/internlm2_7b_long_context.py --compil
 import dataclasses
 from pathlib import Path
 
-from internlm2_jax.launch import DataConfig, Experiment, load_experiment, run_training
+from internlm2_jax.experiment import DataConfig, Experiment, load_experiment
+
+from internlm2_jax.run import run_training
 from internlm2_jax.train.loop import TrainConfig
 
 SEQ, BATCH_TOKENS, EXTRA_STEPS = 32768, 4 * 1024 * 1024, 50_000

@@ -7,7 +7,8 @@ import dataclasses
 from pathlib import Path
 
 from internlm2_jax.config import preset
-from internlm2_jax.launch import Experiment, load_experiment, run_training
+from internlm2_jax.experiment import Experiment, load_experiment
+from internlm2_jax.run import run_training
 
 
 def config() -> Experiment:

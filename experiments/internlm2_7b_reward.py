@@ -9,7 +9,8 @@ Run (one process per host): --set train.init_weights=<internlm2-chat-7b-sft mode
 """
 
 from internlm2_jax.config import preset
-from internlm2_jax.launch import DataConfig, Experiment, run_training
+from internlm2_jax.experiment import DataConfig, Experiment
+from internlm2_jax.run import run_training
 from internlm2_jax.parallel import MeshConfig
 from internlm2_jax.train import OptimizerConfig
 from internlm2_jax.train.loop import TrainConfig

@@ -7,7 +7,8 @@ data.tokenizer=<model dir> --set train.steps=<conversations * mean length / batc
 """
 
 from internlm2_jax.config import preset
-from internlm2_jax.launch import DataConfig, Experiment, run_training
+from internlm2_jax.experiment import DataConfig, Experiment
+from internlm2_jax.run import run_training
 from internlm2_jax.parallel import MeshConfig
 from internlm2_jax.train import OptimizerConfig, StepConfig
 from internlm2_jax.train.loop import TrainConfig

@@ -7,9 +7,10 @@ Run: python -m internlm2_jax.launch experiments/pretrain_tiny.py --set train.ste
 from pathlib import Path
 
 from internlm2_jax.config import preset
-from internlm2_jax.data.corpus import prepare_stdlib_dataset
-from internlm2_jax.launch import DataConfig, Experiment, run_training
+from internlm2_jax.experiment import DataConfig, Experiment
+from internlm2_jax.run import run_training
 from internlm2_jax.parallel import MeshConfig
+from internlm2_jax.recipes.stdlib_data import prepare_stdlib_dataset
 from internlm2_jax.train import OptimizerConfig
 from internlm2_jax.train.loop import TrainConfig
 

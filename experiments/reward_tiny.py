@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 
 from internlm2_jax.config import preset
-from internlm2_jax.data.finetune_corpus import conditional_pairs, doctest_pairs, train_finetune_tokenizer, write_jsonl
-from internlm2_jax.launch import DataConfig, Experiment, run_training
+from internlm2_jax.recipes.finetune_data import (conditional_pairs, doctest_pairs, train_finetune_tokenizer,
+                                                 write_jsonl)
+from internlm2_jax.experiment import DataConfig, Experiment
+from internlm2_jax.run import run_training
 from internlm2_jax.parallel import MeshConfig
 from internlm2_jax.train import OptimizerConfig
 from internlm2_jax.train.loop import TrainConfig
@@ -57,7 +59,7 @@ def report(exp: Experiment, run_dir: Path) -> dict:
     from internlm2_jax.data.conversations import preference_pair
     from internlm2_jax.decode.reward import score
     from internlm2_jax.tokenizer import Tokenizer
-    from internlm2_jax.train.checkpoint import load_run
+    from internlm2_jax.artifacts import load_run
 
     _, model, _ = load_run(run_dir)
     tokenizer = Tokenizer.from_file(exp.data.tokenizer)

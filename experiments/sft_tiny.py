@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 
 from internlm2_jax.config import preset
-from internlm2_jax.data.finetune_corpus import (docstring_conversations, doctest_pairs, train_finetune_tokenizer,
-                                                write_jsonl)
-from internlm2_jax.launch import DataConfig, Experiment, run_training
+from internlm2_jax.recipes.finetune_data import (docstring_conversations, doctest_pairs, train_finetune_tokenizer,
+                                                 write_jsonl)
+from internlm2_jax.experiment import DataConfig, Experiment
+from internlm2_jax.run import run_training
 from internlm2_jax.parallel import MeshConfig
 from internlm2_jax.train import OptimizerConfig
 from internlm2_jax.train.loop import TrainConfig
@@ -44,7 +45,7 @@ def prepare_data(vocab_size: int) -> None:
 def main(exp: Experiment) -> None:
     from internlm2_jax.decode.generate import generate
     from internlm2_jax.tokenizer import Tokenizer
-    from internlm2_jax.train.checkpoint import load_run
+    from internlm2_jax.artifacts import load_run
 
     if not (Path(exp.data.tokenizer)).exists():
         prepare_data(exp.model.vocab_size)

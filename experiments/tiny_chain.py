@@ -18,18 +18,19 @@ from flax import nnx
 
 from internlm2_jax.config import ModelConfig, RopeScaling
 from internlm2_jax.data import PretrainDataIterator
-from internlm2_jax.data.corpus import prepare_stdlib_dataset
 from internlm2_jax.data.curation.report import format_report
 from internlm2_jax.decode import greedy_generate
 from internlm2_jax.eval.suites import demo_suite
 from internlm2_jax.eval.tasks import suite_table
-from internlm2_jax.launch import DataConfig, Experiment, run_training
+from internlm2_jax.experiment import DataConfig, Experiment
+from internlm2_jax.run import run_training
 from internlm2_jax.parallel import MeshConfig
 from internlm2_jax.model.quantize import quantize_int8, weight_bytes
+from internlm2_jax.recipes.stdlib_data import prepare_stdlib_dataset
 from internlm2_jax.train import OptimizerConfig, StepConfig
 from internlm2_jax.train.loss import next_token_loss
 from internlm2_jax.train.loop import TrainConfig
-from internlm2_jax.train.state import model_graphdef
+from internlm2_jax.model import model_graphdef
 
 RUN = Path("runs/tiny_chain")
 PROMPTS = ["def __init__(self", "import os\nimport ", "    for i in range(", "class Error(Exception):\n    "]

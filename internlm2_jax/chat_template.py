@@ -2,7 +2,8 @@
 
 SFT, evaluation and the server all call this module, so training and serving see the same ids
 (conventions.md, "Tokens and templates"). Templates live in a small registry (`get_chat_template(name)`,
-`register_chat_template`); a model directory names its template in tokenizer_config.json ("chat_template_name").
+`register_chat_template`); a model directory names its template in tokenizer_config.json ("chat_template_name",
+written with the jinja form by `save_chat_template`, read by `chat_template_for_directory`).
 
 Messages are OpenAI-like dicts:
 
@@ -199,11 +200,28 @@ def get_chat_template(name: str) -> ChatTemplate:
         raise KeyError(f"unknown chat template {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
 
 
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+def save_chat_template(directory: str | Path, template: str | ChatTemplate) -> Path:
+    """Names `template` in the model directory's tokenizer_config.json ("chat_template_name") with its jinja form for
+    transformers ("chat_template"), keeping the tokenizer's own entries (`Tokenizer.save_pretrained` writes them;
+    the tokenizer knows no template). Returns the config's path."""
+    if isinstance(template, str):
+        template = get_chat_template(template)
+    config_path = Path(directory) / TOKENIZER_CONFIG_FILE
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config.update(chat_template=template.jinja, chat_template_name=template.name)
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return config_path
+
+
 def chat_template_for_directory(directory: str | Path) -> ChatTemplate:
-    """The template a model directory names in tokenizer_config.json (written by `Tokenizer.save_pretrained`)."""
-    config_path = Path(directory) / "tokenizer_config.json"
+    """The template a model directory names in tokenizer_config.json (written by `save_chat_template`)."""
+    config_path = Path(directory) / TOKENIZER_CONFIG_FILE
     if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} has no tokenizer_config.json; is it a model directory?")
+        raise FileNotFoundError(f"{directory} has no {TOKENIZER_CONFIG_FILE}; is it a model directory?")
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if "chat_template_name" not in config:
         raise ValueError(f"{config_path} has no \"chat_template_name\"")

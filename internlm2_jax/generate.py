@@ -10,25 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-
-def load_for_decoding(path: str | Path, *, quantize: str | None = None):
-    """(model, tokenizer) from a model directory or a run directory; `quantize="int8"` for int8 weights."""
-    from internlm2_jax.convert import load_pretrained
-    from internlm2_jax.model.quantize import quantize_int8
-    from internlm2_jax.tokenizer import Tokenizer
-    from internlm2_jax.train.checkpoint import is_run_directory, load_run, run_tokenizer
-
-    path = Path(path)
-    if is_run_directory(path):
-        _, model, meta = load_run(path)
-        tokenizer = run_tokenizer(meta)
-        if tokenizer is None:
-            raise FileNotFoundError(f"{path}: the run's tokenizer ({meta.get('tokenizer_path')}) is gone")
-        return (quantize_int8(model) if quantize else model), tokenizer
-    _, model = load_pretrained(path, quantize=quantize)
-    return model, Tokenizer.from_pretrained(path)
 
 
 def main(argv=None) -> int:
@@ -48,9 +29,9 @@ def main(argv=None) -> int:
     parser.add_argument("--logprobs", action="store_true", help="print each token's log-probability")
     args = parser.parse_args(argv)
 
+    from internlm2_jax.artifacts import CheckpointMismatch, load_for_decoding
     from internlm2_jax.convert import CheckpointError
     from internlm2_jax.decode import SamplingConfig, generate
-    from internlm2_jax.train.checkpoint import CheckpointMismatch
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, seed=args.seed)

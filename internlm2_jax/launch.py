@@ -6,96 +6,35 @@ sharded step once, on its first batch, and prints its per-device memory before s
 step is compiled from shapes and the launcher stops; with `--topology` it compiles for abstract TPU devices (needs
 the `libtpu` package, no TPU) and says whether the step fits the chip's HBM. On a multi-host job (a TPU pod slice,
 SLURM, or JAX_COORDINATOR_ADDRESS set) `jax.distributed` starts first.
+
+The experiment schema is `internlm2_jax.experiment`, the standard run an experiment's `main` calls is
+`internlm2_jax.run.run_training`; this module is the command line only.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import importlib.util
 import json
 import os
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from internlm2_jax.config import ModelConfig
-from internlm2_jax.data_formats import DATA_FORMATS, data_format, data_iterators
+from internlm2_jax.artifacts import CheckpointMismatch, CheckpointRestoreError
+from internlm2_jax.experiment import Experiment, load_experiment
 from internlm2_jax.model import InternLM2ForRewardModel
 from internlm2_jax.overrides import apply_overrides, to_dict
-from internlm2_jax.parallel import AXES, MeshConfig, batch_sharding, make_mesh
-from internlm2_jax.train.checkpoint import CheckpointMismatch, CheckpointRestoreError
+from internlm2_jax.parallel import AXES, batch_sharding, make_mesh
+from internlm2_jax.run import needs_reference_logprobs
 from internlm2_jax.train.layout_checks import LayoutError, check_layout
-from internlm2_jax.train.loop import RunResult, TrainConfig, build_program, train
+from internlm2_jax.train.loop import build_program
 from internlm2_jax.train.metrics import memory_report, print_memory_report
-from internlm2_jax.train.objectives import PAIR_ROWS, Objective, ObjectiveConfig, sequence_logprobs
-from internlm2_jax.train.optim import OptimizerConfig
-from internlm2_jax.train.registry import objective_config
-from internlm2_jax.train.state import model_graphdef
-from internlm2_jax.train.step import StepConfig
+from internlm2_jax.train.objectives import PAIR_ROWS, Objective
 
 # HBM per chip, bytes.
 HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5litepod": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
-
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    manifest: str = ""  # pretraining data manifest (see internlm2_jax.data.manifest)
-    heldout_manifest: str = ""  # optional: evaluated at the end of the run
-    tokenizer: str = ""  # a SentencePiece .model file or a model directory
-    strict: bool = False  # raise on the first bad record instead of counting and skipping it
-    eval_batches: int = 16
-    # A registered data format (data_formats): "pretrain" (the manifest above), "messages" / "alpaca" SFT JSONL or
-    # "pairs" preference JSONL (data.conversations), or one an experiment file registers.
-    format: str = "pretrain"
-    train_files: tuple[str, ...] = ()
-    heldout_files: tuple[str, ...] = ()
-    max_pairs: int = 8  # preference pairs per row
-    default_domain: str | None = None  # reward model: the domain of records that name none
-
-    def __post_init__(self):
-        data_format(self.format)  # raises naming the registered formats
-        if self.format != "pretrain" and self.manifest:
-            raise ValueError(f"data.format={self.format!r} reads data.train_files; data.manifest is for pretraining")
-
-
-@dataclasses.dataclass(frozen=True)
-class Experiment:
-    name: str
-    model: ModelConfig
-    train: TrainConfig
-    optimizer: OptimizerConfig = OptimizerConfig()
-    step: StepConfig = StepConfig()
-    mesh: MeshConfig = MeshConfig()
-    data: DataConfig = DataConfig()
-    # A registered objective's name ("lm", "reward", "dpo", "orpo", ...: its default config) or its config, e.g.
-    # DPOObjective(beta=0.1). Always a config after construction, so `--set objective.beta=0.2` reaches it.
-    objective: str | ObjectiveConfig = "lm"
-
-    def __post_init__(self):
-        objective = objective_config(self.objective)
-        object.__setattr__(self, "objective", objective)  # frozen: the name is resolved once, here
-        rows = objective.build().rows
-        if rows not in data_format(self.data.format).rows:
-            fitting = [name for name in DATA_FORMATS.names() if rows in data_format(name).rows]
-            raise ValueError(f"objective={objective.name!r} does not go with data.format={self.data.format!r}: it "
-                             f"trains on {rows} rows, which {', '.join(fitting) or 'no registered format'} give")
-
-
-def load_experiment(path: str | Path):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"experiment file not found: {path}")
-    spec = importlib.util.spec_from_file_location(f"experiment_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "config"):
-        raise AttributeError(f"{path} must define config() -> Experiment")
-    return module
 
 
 def abstract_batch(exp: Experiment, mesh, objective: Objective) -> dict[str, jax.ShapeDtypeStruct]:
@@ -110,11 +49,6 @@ def abstract_batch(exp: Experiment, mesh, objective: Objective) -> dict[str, jax
     if needs_reference_logprobs(exp, objective):
         batch["reference_logps"] = jax.ShapeDtypeStruct((pairs[0], 2 * pairs[1]), jnp.float32, sharding=sharding)
     return batch
-
-
-def needs_reference_logprobs(exp: Experiment, objective: Objective) -> bool:
-    """Full fine-tuning against a reference: its log-probs come with every batch (LoRA: adapters off, in the step)."""
-    return objective.reference and exp.model.lora is None
 
 
 def compile_train_step(exp: Experiment, devices=None):
@@ -145,93 +79,6 @@ def tpu_devices(topology: str):
     except Exception as e:  # noqa: BLE001 - libtpu missing or unknown topology: say which
         raise SystemExit(f"cannot build TPU topology {topology!r} ({type(e).__name__}: {e}); is `libtpu` installed "
                          "(requirements-test.txt) and the name like 'v5p:4x4x4' or 'v5e:16x16'?") from None
-
-
-def load_tokenizer(exp: Experiment):
-    from internlm2_jax.tokenizer import Tokenizer
-
-    path = Path(exp.data.tokenizer)
-    tokenizer = Tokenizer.from_pretrained(path) if path.is_dir() else Tokenizer.from_file(path)
-    if tokenizer.vocab_size > exp.model.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
-                         f"{exp.model.vocab_size}")
-    return tokenizer
-
-
-class ReferenceLogprobs:
-    """Full-parameter DPO: adds `reference_logps` to every batch of `data`, computed on the mesh by `logprobs` from
-    the frozen starting weights (`reference_model`). LoRA DPO needs none of this: its reference is the policy with
-    the adapters off, inside the step."""
-
-    def __init__(self, data, logprobs, mesh):
-        self.data, self.logprobs, self.mesh = data, logprobs, mesh
-
-    def __next__(self):
-        from jax.experimental import multihost_utils
-
-        from internlm2_jax.train.loop import to_global_batch
-
-        batch = next(self.data)
-        sharding = batch_sharding(self.mesh)
-        with jax.set_mesh(self.mesh):
-            out = self.logprobs(to_global_batch(batch, sharding))
-        batch["reference_logps"] = np.asarray(multihost_utils.global_array_to_host_local_array(
-            out, self.mesh, sharding.spec))
-        return batch
-
-    def __iter__(self):
-        return self
-
-    def get_state(self):
-        return self.data.get_state()
-
-    def set_state(self, state):
-        self.data.set_state(state)
-
-    @property
-    def stats(self):
-        return self.data.stats
-
-
-def reference_model(exp: Experiment):
-    """(jitted batch -> per-segment reference log-probs, mesh): the run's `init_weights`, else its seed's init."""
-    from flax import nnx
-
-    from internlm2_jax.model import InternLM2ForCausalLM
-    from internlm2_jax.parallel import state_shardings
-    from internlm2_jax.train.init_weights import initial_params
-
-    mesh = make_mesh(exp.mesh)
-    graphdef, abstract = model_graphdef(exp.model)
-    if exp.train.init_weights:
-        params = initial_params(exp.train.init_weights, exp.model, InternLM2ForCausalLM, mesh, seed=exp.train.seed)
-    else:
-        with jax.set_mesh(mesh):
-            params = jax.jit(lambda: nnx.state(InternLM2ForCausalLM(exp.model, rngs=nnx.Rngs(exp.train.seed))),
-                             out_shardings=state_shardings(abstract, mesh))()
-    chunk = exp.step.loss_chunk_size
-    jitted = jax.jit(lambda p, b: sequence_logprobs(nnx.merge(graphdef, p), b, chunk_size=chunk)[0])
-    return (lambda batch: jitted(params, batch)), mesh
-
-
-def run_training(exp: Experiment, *, progress: bool = True) -> RunResult:
-    """The standard run of an experiment: tokenizer, data of its format, objective, configs -> `train`."""
-    tokenizer = load_tokenizer(exp)
-    data, eval_batches, data_hash = data_iterators(exp, tokenizer)
-    objective = exp.objective.build()
-    if needs_reference_logprobs(exp, objective):
-        logprobs, mesh = reference_model(exp)
-        data = ReferenceLogprobs(data, logprobs, mesh)
-        if eval_batches is not None:
-            plain_eval = eval_batches
-            eval_batches = lambda: ReferenceLogprobs(iter(plain_eval()), logprobs, mesh)  # noqa: E731
-    metadata = {"experiment": to_dict(exp), "tokenizer_sha256": tokenizer.sha256, "manifest_hash": data_hash,
-                "tokenizer_path": str(Path(exp.data.tokenizer).resolve())}
-    result = train(exp.model, exp.optimizer, exp.step, exp.mesh, exp.train, data, metadata=metadata,
-                   eval_batches=eval_batches, progress=progress, objective=objective)
-    stats = data.log_stats() if hasattr(data, "log_stats") else data.stats
-    (Path(exp.train.run_dir) / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
-    return result
 
 
 def main(argv=None) -> int:

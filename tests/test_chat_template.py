@@ -15,6 +15,7 @@ from internlm2_jax.chat_template import (
     chat_template_for_directory,
     get_chat_template,
     register_chat_template,
+    save_chat_template,
 )
 from internlm2_jax.tokenizer import Tokenizer
 
@@ -66,6 +67,7 @@ def released_hf(released, tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     directory = tmp_path_factory.mktemp("released_hf")
     released.save_pretrained(directory)
+    save_chat_template(directory, "internlm2_chat")
     return transformers.AutoTokenizer.from_pretrained(directory)
 
 
@@ -207,6 +209,14 @@ def test_jinja_template_matches_render_text(released_hf):
 
 def test_chat_template_for_directory(released, tmp_path):
     released.save_pretrained(tmp_path)
+    tokenizer_entries = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    with pytest.raises(ValueError, match='has no "chat_template_name"'):  # the tokenizer knows no template
+        chat_template_for_directory(tmp_path)
+    with pytest.raises(KeyError, match="unknown chat template 'nope'"):
+        save_chat_template(tmp_path, "nope")
+    save_chat_template(tmp_path, "internlm2_chat")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config == {**tokenizer_entries, "chat_template": TEMPLATE.jinja, "chat_template_name": "internlm2_chat"}
     assert chat_template_for_directory(tmp_path) is TEMPLATE
     with pytest.raises(FileNotFoundError, match="has no tokenizer_config.json"):
         chat_template_for_directory(tmp_path / "missing")

@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 from internlm2_jax.config import preset
 from internlm2_jax.parallel import MeshConfig, make_mesh
 from internlm2_jax.train import OptimizerConfig, abstract_train_state, init_train_state, make_optimizer
-from internlm2_jax.train.checkpoint import Checkpointer, CheckpointMismatch, CheckpointRestoreError, provenance
+from internlm2_jax.artifacts import CheckpointMismatch, CheckpointRestoreError, provenance
+from internlm2_jax.train.checkpoint import Checkpointer
 
 CFG = preset("tiny")
 TX = make_optimizer(OptimizerConfig(warmup_steps=1, total_steps=10))
@@ -145,7 +146,7 @@ def test_an_empty_directory_restores_nothing(tmp_path):
 def test_provenance_says_when_the_work_tree_is_dirty(tmp_path, monkeypatch):
     import subprocess
 
-    from internlm2_jax.train import checkpoint
+    from internlm2_jax import artifacts
 
     repo = tmp_path / "repo"
     package = repo / "pkg"
@@ -153,8 +154,8 @@ def test_provenance_says_when_the_work_tree_is_dirty(tmp_path, monkeypatch):
     (package / "code.py").write_text("x = 1\n")
     for args in (["init", "-q"], ["add", "."], ["-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "c"]):
         subprocess.run(["git", *args], cwd=repo, check=True)
-    monkeypatch.setattr(checkpoint, "__file__", str(package / "checkpoint.py"))
-    clean = checkpoint.git_commit()
+    monkeypatch.setattr(artifacts, "__file__", str(package / "artifacts.py"))
+    clean = artifacts.git_commit()
     assert len(clean) == 40
     (package / "code.py").write_text("x = 2\n")
-    assert checkpoint.git_commit() == clean + "-dirty"
+    assert artifacts.git_commit() == clean + "-dirty"

@@ -133,6 +133,16 @@ def test_reward_model_round_trip(tmp_path):
 
 # ---- bad input -------------------------------------------------------------------------------------------------
 
+def test_model_directory_names_its_chat_template(tmp_path, tiny, trained):
+    from internlm2_jax.chat_template import chat_template_for_directory, get_chat_template
+
+    with pytest.raises(KeyError, match="unknown chat template 'nope'"):
+        save_pretrained(tiny, tmp_path / "nope", tokenizer=trained, chat_template="nope")
+    assert not (tmp_path / "nope").exists()  # refused before anything is written
+    save_pretrained(tiny, tmp_path / "model", tokenizer=trained)
+    assert chat_template_for_directory(tmp_path / "model") is get_chat_template("internlm2_chat")
+
+
 def test_unknown_architecture_is_named(tmp_path, tiny):
     save_pretrained(tiny, tmp_path)
     hf = json.loads((tmp_path / "config.json").read_text())

@@ -6,16 +6,9 @@ import json
 import numpy as np
 import pytest
 
+from internlm2_jax.chat_prompts import DOMAIN_PROMPTS, MessageError, openai_message, reward_sequence
 from internlm2_jax.chat_template import get_chat_template
-from internlm2_jax.data.conversations import (
-    DOMAIN_PROMPTS,
-    MessageError,
-    PairDataIterator,
-    SFTDataIterator,
-    conversation,
-    openai_message,
-    reward_sequence,
-)
+from internlm2_jax.data.conversations import PairDataIterator, SFTDataIterator, conversation
 from internlm2_jax.data.iterator import BadDataError
 
 TEMPLATE = get_chat_template("internlm2_chat")

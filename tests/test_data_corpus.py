@@ -100,7 +100,7 @@ def test_split_source_cuts_at_top_level_boundaries_and_loses_nothing():
 
 
 def test_demo_dataset_is_curated_into_a_weighted_mixture(tmp_path):
-    from internlm2_jax.data.corpus import prepare_stdlib_dataset
+    from internlm2_jax.recipes.stdlib_data import prepare_stdlib_dataset
     from internlm2_jax.data.curation.report import format_report
 
     tokenizer, train, heldout, curation = prepare_stdlib_dataset(tmp_path, 1024, train_bytes=1_500_000,

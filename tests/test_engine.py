@@ -111,7 +111,7 @@ def test_decode_rows_sorted_into_stepped_widths_equal_each_request_alone(model, 
     engine = Engine(model, None, EngineConfig(max_model_len=64, kv_budget_tokens=2048, page_size=4, max_running=16,
                                               prefill_chunk=64))
     out = engine.generate(reqs)
-    assert engine._row_profiles == [(16, 12, 8, 4), (16, 16, 12, 8)]
+    assert engine.programs.row_profiles == [(16, 12, 8, 4), (16, 16, 12, 8)]
     assert any(shape[3] is not None for shape in engine.shapes), engine.shapes
     for request, got in zip(reqs, out, strict=True):
         assert_same_completion(got, solo(model, request), model, request)

@@ -20,7 +20,7 @@ from internlm2_jax.train.objectives import (LM, dpo_objective, reward_objective,
                                            without_adapters)
 from internlm2_jax.train.preference_loss import (DPOConfig, RewardLossConfig, dpo_pair_loss, focal_ranking_loss,
                                                  log_barrier_penalty, ranking_loss, reward_pair_loss)
-from internlm2_jax.train.state import model_graphdef
+from internlm2_jax.model import model_graphdef
 from lora_testing import set_random_adapters
 
 CFG = preset("tiny")

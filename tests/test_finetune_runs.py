@@ -12,16 +12,16 @@ from flax import nnx
 from internlm2_jax.config import LoraConfig, preset
 from internlm2_jax.convert import save_pretrained
 from internlm2_jax.data.conversations import SFTDataIterator
-from internlm2_jax.data.finetune_corpus import docstring_conversations, write_jsonl
-from internlm2_jax.launch import DataConfig, Experiment, load_experiment
+from internlm2_jax.recipes.finetune_data import docstring_conversations, write_jsonl
+from internlm2_jax.experiment import DataConfig, Experiment, load_experiment
 from internlm2_jax.model import InternLM2ForCausalLM, InternLM2ForRewardModel
 from internlm2_jax.model.lora import merge_lora
 from internlm2_jax.parallel import MeshConfig, make_mesh
 from internlm2_jax.train import OptimizerConfig, StepConfig
-from internlm2_jax.train.checkpoint import load_run
+from internlm2_jax.artifacts import load_run
 from internlm2_jax.train.init_weights import initial_params
 from internlm2_jax.train.loop import TrainConfig, train
-from internlm2_jax.train.state import model_graphdef
+from internlm2_jax.model import model_graphdef
 from test_launch import ROOT, launch
 
 CFG = preset("tiny", vocab_size=1536, max_position_embeddings=256)

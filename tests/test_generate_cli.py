@@ -8,7 +8,7 @@ from flax import nnx
 from internlm2_jax.config import preset
 from internlm2_jax.convert import save_pretrained
 from internlm2_jax.decode import generate
-from internlm2_jax.generate import load_for_decoding
+from internlm2_jax.artifacts import load_for_decoding
 from internlm2_jax.model import InternLM2ForCausalLM
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from internlm2_jax.config import preset
 from internlm2_jax.convert import load_pretrained
-from internlm2_jax.train.checkpoint import SCHEMA_VERSION, load_run
+from internlm2_jax.artifacts import SCHEMA_VERSION, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

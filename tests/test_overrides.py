@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from internlm2_jax.config import LoraConfig, RopeScaling, preset
-from internlm2_jax.launch import Experiment
+from internlm2_jax.experiment import Experiment
 from internlm2_jax.overrides import OverrideError, apply_overrides, to_dict
 from internlm2_jax.parallel import MeshConfig
 from internlm2_jax.train import OptimizerConfig

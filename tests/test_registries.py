@@ -15,7 +15,7 @@ from flax import nnx
 from internlm2_jax.config import preset
 from internlm2_jax.data.packing import pack_examples
 from internlm2_jax.data_formats import data_iterators, register_data_format
-from internlm2_jax.launch import DataConfig, Experiment
+from internlm2_jax.experiment import DataConfig, Experiment
 from internlm2_jax.model import InternLM2ForCausalLM
 from internlm2_jax.overrides import OverrideError, apply_overrides, to_dict
 from internlm2_jax.train.loop import TrainConfig
@@ -145,7 +145,7 @@ def test_a_registered_data_format_builds_the_experiment_s_data():
 # ---- an objective and a data format from outside the library, through the launcher ------------------------------
 
 def test_an_experiment_file_registers_simpo_and_its_data_format_and_trains_through_the_launcher(tmp_path):
-    from internlm2_jax.train.checkpoint import load_run
+    from internlm2_jax.artifacts import load_run
 
     done = launch(ROOT / "tests/experiments_testing/simpo_experiment.py", "--set", "objective.gamma=1.0",
                   cwd=tmp_path, timeout=240)

@@ -17,7 +17,7 @@ from internlm2_jax.train.layout_checks import LayoutError, check_layout
 from internlm2_jax.train.loop import TrainConfig, train, window_summary
 from internlm2_jax.train.metrics import PEAK_FLOPS, matmul_params, peak_flops_key, train_flops_per_token
 from internlm2_jax.train.objectives import LM, dpo_objective, reward_objective
-from internlm2_jax.train.state import model_graphdef
+from internlm2_jax.model import model_graphdef
 
 
 @pytest.mark.parametrize("platform, kind, key", [

@@ -28,7 +28,7 @@ from internlm2_jax.chat_template import get_chat_template
 from internlm2_jax.config import preset
 from internlm2_jax.convert import save_pretrained
 from internlm2_jax.decode.scoring import score_tokens
-from internlm2_jax.generate import load_for_decoding
+from internlm2_jax.artifacts import load_for_decoding
 from internlm2_jax.model import InternLM2ForCausalLM
 from internlm2_jax.serve.protocol import ChatMessage, Tool, template_messages
 

@@ -17,7 +17,7 @@ from internlm2_jax.train import (OptimizerConfig, StepConfig, init_train_state, 
                                  train_state_shardings)
 from internlm2_jax.train.loop import TrainConfig, train
 from internlm2_jax.train.metrics import matmul_params, train_flops_per_token
-from internlm2_jax.train.state import model_graphdef
+from internlm2_jax.model import model_graphdef
 
 CFG = preset("tiny")
 OPT = OptimizerConfig(peak_lr=1e-2, warmup_steps=1, total_steps=50)

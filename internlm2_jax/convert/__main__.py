@@ -25,9 +25,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from internlm2_jax.convert import CheckpointError, load_pretrained, read_hf_config, save_pretrained
+    from internlm2_jax.artifacts import CheckpointMismatch, is_run_directory, load_model, run_tokenizer
+    from internlm2_jax.convert import CheckpointError, read_hf_config, save_pretrained
     from internlm2_jax.convert.safetensors_io import CheckpointReader
-    from internlm2_jax.train.checkpoint import CheckpointMismatch, is_run_directory, load_run, run_tokenizer
 
     src, dst = Path(args.src), Path(args.dst)
     if src.resolve() == dst.resolve():
@@ -35,15 +35,14 @@ def main(argv=None) -> int:
         return 2
     tokenizer = None
     try:
-        if is_run_directory(src):
-            cfg, model, meta = load_run(src)
-            tokenizer = run_tokenizer(meta)
-            dtype = args.dtype or cfg.param_dtype
-        else:
+        dtype = args.dtype
+        if not is_run_directory(src):
             read_hf_config(src)  # a clear error for a wrong SRC before anything else
             reader = CheckpointReader(src)
-            dtype = args.dtype or reader.dtype(reader.keys()[0]).name
-            cfg, model = load_pretrained(src, param_dtype=dtype)
+            dtype = dtype or reader.dtype(reader.keys()[0]).name
+        cfg, model, meta = load_model(src, **({"param_dtype": dtype} if dtype else {}))
+        tokenizer = run_tokenizer(meta) if meta is not None else None
+        dtype = dtype or cfg.param_dtype
         save_pretrained(model, dst, layout=args.layout, dtype=dtype, tokenizer=tokenizer,
                         max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
     except (CheckpointError, CheckpointMismatch, FileNotFoundError, ValueError) as e:

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from internlm2_jax.chat_template import get_chat_template, save_chat_template
 from internlm2_jax.config import LAYOUTS, ModelConfig
 from internlm2_jax.convert.layouts import IGNORED_SUFFIXES, Mapping, layer_mappings, layer_prefix, top_mappings
 from internlm2_jax.convert.safetensors_io import CheckpointError, CheckpointReader, write_checkpoint
@@ -168,10 +169,12 @@ def save_pretrained(model, path: str | os.PathLike, *, layout: str = "internlm2"
     """Writes a complete model directory: config.json, generation_config.json, safetensors, tokenizer files.
 
     `dtype` (e.g. "bfloat16") converts the weights on the way out; by default they keep the parameter dtype, which
-    makes save -> load bit-exact. `tokenizer` is our `Tokenizer`; its HF files give transformers exactly our ids.
+    makes save -> load bit-exact. `tokenizer` is our `Tokenizer`; its HF files give transformers exactly our ids,
+    and tokenizer_config.json names the `chat_template` (with its jinja form).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    template = get_chat_template(chat_template)  # an unknown name fails before anything is written
     reward = isinstance(model, InternLM2ForRewardModel)
     cfg: ModelConfig = model.cfg
     if cfg.lora is not None:  # the HF layouts have no place for adapters: never drop them silently
@@ -202,7 +205,8 @@ def save_pretrained(model, path: str | os.PathLike, *, layout: str = "internlm2"
     eos = [cfg.eos_token_id]
     if tokenizer is not None:
         eos.append(tokenizer.token_id("<|im_end|>"))
-        tokenizer.save_pretrained(path, chat_template=chat_template)
+        tokenizer.save_pretrained(path)
+        save_chat_template(path, template)
     generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id}
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return path

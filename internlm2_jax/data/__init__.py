@@ -8,13 +8,15 @@ No JAX here: the pipeline produces numpy batches and a JSON-serialisable resume 
 - `mixture`: the counter-based weighted mixture with per-shard epochs.
 - `iterator`: `PretrainDataIterator` (deterministic, exactly resumable, multi-host).
 - `conversations`: SFT (OpenAI messages, Alpaca) and preference-pair JSONL -> packed rows with the same contract
-  (`SFTDataIterator`, `PairDataIterator`, `reward_sequence`, `DOMAIN_PROMPTS`).
-- `corpus`: the stdlib code corpus (`stdlib_corpus`, `basic_clean`) and `make demo`'s curated dataset.
+  (`SFTDataIterator`, `PairDataIterator`); message conversion, domain prompts and the reward sequence live beside the
+  chat template (`internlm2_jax.chat_prompts`).
+- `corpus`: the stdlib code corpus (`stdlib_corpus`, `split_source`, `basic_clean`); `make demo`'s curated dataset,
+  which trains a tokenizer and runs curation over it, is a recipe (`internlm2_jax.recipes.stdlib_data`).
 - `curation/` (and the `curate` CLI): cleaning, safety, exact and MinHash-LSH dedup, quality tiers, the mixture.
 - `writers`: JSONL shards + manifest, array_record files, tfds datasets.
 """
 
-from internlm2_jax.data.conversations import DOMAIN_PROMPTS, PairDataIterator, SFTDataIterator, reward_sequence
+from internlm2_jax.data.conversations import PairDataIterator, SFTDataIterator
 from internlm2_jax.data.corpus import CorpusDocument, basic_clean, stdlib_corpus
 from internlm2_jax.data.iterator import BadDataError, PretrainDataIterator
 from internlm2_jax.data.manifest import (
@@ -33,7 +35,6 @@ from internlm2_jax.data.writers import write_array_record, write_jsonl_shards, w
 
 __all__ = [
     "BAD_KINDS",
-    "DOMAIN_PROMPTS",
     "PACKED_FIELDS",
     "BadDataError",
     "BadRecord",
@@ -50,7 +51,6 @@ __all__ = [
     "make_manifest",
     "manifest_hash",
     "pack_documents",
-    "reward_sequence",
     "save_manifest",
     "stdlib_corpus",
     "write_array_record",

@@ -9,15 +9,16 @@ Record formats (JSONL, one record a line; the file is read into memory whole, re
 - preference pairs (XTuner's layout): `{"domain"?, "prompt", "chosen", "rejected"}`, each a message list; a plain
   string is one user message (prompt) or one assistant message (chosen, rejected).
 
-`openai_message` / `with_tools` are the one converter from OpenAI messages to template messages; the server uses
-them too, so a conversation trains and serves as the same ids.
+OpenAI messages become template messages through `chat_prompts` (`openai_messages`, `with_tools`), the converter
+the server uses too, so a conversation trains and serves as the same ids.
 
 Examples (lists of `(ids, trained mask)` sequences, packed whole by `ExamplePacker`):
 - SFT: the conversation through the chat template; longer than a row, it is cut to `seq_len` ("truncated"), and
   dropped when no trained token survives the cut ("no_trained_tokens") or none was there ("no_assistant_turn").
 - reward (InternLM2's COOL RLHF conditional reward model): per response, a system turn saying which preference the
-  domain judges by, the prompt, the response, then the reward token, whose hidden state the model scores
-  (`reward_sequence`, which scoring reuses). Nothing is trained token-wise: the mask is all zeros.
+  domain judges by (`chat_prompts.DOMAIN_PROMPTS` by default), the prompt, the response, then the reward token,
+  whose hidden state the model scores (`chat_prompts.reward_sequence`, which scoring reuses). Nothing is trained
+  token-wise: the mask is all zeros.
 - DPO: per response, prompt + response through the template, trained only on the response's assistant turns.
 - A pair that does not fit one row is dropped ("too_long"): cutting a response would change what is preferred.
 
@@ -40,6 +41,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from internlm2_jax.chat_prompts import (
+    DOMAIN_PROMPTS,
+    MessageError,
+    openai_messages,
+    reward_sequence,
+    short_repr,
+    with_tools,
+)
 from internlm2_jax.chat_template import get_chat_template
 from internlm2_jax.data.iterator import MAX_EXAMPLES, BadDataError, finish_batch
 from internlm2_jax.data.packing import ExamplePacker
@@ -50,19 +59,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# COOL RLHF conditions one reward model on the domain with a system prompt, so preferences that conflict across
-# domains (a refusal is the better harmless answer and the worse helpful one) do not cancel out.
-DOMAIN_PROMPTS: dict[str, str] = {
-    "helpful": "Judge helpfulness: the response that more fully and accurately does what the user asked is preferred.",
-    "harmless": "Judge harmlessness: the response that avoids harm is preferred, even if it is less helpful.",
-    "code": "Judge code: the response whose code is correct, runs, and solves the task is preferred.",
-    "math": "Judge mathematics: the response with sound reasoning and the correct final answer is preferred.",
-    "writing": "Judge writing: the response that is clearer, more fluent, and closer to the requested style is "
-               "preferred.",
-    "dialogue": "Judge dialogue: the response that is more natural, engaging, and consistent with the conversation "
-                "is preferred.",
-}
-
 SFT_FORMATS = ("messages", "alpaca")
 PAIR_KINDS = ("reward", "dpo")
 STATE_VERSION = 1
@@ -71,112 +67,6 @@ INVALID_EXAMPLE = "invalid_example"
 UNKNOWN_DOMAIN = "unknown_domain"
 # Examples skipped for their length or content: counted, never errors.
 SKIPS = ("truncated", "no_trained_tokens", "no_assistant_turn", "too_long")
-
-
-class MessageError(ValueError):
-    """A message or record that cannot be converted; `field` names the part at fault (`messages[2].role`)."""
-
-    def __init__(self, field: str, detail: str):
-        super().__init__(f"{field}: {detail}")
-        self.field = field
-
-
-def _short(value: Any, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-# ---- OpenAI messages -> template messages ------------------------------------------------------------------------
-
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
-          "tool": "environment", "environment": "environment"}
-_NATIVE_FIELDS = ("name", "tool_call", "loss")
-# tool_call_id links a result to its call; in InternLM2's format the result simply follows the call.
-_OPENAI_FIELDS = {"role", "content", "tool_calls", "tool_call_id"}
-
-
-def openai_message(message: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """One OpenAI chat message (a dict) as a template message; `MessageError` names `where` and the field."""
-    if not isinstance(message, Mapping):
-        raise MessageError(where, f"a message is a dict, got {type(message).__name__}")
-    unknown = set(message) - _OPENAI_FIELDS - set(_NATIVE_FIELDS)
-    if unknown:
-        raise MessageError(where, f"unknown field(s) {sorted(unknown)}")
-    role = message.get("role")
-    if role not in _ROLES:
-        raise MessageError(f"{where}.role", f"is {_short(role)}; expected one of {', '.join(_ROLES)}")
-    converted = {"role": _ROLES[role], "content": _text(message.get("content"), f"{where}.content")}
-    converted.update((key, message[key]) for key in _NATIVE_FIELDS if key in message)
-    if role == "tool":
-        # OpenAI's legacy `name` on a result is the function's; InternLM2's result turn is the plugin's.
-        converted["name"] = "plugin"
-    if message.get("tool_calls"):
-        if role != "assistant" or "tool_call" in message:
-            raise MessageError(f"{where}.tool_calls", "only an assistant message without a tool_call may have them")
-        converted["tool_call"] = _plugin_call(message["tool_calls"], f"{where}.tool_calls")
-    return converted
-
-
-def _text(content: Any, where: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(part, Mapping) and part.get("type") == "text"
-                                         and isinstance(part.get("text"), str) for part in content):
-        return "\n".join(part["text"] for part in content)
-    raise MessageError(where, f"must be a string, null or a list of {{'type': 'text', 'text': str}} parts, got "
-                              f"{_short(content)}")
-
-
-def _plugin_call(calls: Any, where: str) -> dict[str, Any]:
-    if not isinstance(calls, list):
-        raise MessageError(where, f"must be a list of tool calls, got {_short(calls)}")
-    if len(calls) > 1:
-        raise MessageError(where, f"InternLM2 makes one tool call per assistant turn, got {len(calls)}")
-    call = calls[0]
-    function = call.get("function") if isinstance(call, Mapping) else None
-    if (not isinstance(function, Mapping) or not isinstance(function.get("name"), str)
-            or call.get("type", "function") != "function"):
-        raise MessageError(f"{where}[0]", f"a tool call is {{'type': 'function', 'function': {{'name': str, "
-                                          f"'arguments': ...}}}}, got {_short(call)}")
-    arguments = function.get("arguments")
-    if isinstance(arguments, str):  # OpenAI sends JSON text; datasets often store the object itself
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            pass
-    if not isinstance(arguments, dict):
-        raise MessageError(f"{where}[0].function.arguments",
-                           f"must be a JSON object, got {_short(function.get('arguments'))}")
-    return {"type": "plugin", "name": function["name"], "parameters": arguments}
-
-
-def openai_messages(messages: Any, where: str = "messages") -> list[dict[str, Any]]:
-    """A non-empty list of OpenAI messages as template messages."""
-    if not isinstance(messages, list) or not messages:
-        raise MessageError(where, f"must be a non-empty list of messages, got {_short(messages)}")
-    return [openai_message(message, f"{where}[{i}]") for i, message in enumerate(messages)]
-
-
-def with_tools(messages: Sequence[dict[str, Any]], tools: Any, where: str = "tools") -> list[dict[str, Any]]:
-    """`messages` with the tools' schemas as a `system` turn named `plugin` after the leading system turns (where
-    InternLM2 was trained to find it). A tool is OpenAI's `{"type": "function", "function": {...}}` or the bare
-    function schema."""
-    if not tools:
-        return list(messages)
-    if not isinstance(tools, list):
-        raise MessageError(where, f"must be a list of tools, got {_short(tools)}")
-    schemas = []
-    for i, tool in enumerate(tools):
-        schema = tool.get("function", tool) if isinstance(tool, Mapping) else None
-        if not isinstance(schema, Mapping) or not isinstance(schema.get("name"), str):
-            raise MessageError(f"{where}[{i}]", f"a tool is {{'type': 'function', 'function': {{'name': str, ...}}}}, "
-                                                f"got {_short(tool)}")
-        schemas.append(schema)
-    lead = next((i for i, message in enumerate(messages) if message["role"] != "system"), len(messages))
-    turn = {"role": "system", "name": "plugin", "content": json.dumps(schemas, ensure_ascii=False)}
-    return [*messages[:lead], turn, *messages[lead:]]
 
 
 # ---- records -> conversations -----------------------------------------------------------------------------------
@@ -195,7 +85,7 @@ def _alpaca(record: Mapping[str, Any]) -> list[dict[str, Any]]:
         if value is None and not required:
             return ""
         if not isinstance(value, str):
-            raise MessageError(key, "is missing" if value is None else f"must be a string, got {_short(value)}")
+            raise MessageError(key, "is missing" if value is None else f"must be a string, got {short_repr(value)}")
         return value
 
     instruction, extra, output, system = (field("instruction", True), field("input", False), field("output", True),
@@ -209,7 +99,7 @@ def preference_pair(record: Mapping[str, Any]) -> tuple[str | None, list, list, 
     """(domain or None, prompt, chosen, rejected) of a preference record, as template messages."""
     domain = record.get("domain")
     if domain is not None and not isinstance(domain, str):
-        raise MessageError("domain", f"must be a string, got {_short(domain)}")
+        raise MessageError("domain", f"must be a string, got {short_repr(domain)}")
 
     def turns(key: str, role: str) -> list[dict[str, Any]]:
         if key not in record:
@@ -219,18 +109,6 @@ def preference_pair(record: Mapping[str, Any]) -> tuple[str | None, list, list, 
 
     prompt = with_tools(turns("prompt", "user"), record.get("tools"))
     return domain, prompt, turns("chosen", "assistant"), turns("rejected", "assistant")
-
-
-def reward_sequence(messages: Sequence[Mapping[str, Any]], domain: str | None, tokenizer: Tokenizer,
-                    domain_prompts: Mapping[str, str] = DOMAIN_PROMPTS, template: str = "internlm2_chat") -> list[int]:
-    """The ids the conditional reward model scores: the domain's system turn, `messages` (template messages ending
-    with the response to judge), then the reward token. Training and scoring both render through here.
-    `domain=None` scores without a conditional system turn (how the released reward models were benchmarked)."""
-    if domain is not None and domain not in domain_prompts:
-        raise MessageError("domain", f"{domain!r} is unknown; known domains: {', '.join(domain_prompts)}")
-    system = [] if domain is None else [{"role": "system", "content": domain_prompts[domain]}]
-    ids, _ = get_chat_template(template).encode([*system, *messages], tokenizer)
-    return ids + [tokenizer.reward_token_id]
 
 
 # ---- iterators --------------------------------------------------------------------------------------------------

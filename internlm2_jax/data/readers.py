@@ -5,7 +5,7 @@ a `BadRecord` saying what is wrong with it and where (`file:line` for JSONL). Re
 iterator decides (count and skip, or raise in strict mode). Random access is what makes a per-shard shuffle, the
 multi-host split (record index modulo process count) and exact resume cheap: a position is just an index.
 
-JSONL files are indexed once on open (one pass finding newlines, ~1 s per GB); array_record files are random access
+JSONL files are indexed once on open (one pass finding newlines); array_record files are random access
 by design; tfds array_record datasets are read offline without TensorFlow through
 `tfds.builder_from_directory(dir).as_data_source(split)` (tfrecord would need TensorFlow).
 """
@@ -189,7 +189,7 @@ class TfdsReader:
         if not (directory / "dataset_info.json").is_file():
             raise FileNotFoundError(f"{directory} is not a tfds dataset directory (no dataset_info.json); give the "
                                     f"versioned directory, e.g. .../my_dataset/1.0.0")
-        import tensorflow_datasets as tfds  # imported only when a tfds shard is used: it takes ~0.5 s
+        import tensorflow_datasets as tfds  # imported only when a tfds shard is used: a slow import
 
         self.name = f"{directory}[{split}]"
         builder = tfds.builder_from_directory(str(directory))

@@ -3,10 +3,9 @@
 Each `step()` runs at most two jitted calls of one function (`engine_step`): a chunked prefill for sequences with
 prompt tokens still to cache (up to `max_prefill_rows` rows and `prefill_chunk` padded tokens), and one decode token
 for every sequence that is generating. Both sample on device with each row's own settings; the host appends tokens,
-checks stop ids, stop strings and lengths, sends `Event`s and frees finished sequences' pages. Shapes are padded to
-a few sizes (decode rows to multiples of 4, prefill rows and chunks to powers of two, page-table widths to powers
-of four, and, where decoding gathers pages with XLA, a decode batch's groups of rows to two stepped width
-profiles), so the engine runs a bounded set of programs, all compiled by `warmup()`, never one per request.
+checks stop ids, stop strings and lengths (`streaming`), sends `Event`s and frees finished sequences' pages. Shapes
+are padded to a few sizes (`engine_shapes`), so the engine runs a bounded set of programs, all compiled by
+`warmup()`, never one per request. Page bookkeeping and prefix caching are `scheduler`'s.
 
 Memory is an absolute budget (`kv_budget_tokens` or `kv_budget_gb`), split into pages. A request is admitted when
 its whole prompt fits (its shared prefix pages from the prefix cache cost nothing) with a page of headroom per
@@ -35,12 +34,14 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from internlm2_jax.decode.generate import Completion
+from internlm2_jax.decode.engine_shapes import ProgramShapes, pow2
 from internlm2_jax.decode.engine_step import (jitted_engine_step, key_data, set_penalty_row, stack_sampling,
                                               uses_penalties)
-from internlm2_jax.decode.requests import EngineFull, Event, Request, RequestRejected
+from internlm2_jax.decode.generate import Completion
+from internlm2_jax.decode.requests import EngineFull, Event, Request, check_request
 from internlm2_jax.decode.scheduler import PagePool, Sequence
 from internlm2_jax.decode.scoring import score_tokens
+from internlm2_jax.decode.streaming import append_token, completion_from_events
 from internlm2_jax.model.attention import decode_reads_pages_in_place
 from internlm2_jax.model.paged_cache import init_paged_cache, pages_for_budget
 
@@ -65,33 +66,11 @@ class EngineConfig:
         checks = {"max_model_len": self.max_model_len >= 2, "page_size": self.page_size >= 1,
                   "max_running": self.max_running >= 1, "max_waiting": self.max_waiting >= 0,
                   "prefill_chunk": self.prefill_chunk >= 8 and self.prefill_chunk & (self.prefill_chunk - 1) == 0,
-                  "max_prefill_rows": _pow2(self.max_prefill_rows) == self.max_prefill_rows,
+                  "max_prefill_rows": pow2(self.max_prefill_rows) == self.max_prefill_rows,
                   "max_top_n": 0 <= self.max_top_n <= 100}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"EngineConfig.{name}: invalid value {getattr(self, name)!r}")
-
-
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-def _ladder(top: int, floor: int = 1) -> list[int]:
-    """top, top/4, top/16, ... down to `floor`: the few sizes a dimension is padded to (a coarse ladder keeps the
-    number of compiled programs small enough to compile them all at start-up)."""
-    sizes = [top]
-    while sizes[-1] // 4 >= floor:
-        sizes.append(sizes[-1] // 4)
-    return sizes[::-1]
-
-
-def _powers(low: int, high: int) -> list[int]:
-    """The powers of two from `low` to `high` (both powers of two)."""
-    return [1 << i for i in range(low.bit_length() - 1, high.bit_length())]
-
-
-def _fit(n: int, sizes: list[int]) -> int:
-    return next(size for size in sizes if size >= n)
 
 
 class Engine:
@@ -126,28 +105,12 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.shapes: set[tuple] = set()  # (rows, chunk, page-table width, row widths) of every program run
-        # The padded sizes: decode rows 1, 2, then multiples of 4 (a padded row costs as much as a real one:
-        # against multiples of 8, 8% less engine time on the serving benchmark); prefill (rows, chunk) pairs of
-        # powers of two within prefill_chunk tokens; page-table widths on a ladder of powers of four.
-        rows = sorted({1, 2} | set(range(4, config.max_running + 4, 4)))
-        self._decode_rows = [r for r in rows if r < config.max_running] + [_fit(config.max_running, rows)]
-        smallest = min(16, config.prefill_chunk)
-        self._prefill_shapes = [(rows, chunk) for rows in _powers(1, config.max_prefill_rows)
-                                for chunk in _powers(smallest, config.prefill_chunk // rows) if chunk >= smallest]
-        self._widths = _ladder(_pow2(-(-config.max_model_len // page_size)))
-        # The CPU decode kernel reads each row's pages in place up to its length, so a decode step costs the same
-        # at any page-table width: then decode runs at the widest only and needs no row profiles (a third of the
-        # programs to compile). The XLA gather reads whole widths, hence the ladder and the profiles below.
+        # The CPU decode kernel reads each row's pages in place up to its length; the XLA gather reads whole widths.
         self.decode_reads_pages_in_place = decode_reads_pages_in_place(
             self.model_config.attention_impl, self.model_config.dtype, config.cache_dtype or self.model_config.dtype)
-        self._decode_widths = self._widths[-1:] if self.decode_reads_pages_in_place else self._widths
-        # A decode batch of >= 16 rows at the widest page table, its rows sorted by length, may also run as four
-        # groups whose widths step down (`row_widths`), so the XLA back end gathers about the pages the rows hold:
-        # staircases of eighths of the width, (8, 6, 4, 2) or else (8, 8, 6, 4), whichever fits first. On the
-        # benchmark trace they cut the pages gathered by a third at two extra programs per row count.
-        top = self._widths[-1]
-        self._row_profiles = [tuple(top * e // 8 for e in eighths) for eighths in ((8, 6, 4, 2), (8, 8, 6, 4))
-                              ] if top >= 8 and not self.decode_reads_pages_in_place else []
+        self.programs = ProgramShapes.plan(max_running=config.max_running, max_prefill_rows=config.max_prefill_rows,
+                                           prefill_chunk=config.prefill_chunk, max_model_len=config.max_model_len,
+                                           page_size=page_size, reads_pages_in_place=self.decode_reads_pages_in_place)
         # Every key exists from the start: `stats()` reads them from another thread, and a dict must not grow
         # while it is being read.
         self.counters = collections.Counter(dict.fromkeys(
@@ -181,28 +144,8 @@ class Engine:
             self._wake.notify()
 
     def _check(self, request: Request) -> None:
-        prompt, limit = request.prompt_ids, self.max_model_len
-        if not prompt:
-            raise RequestRejected("prompt", "the prompt is empty")
-        if not all(isinstance(t, int | np.integer) and 0 <= t < self.model_config.vocab_size for t in prompt):
-            raise RequestRejected("prompt", f"token ids must be integers in [0, {self.model_config.vocab_size})")
-        if request.max_new_tokens < 0:
-            raise RequestRejected("max_tokens", f"must be >= 0, got {request.max_new_tokens}")
-        if len(prompt) + request.max_new_tokens > limit:
-            field = "prompt" if len(prompt) >= limit else "max_tokens"
-            raise RequestRejected(field, f"the prompt has {len(prompt)} tokens and max_tokens is "
-                                         f"{request.max_new_tokens}: {len(prompt) + request.max_new_tokens} is over "
-                                         f"max_model_len={limit}")
-        try:
-            request.sampling.validate()
-        except ValueError as e:
-            raise RequestRejected(str(e).split(":")[0], str(e)) from None
-        for name in ("top_n", "prompt_logprobs"):
-            value = getattr(request, name)
-            if value is not None and not 0 <= value <= self.config.max_top_n:
-                raise RequestRejected(name, f"must be in [0, {self.config.max_top_n}], got {value}")
-        if request.stop_strings and self.tokenizer is None:
-            raise RequestRejected("stop", "stop strings need the engine to have a tokenizer")
+        check_request(request, vocab_size=self.model_config.vocab_size, max_model_len=self.max_model_len,
+                      max_top_n=self.config.max_top_n, has_tokenizer=self.tokenizer is not None)
 
     # ---- the loop ----------------------------------------------------------------------------------------------------
 
@@ -248,9 +191,9 @@ class Engine:
         if prefill:
             self._run(prefill, shape)
         decode = self._reserve_decode_pages([s for s in self._running if s.pending == 1])
-        decode.sort(key=lambda s: -len(s.pages))  # longest first: see _row_widths
+        decode.sort(key=lambda s: -len(s.pages))  # longest first: see ProgramShapes.row_widths
         if decode:
-            self._run([(s, 1) for s in decode], (_fit(len(decode), self._decode_rows), 1))
+            self._run([(s, 1) for s in decode], (self.programs.decode_batch(len(decode)), 1))
         return bool(prefill or decode)
 
     def generate(self, requests: Seq[Request], *, progress: bool = False) -> list[Completion]:
@@ -362,19 +305,12 @@ class Engine:
 
     def _plan_prefill(self) -> tuple[list[tuple[Sequence, int]], tuple[int, int]]:
         """The first sequences with prompt tokens to cache (in admission order) and how many each caches now, in the
-        (rows, chunk) shape that caches the most tokens per unit of cost: a call costs about its padded tokens plus
-        a fixed part (reading the weights), taken as 64 tokens' worth. Prompts longer than the chunk continue in
-        later steps."""
+        (rows, chunk) shape that caches the most tokens per unit of cost (`ProgramShapes.best_prefill`). Prompts
+        longer than the chunk continue in later steps."""
         waiting = [seq for seq in self._running if seq.pending > 1]
         if not waiting:
             return [], (0, 0)
-
-        def value(shape):
-            rows, chunk = shape
-            real = sum(min(seq.pending, chunk) for seq in waiting[:rows])
-            return real / (64 + rows * chunk), real
-
-        rows, chunk = max(self._prefill_shapes, key=value)
+        rows, chunk = self.programs.best_prefill([seq.pending for seq in waiting])
         return [(seq, min(seq.pending, chunk)) for seq in waiting[:rows]], (rows, chunk)
 
     def _reserve_decode_pages(self, rows: list[Sequence]) -> list[Sequence]:
@@ -411,10 +347,7 @@ class Engine:
     def warmup(self) -> int:
         """Compiles every program the engine can run (all padding rows: nothing is written but the null page), so
         no request waits for a compile and memory does not grow later. Returns the number of programs."""
-        shapes = [(rows, 1, width, None) for rows in self._decode_rows for width in self._decode_widths]
-        shapes += [(rows, 1, self._widths[-1], profile) for rows in self._decode_rows if rows >= 16
-                   for profile in self._row_profiles]
-        shapes += [(rows, chunk, width, None) for rows, chunk in self._prefill_shapes for width in self._widths]
+        shapes = self.programs.all_programs()
         for rows, chunk, width, row_widths in shapes:
             self._call(np.zeros((rows, chunk), np.int32), np.zeros((rows, width), np.int32),
                        *(np.zeros(rows, np.int32) for _ in range(3)), np.full(rows, self.config.max_running, np.int32),
@@ -456,7 +389,7 @@ class Engine:
                 self._finish(seq, error=f"internal error in the engine step: {type(e).__name__}: {e}")
 
     def _run_batch(self, rows: list[tuple[Sequence, int]], batch: int, chunk: int) -> None:
-        width = _fit(max(len(seq.pages) for seq, _ in rows), self._decode_widths if chunk == 1 else self._widths)
+        width = self.programs.width(max(len(seq.pages) for seq, _ in rows), chunk)
         tokens = np.zeros((batch, chunk), np.int32)
         page_table = np.zeros((batch, width), np.int32)
         lengths, q_lengths, rope_lengths, steps = (np.zeros(batch, np.int32) for _ in range(4))
@@ -472,9 +405,9 @@ class Engine:
             emit[i] = start + n == len(seq.tokens)
         sampling = stack_sampling([seq.request.sampling for seq, _ in rows], [seq.key_data for seq, _ in rows],
                                    batch, self._pad_key)
+        row_widths = self.programs.row_widths([len(seq.pages) for seq, _ in rows], batch, chunk, width)
         token, logprob, top_ids, top_logprobs = self._call(tokens, page_table, lengths, q_lengths, rope_lengths,
-                                                           slots, emit, steps, sampling,
-                                                           self._row_widths(rows, batch, chunk, width))
+                                                           slots, emit, steps, sampling, row_widths)
         for i, (seq, n) in enumerate(rows):
             seq.num_cached += n
             if seq.num_cached >= seq.prompt_len and not seq.registered:
@@ -483,15 +416,6 @@ class Engine:
                 k = seq.request.top_n
                 self._append(seq, int(token[i]), float(logprob[i]),
                              dict(zip(top_ids[i, :k].tolist(), top_logprobs[i, :k].tolist(), strict=True)))
-
-    def _row_widths(self, rows: list[tuple[Sequence, int]], batch: int, chunk: int, width: int):
-        """The cheapest row profile whose groups hold their rows (sorted longest first), or None."""
-        if chunk != 1 or batch < 16 or width != self._widths[-1]:
-            return None
-        group = batch // 4
-        need = [len(rows[g * group][0].pages) if g * group < len(rows) else 0 for g in range(4)]
-        fits = [p for p in self._row_profiles if all(n <= w for n, w in zip(need, p, strict=True))]
-        return min(fits, key=sum, default=None)
 
     def _register_prefix(self, seq: Sequence) -> None:
         """Offers the sequence's full prompt pages to the prefix cache, once, after its prompt is cached."""
@@ -503,38 +427,10 @@ class Engine:
         seq.registered = True
 
     def _append(self, seq: Sequence, token: int, logprob: float, top: dict[int, float]) -> None:
-        request = seq.request
-        seq.tokens.append(token)
-        seq.generated.append(token)
-        seq.logprobs.append(logprob)
-        seq.top_logprobs.append(top)
         self.counters["generated_tokens"] += 1
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
-        reason = None
-        if token in request.stop_ids:
-            reason = "stop"
-        elif len(seq.generated) >= request.max_new_tokens or len(seq.tokens) >= self.max_model_len:
-            reason = "length"
-        text = ""
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.generated, skip_special_tokens=request.skip_special_tokens)
-            found = [i for i in (text.find(s) for s in request.stop_strings) if i >= 0]
-            if found:
-                text, reason = text[:min(found)], "stop"
-        if reason is None:
-            # Hold back what a stop string completed later could still cut, and a half-decoded character, so the
-            # text of successive events only grows (a streaming client never has to take text back).
-            hold = max(map(len, request.stop_strings), default=1) - 1
-            visible = text[:len(text) - hold].rstrip("\ufffd")
-            text = visible if visible.startswith(seq.sent_text) else seq.sent_text
-        event = Event(seq.request_id, seq.generated[seq.sent_tokens:], seq.logprobs[seq.sent_tokens:],
-                      seq.top_logprobs[seq.sent_tokens:], text, finished=reason is not None, finish_reason=reason)
-        if seq.prompt_scores is not None and seq.sent_tokens == 0:
-            event.prompt_logprobs, event.prompt_top_logprobs = seq.prompt_scores
-        seq.sent_tokens, seq.sent_text = len(seq.generated), text
+        event = append_token(seq, token, logprob, top, tokenizer=self.tokenizer, max_model_len=self.max_model_len)
         self._deliver(seq, event)
-        if reason is not None:
+        if event.finished:
             self._finish(seq)
 
     def _deliver(self, seq: Sequence, event: Event) -> None:
@@ -555,14 +451,3 @@ class Engine:
         with self._wake:
             self._outstanding -= 1
         self.counters["finished"] += 1
-
-
-def completion_from_events(events: list[Event]) -> Completion:
-    """The `Completion` a request's events add up to; an error event raises."""
-    last = events[-1]
-    if last.error is not None:
-        raise RuntimeError(last.error)
-    tokens = [t for e in events for t in e.tokens]
-    return Completion(tokens, [lp for e in events for lp in e.logprobs],
-                      [top for e in events for top in e.top_logprobs], last.finish_reason, last.text)
-

@@ -34,8 +34,8 @@ def engine_step(graphdef, params, cache, counts, seen, tokens, page_table, lengt
 @functools.lru_cache(maxsize=8)
 def jitted_engine_step(graphdef):
     """`engine_step` jitted for one model structure. The graphdef is bound rather than passed as a static argument,
-    which jit would hash and compare on every call (about 1 ms a call on CPU); engines of equal structure share it,
-    and its compiled programs."""
+    which jit would hash and compare on every call (a cost per call: benchmarks/RESULTS.md, serving); engines of
+    equal structure share it, and its compiled programs."""
     return jax.jit(functools.partial(engine_step, graphdef), static_argnames=("top_n", "row_widths"),
                    donate_argnames=("cache", "counts", "seen"))
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from internlm2_jax.decode.sampling import SamplingConfig
 
 
@@ -50,3 +52,30 @@ class Event:
     # First event only, when the request asked for them: one entry per prompt token, None for the first.
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
+
+
+def check_request(request: Request, *, vocab_size: int, max_model_len: int, max_top_n: int,
+                  has_tokenizer: bool) -> None:
+    """Raises RequestRejected naming the field of `request` that an engine with these limits cannot serve."""
+    prompt, limit = request.prompt_ids, max_model_len
+    if not prompt:
+        raise RequestRejected("prompt", "the prompt is empty")
+    if not all(isinstance(t, int | np.integer) and 0 <= t < vocab_size for t in prompt):
+        raise RequestRejected("prompt", f"token ids must be integers in [0, {vocab_size})")
+    if request.max_new_tokens < 0:
+        raise RequestRejected("max_tokens", f"must be >= 0, got {request.max_new_tokens}")
+    if len(prompt) + request.max_new_tokens > limit:
+        field = "prompt" if len(prompt) >= limit else "max_tokens"
+        raise RequestRejected(field, f"the prompt has {len(prompt)} tokens and max_tokens is "
+                                     f"{request.max_new_tokens}: {len(prompt) + request.max_new_tokens} is over "
+                                     f"max_model_len={limit}")
+    try:
+        request.sampling.validate()
+    except ValueError as e:
+        raise RequestRejected(str(e).split(":")[0], str(e)) from None
+    for name in ("top_n", "prompt_logprobs"):
+        value = getattr(request, name)
+        if value is not None and not 0 <= value <= max_top_n:
+            raise RequestRejected(name, f"must be in [0, {max_top_n}], got {value}")
+    if request.stop_strings and not has_tokenizer:
+        raise RequestRejected("stop", "stop strings need the engine to have a tokenizer")

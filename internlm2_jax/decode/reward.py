@@ -1,6 +1,6 @@
 """Reward-model inference: `score(model, tokenizer, conversations, domain=...)` -> one float per conversation.
 
-Each conversation is rendered exactly as the reward model was trained on it (`data.conversations.reward_sequence`:
+Each conversation is rendered exactly as the reward model was trained on it (`chat_prompts.reward_sequence`:
 the domain's system turn, the messages through the chat template, the reward token), and scored at its last token.
 Conversations are sorted by length and scored in batches padded to a few lengths (`padded_length`), so a stream of
 requests compiles a handful of shapes. The released InternLM2 reward models were evaluated without the
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from internlm2_jax.data.conversations import DOMAIN_PROMPTS, reward_sequence
+from internlm2_jax.chat_prompts import DOMAIN_PROMPTS, reward_sequence
 from internlm2_jax.decode.scoring import padded_length
 from internlm2_jax.model import InternLM2ForRewardModel
 from internlm2_jax.model.transformer import last_token_scores

@@ -129,7 +129,7 @@ def sample(logits, params: SamplingParams, step, counts, seen, top_n: int = 0, r
 
 def _argmax(x):
     """jnp.argmax over the last axis (the first index of the maximum) as two plain reductions: XLA:CPU runs
-    argmax's variadic reduce at half the speed (1.8 ms vs 0.9 ms over [32, 32768]). A row with a NaN gets the last
+    argmax's variadic reduce at half the speed (benchmarks/RESULTS.md, serving). A row with a NaN gets the last
     index rather than an out-of-range one."""
     first = jnp.where(x == x.max(axis=-1, keepdims=True), jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1])
     return jnp.minimum(first.min(axis=-1), x.shape[-1] - 1)

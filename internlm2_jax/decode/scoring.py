@@ -119,7 +119,7 @@ def score_shared_prefix(model, groups, *, top_n: int = 0, with_prefix: bool = Tr
         raise ValueError("every group needs a prefix and continuations of at least one token each")
     # Prefixes are the long part of these rows: padded to a multiple of 8 (not `padded_length`'s powers of two).
     # Callers batch prefixes of similar length, so this costs a few more shapes to compile and saves up to half the
-    # tokens computed (on the eval benchmark, 1.15x faster warm than multiples of 32, with as many shapes).
+    # tokens computed (faster than multiples of 32 on the eval benchmark, with as many shapes: benchmarks/RESULTS.md).
     size = -(-max(len(prefix) for prefix, _ in groups) // PREFIX_MULTIPLE) * PREFIX_MULTIPLE
     width = -(-max(sum(map(len, conts)) for _, conts in groups) // 8) * 8
     prefixes = np.zeros((len(groups), size), np.int32)

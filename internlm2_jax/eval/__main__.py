@@ -32,11 +32,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
+    from internlm2_jax.artifacts import CheckpointMismatch, load_for_decoding, provenance
     from internlm2_jax.convert import CheckpointError
     from internlm2_jax.eval.suites import demo_suite, load_suite
     from internlm2_jax.eval.tasks import suite_table
-    from internlm2_jax.generate import load_for_decoding
-    from internlm2_jax.train.checkpoint import CheckpointMismatch, provenance
 
     progress = not args.no_progress
     output = Path(args.output or Path(args.checkpoint) / "eval")

@@ -1,12 +1,13 @@
 """Attention of one query token per sequence (decoding) over the static or the paged KV cache: C++ XLA FFI
 kernels on CPU.
 
-XLA:CPU runs a decode step's two small attention products as batched library matmuls that cost about 9 us per
-(row, kv head) whatever their size (half of an int8 decode step at 16 rows), and the paged reference first gathers
-every row's pages into a copy. `decode_attention_cpu.cc` reads each (row, kv head)'s keys and values once, in
-place, for all its query heads. The kernels are built at first use (`cpu_build.py`); where they can't be, on other
-platforms, for more than one query or for non-fp32 operands, these are the XLA references. The static-cache form
-has the reference's gradient; the paged one is for inference only.
+XLA:CPU runs a decode step's two small attention products as batched library matmuls at a fixed cost per (row, kv
+head) whatever their size (a large part of an int8 decode step: benchmarks/RESULTS.md, decode), and the paged
+reference first gathers every row's pages into a copy. `decode_attention_cpu.cc` reads each (row, kv head)'s keys
+and values once, in place, for all its query heads. The kernels are built at first use (`cpu_build.py`) and chosen
+only when compiling for the CPU (`platform.py`); where they can't be, on other platforms, for more than one query or
+for non-fp32 operands, these are the XLA references. The static-cache form has the reference's gradient; the paged
+one is for inference only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from internlm2_jax.kernels.cpu_build import register_cpu_kernel
+from internlm2_jax.kernels.platform import compiling_for_cpu
 from internlm2_jax.kernels.reference import dense_attention, paged_attention_reference
 
 TARGET = "internlm2_decode_attention"
@@ -35,11 +37,11 @@ def paged_cpu_kernel_available() -> bool:
 def paged_kernel_applies(q_dtype, cache_dtype) -> bool:
     """Whether one-query decoding over the paged cache runs the CPU kernel here (fp32 queries and cache)."""
     fp32 = jnp.dtype(q_dtype) == jnp.float32 and jnp.dtype(cache_dtype) == jnp.float32
-    return jax.default_backend() == "cpu" and fp32 and paged_cpu_kernel_available()
+    return compiling_for_cpu() and fp32 and paged_cpu_kernel_available()
 
 
 def _on_cpu_in_fp32(*arrays) -> bool:
-    return jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays)
+    return compiling_for_cpu() and all(a.dtype == jnp.float32 for a in arrays)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

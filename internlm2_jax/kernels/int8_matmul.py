@@ -1,9 +1,9 @@
 """Weight-only int8 matmul `(x @ w) * scale` with fp32 activations: a C++ XLA FFI kernel on CPU, XLA elsewhere.
 
-On XLA:CPU the int8 -> fp32 conversion in front of a matmul runs as a slow generic loop (a [1, 512] x [512, 32768]
-product: fp32 1.5 ms, int8 weights 17 ms), so int8 decoding read a quarter of the bytes and still ran slower than
-fp32. `int8_matmul_cpu.cc` converts the weights in registers as it streams them (about 0.4 ms for that product),
-from the strip layout of `pack`. The kernel is built at first use (`cpu_build.py`); where it can't be, and on GPU
+On XLA:CPU the int8 -> fp32 conversion in front of a matmul runs as a slow generic loop, so int8 decoding read a
+quarter of the bytes and still ran slower than fp32. `int8_matmul_cpu.cc` converts the weights in registers as it
+streams them, from the strip layout of `pack` (timings: benchmarks/RESULTS.md, decode). The kernel is built at
+first use (`cpu_build.py`) and chosen only when compiling for the CPU (`platform.py`); where it can't be, and on GPU
 and TPU, `int8_matmul` runs XLA's matmul of the unpacked weight.
 """
 
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from internlm2_jax.kernels.cpu_build import register_cpu_kernel
+from internlm2_jax.kernels.platform import compiling_for_cpu
 
 TARGET = "internlm2_int8_matmul"
 
@@ -50,7 +51,7 @@ def _int8_matmul_ffi(x, packed, scale):
 
 
 # Above this many rows (a long prefill) the product is compute-bound and XLA's conversion, done once for all rows,
-# costs little: XLA's form is then as fast or faster (2048 rows x 512 x 1536: 12 ms against the kernel's 18 ms).
+# costs little: XLA's form is then as fast or faster (benchmarks/RESULTS.md, decode).
 KERNEL_MAX_ROWS = 256
 
 
@@ -58,6 +59,6 @@ def int8_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array) -> jax.Array:
     """fp32 [M, N] = (x [M, K] @ weight) * scale for a weight and scales `pack`ed: the C++ kernel on CPU
     when it builds, XLA's matmul otherwise. Inference only: the kernel has no gradient."""
     x = x.astype(jnp.float32)
-    if x.shape[0] <= KERNEL_MAX_ROWS and jax.default_backend() == "cpu" and cpu_kernel_available():
+    if x.shape[0] <= KERNEL_MAX_ROWS and compiling_for_cpu() and cpu_kernel_available():
         return jax.lax.platform_dependent(x, packed, scale, cpu=_int8_matmul_ffi, default=int8_matmul_xla)
     return int8_matmul_xla(x, packed, scale)

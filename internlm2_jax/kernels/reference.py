@@ -10,6 +10,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from internlm2_jax.kernels.platform import compiling_for_cpu
+
 _MASKED = -1e30  # finite, so a fully masked row gives zeros instead of NaNs
 
 
@@ -33,9 +35,9 @@ def xla_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segme
     see `attention_mask`."""
     mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal, shared_segment)
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    if not causal or q.shape[1] <= _query_block(q.shape[1]):
+    if not causal or q.shape[1] <= _query_block(q.shape[1]) or not compiling_for_cpu():
         return dense_attention(scale, q, kt, vt, mask)
-    return _causal_attention(scale, q, kt, vt, mask)
+    return _causal_attention(scale, q, kt, vt, mask)  # a speed path for XLA:CPU only
 
 
 def _query_block(q_len: int) -> int:
@@ -59,8 +61,8 @@ def _attends_later_keys(mask):
 def _causal_attention(scale, q, kt, vt, mask):
     """Causal attention that skips the keys after each query block whenever that is exact: when positions increase
     along each segment (packed and padded rows, a cache's first write), checked at run time, so any other input
-    still gets the dense attention. 2.6x faster forward over 256 tokens at the bench shape on XLA:CPU, 2.8x over
-    1024. The backward recomputes the forward under the same choice: differentiating through lax.cond kept the
+    still gets the dense attention. Chosen on CPU only, where it was measured (benchmarks/RESULTS.md, eval
+    section). The backward recomputes the forward under the same choice: differentiating through lax.cond kept the
     residuals of both branches and was no faster than the dense backward."""
     return jax.lax.cond(_attends_later_keys(mask), dense_attention, _by_query_blocks, scale, q, kt, vt, mask)
 
@@ -88,20 +90,19 @@ def dense_attention(scale, q, kt, vt, mask):
     kv_heads = kt.shape[1]
     scale = head_dim ** -0.5 if scale is None else scale
     # Head-major operands ([batch, kv_heads, group, seq, head_dim]) make both matmuls plain batched GEMMs; the
-    # sequence-major einsum ran 4x slower on XLA:CPU at the bench shape.
+    # sequence-major einsum ran several times slower on XLA:CPU (benchmarks/RESULTS.md, forward_throughput).
     qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
     scores = jnp.einsum("bkgtd,bksd->bkgts", qg, kt, preferred_element_type=jnp.float32) * scale
     mask = mask[:, None, None]
     # Masking by adding 0 or _MASKED gives the same scores as jnp.where(mask, scores, _MASKED) (finite scores are
     # far below _MASKED's ulp), but its backward is the identity instead of a select: under jnp.where the mask was
     # recomputed inside the fusion that transposes the fp32 score gradient for dK, and that strided fusion was the
-    # slowest op of the attention backward on XLA:CPU (fwd+bwd 1.36x faster at the bench shape, same bits). The
+    # slowest op of the attention backward on XLA:CPU (benchmarks/RESULTS.md, train_throughput; same bits). The
     # gradient at masked keys is zero either way: their probabilities are exactly 0.
     scores = scores + jnp.where(mask, 0.0, _MASKED)
     # The softmax is normalised after the PV matmul, as flash attention does ([T, D] divisions instead of [T, S]):
-    # one pass less over the scores, 1.1-1.2x faster forward and backward in fp32 at the bench shape on XLA:CPU
-    # (1.05x in bf16). Masked keys get exactly 0 (exp of about -1e30); a fully masked query row (padding) would
-    # average V, so it is zeroed.
+    # one pass less over the scores (benchmarks/RESULTS.md, eval_throughput). Masked keys get exactly 0 (exp of
+    # about -1e30); a fully masked query row (padding) would average V, so it is zeroed.
     unnormalised = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
     out = jnp.einsum("bkgts,bksd->bkgtd", unnormalised.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
     out = jnp.where(mask.any(axis=-1)[..., None], out / unnormalised.sum(axis=-1, keepdims=True), 0.0)
@@ -149,7 +150,7 @@ def _gathered_attention(scale, k_pages, v_pages, q, page_table, lengths, q_lengt
     page_table = page_table[:, :width]
     # Gathered head by head and stacked into head-major [batch, kv_heads, seq, head_dim]. A gather of all heads
     # then transposed (whether to xla_attention's [batch, seq, kv_heads, head_dim] or to head-major) left XLA:CPU
-    # running the score matmul on a strided operand: 6x slower at 64 decode rows over 512 cached tokens.
+    # running the score matmul on a strided operand, much slower (benchmarks/RESULTS.md, serving).
     gather = lambda pages: jnp.stack([pages[h][page_table].reshape(batch, -1, head_dim) for h in range(kv_heads)],
                                      axis=1)
     kt, vt = gather(k_pages), gather(v_pages)

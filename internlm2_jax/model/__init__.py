@@ -6,8 +6,9 @@ from internlm2_jax.model.transformer import (
                                              InternLM2ForRewardModel,
                                              InternLM2Model,
                                              last_token_scores,
+                                             model_graphdef,
                                              token_logprobs,
 )
 
 __all__ = ["attention", "InternLM2ForCausalLM", "InternLM2ForRewardModel", "InternLM2Model", "last_token_scores",
-           "token_logprobs"]
+           "model_graphdef", "token_logprobs"]

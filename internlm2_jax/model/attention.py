@@ -21,20 +21,12 @@ from internlm2_jax.config import ATTENTION_IMPLS, GPU_FLASH_KERNELS
 from internlm2_jax.kernels import flash_gpu, flash_mgpu, flash_tpu, paged_gpu, paged_tpu
 from internlm2_jax.kernels.decode_attention import (paged_kernel_applies, paged_single_query_attention,
                                                     single_query_attention)
+from internlm2_jax.kernels.platform import target_platform
 from internlm2_jax.kernels.reference import attention_mask, paged_attention_reference, xla_attention
 from internlm2_jax.kernels.tiling import BlockSizes
 from internlm2_jax.parallel.sharding import ACTIVATION_RULES, logical_to_spec
 
 _PLATFORM = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
-
-
-def target_platform() -> str:
-    """The platform being compiled for: the devices of the mesh set by `jax.set_mesh` (abstract TPU devices in an
-    ahead-of-time compile on a CPU machine), else the default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    platform = device.platform if device is not None else jax.default_backend()
-    return {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)  # an abstract GPU device may name its toolkit
 
 
 def resolve_impl(impl: str) -> str:

@@ -14,6 +14,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from internlm2_jax.config import ModelConfig
+from internlm2_jax.kernels.platform import compiling_for_cpu
 from internlm2_jax.model.quantize import Int8Weight, int8_dense
 
 
@@ -51,9 +52,15 @@ def contract(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
     return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
 
 
+def _rounded_matmul(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """The product in fp32, rounded to x's (low-precision) dtype; differentiated by autodiff."""
+    return contract(equation, x, w).astype(x.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _low_precision_matmul(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    return contract(equation, x, w).astype(x.dtype)
+    """`_rounded_matmul` with a backward written out for XLA:CPU (CPU only: see `dense`)."""
+    return _rounded_matmul(equation, x, w)
 
 
 def _low_precision_matmul_fwd(equation, x, w):
@@ -62,10 +69,10 @@ def _low_precision_matmul_fwd(equation, x, w):
 
 def _low_precision_matmul_bwd(equation, residuals, g):
     # Autodiff of the einsum above would turn the bf16 cotangent back into fp32 (the transpose of the final cast)
-    # and run both backward matmuls as fp32 x fp32 (the bf16 operand upcast): about 2.5x slower than bf16 operands
-    # on XLA:CPU, and the same values, since bf16 -> fp32 is exact and both accumulate in fp32. So the backward is
-    # written out with bf16 operands and fp32 accumulation, each result rounded to its operand's dtype exactly as
-    # autodiff rounds it (dw included: the weight was cast to bf16 before the matmul).
+    # and run both backward matmuls as fp32 x fp32 (the bf16 operand upcast), which XLA:CPU runs much slower than
+    # bf16 operands (benchmarks/RESULTS.md), for the same values, since bf16 -> fp32 is exact and both accumulate
+    # in fp32. So the backward is written out with bf16 operands and fp32 accumulation, each result rounded to its
+    # operand's dtype exactly as autodiff rounds it (dw included: the weight was cast to bf16 before the matmul).
     x, w = residuals
     dx_equation, dw_equation = _transposed_equations(equation)
     dx = contract(dx_equation, g, w).astype(x.dtype)
@@ -90,7 +97,9 @@ def dense(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     """A matmul with `dtype` operands and fp32 accumulation (conventions: bf16 compute).
 
     `equation` contracts x with w and keeps x's other dimensions and w's (no batch dimension shared by both).
-    The output is tagged `DENSE_OUTPUT`: a custom_vjp hides its matmul from `checkpoint_dots`-style policies.
+    In a low-precision dtype the backward is written out for XLA:CPU (`_low_precision_matmul`) when compiling for
+    the CPU only; TPU and GPU get autodiff's. The output is tagged `DENSE_OUTPUT`: the CPU form's custom_vjp hides
+    its matmul from `checkpoint_dots`-style policies.
     """
     dtype = jnp.dtype(dtype)
     if isinstance(w, Int8Weight):  # output channels are w's trailing dimensions, and so the output's
@@ -98,7 +107,8 @@ def dense(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     elif dtype == jnp.float32:
         out = contract(equation, x.astype(dtype), w.astype(dtype))
     else:
-        out = _low_precision_matmul(equation, x.astype(dtype), w.astype(dtype))
+        matmul = _low_precision_matmul if compiling_for_cpu() else _rounded_matmul
+        out = matmul(equation, x.astype(dtype), w.astype(dtype))
     return checkpoint_name(out, DENSE_OUTPUT)
 
 

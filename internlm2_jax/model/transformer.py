@@ -27,8 +27,8 @@ from internlm2_jax.model.lora import EQUATIONS, lora_dense, make_adapter
 from internlm2_jax.parallel.sharding import constrain
 
 _policies = jax.checkpoint_policies
-# The bf16 `dense` projections are custom_vjp calls that matmul policies do not see, so "dots" policies also save
-# outputs tagged DENSE_OUTPUT: every projection output, as plain dot_generals were saved before.
+# On CPU the bf16 `dense` projections are custom_vjp calls that matmul policies do not see, so "dots" policies also
+# save outputs tagged DENSE_OUTPUT: every projection output, as plain dot_generals are saved elsewhere.
 _REMAT_POLICIES = {
     "full": _policies.nothing_saveable,
     "dots": _policies.save_from_both_policies(_policies.checkpoint_dots, _policies.save_only_these_names(DENSE_OUTPUT)),
@@ -248,7 +248,7 @@ def token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, ch
         return picked - jax.nn.logsumexp(logits, axis=-1)
 
     # Remat keeps one chunk's logits alive at a time. With a single chunk that one is alive anyway, and recomputing
-    # it would only add a fourth vocab-sized matmul (about 3% of the bench train step on CPU).
+    # it would only add a fourth vocab-sized matmul (a few percent of the bench train step on CPU).
     if n > 1:
         one_chunk = jax.checkpoint(one_chunk)
     out = jax.lax.map(one_chunk, (hidden_chunks, target_chunks))
@@ -316,3 +316,8 @@ def last_token_scores(scores: jax.Array, segment_ids: jax.Array) -> jax.Array:
     real = jnp.asarray(segment_ids) != 0
     last = jnp.max(jnp.where(real, jnp.arange(real.shape[1]), -1), axis=1)
     return jnp.take_along_axis(scores, jnp.maximum(last, 0)[:, None], axis=1)[:, 0]
+
+
+def model_graphdef(cfg: ModelConfig, model_class=InternLM2ForCausalLM):
+    """The static half of `nnx.split`, and the abstract parameters, without allocating anything."""
+    return nnx.split(nnx.eval_shape(lambda: model_class(cfg, rngs=nnx.Rngs(0))))

@@ -41,12 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
+    from internlm2_jax.artifacts import CheckpointMismatch, is_run_directory, load_for_decoding
     from internlm2_jax.chat_template import chat_template_for_directory, get_chat_template
     from internlm2_jax.convert import CheckpointError
     from internlm2_jax.decode.engine import Engine, EngineConfig
-    from internlm2_jax.generate import load_for_decoding
     from internlm2_jax.model.paged_cache import bytes_per_token
-    from internlm2_jax.train.checkpoint import CheckpointMismatch, is_run_directory
 
     path = Path(args.checkpoint)
     tokens = args.kv_budget_tokens

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from internlm2_jax.data.conversations import MessageError, openai_messages, with_tools
+from internlm2_jax.chat_prompts import MessageError, openai_messages, with_tools
 from internlm2_jax.decode.sampling import SamplingConfig
 from internlm2_jax.tokenizer import ACTION_END, ACTION_START, BOS, EOS, IM_END, IM_START, INTERPRETER, PLUGIN
 
@@ -201,7 +201,7 @@ def encode_prompts(prompt: str | list, tokenizer: Tokenizer, field: str) -> list
 
 def template_messages(messages: list[ChatMessage], tools: list[Tool] | None) -> list[dict[str, Any]]:
     """OpenAI messages and tools as `ChatTemplate` messages, through the converter training data uses
-    (`data.conversations`): a tool result becomes an `environment` turn named `plugin`, an assistant's call a plugin
+    (`chat_prompts`): a tool result becomes an `environment` turn named `plugin`, an assistant's call a plugin
     `tool_call`, and the tools an extra `system` turn named `plugin` after the leading system turns."""
     try:
         converted = openai_messages([message.model_dump(exclude_none=True) for message in messages])

@@ -14,6 +14,9 @@ by hand with plain `json`, because the runtime must not depend on `tokenizers`:
   `<|im_start|>` is `[UNUSED_TOKEN_146]`), the vocabulary entry is renamed to the name, so the ids agree and the raw
   piece string is ordinary text, as `Tokenizer.encode` treats it.
 - post-processor: `<s>` first (HF InternLM2 default `add_bos_token=True`); decoder: "▁" -> " ", byte fallback, fuse.
+
+The chat template is not the tokenizer's: `chat_template.save_chat_template` adds it to tokenizer_config.json (the
+tokenizer never imports the template; `convert.save_pretrained` writes both into a model directory).
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from internlm2_jax.chat_template import get_chat_template
 from internlm2_jax.tokenizer.special_tokens import BOS, EOS, UNK
 from internlm2_jax.tokenizer.spm_model import ModelType, PieceType
 from internlm2_jax.tokenizer.tokenizer import TOKENIZER_MODEL_FILE
@@ -123,10 +125,8 @@ def build_tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
     }
 
 
-def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path, *, chat_template: str,
-                      model_max_length: int) -> list[Path]:
+def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path, *, model_max_length: int) -> list[Path]:
     """Writes tokenizer.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json into `directory`."""
-    template = get_chat_template(chat_template)  # fail before writing anything if the name is unknown
     tokenizer_json = build_tokenizer_json(tokenizer)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -140,8 +140,6 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path, *, chat_templ
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
-        "chat_template": template.jinja,
-        "chat_template_name": template.name,
     }
     files = {
         "tokenizer.json": tokenizer_json,

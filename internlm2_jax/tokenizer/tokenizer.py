@@ -95,15 +95,15 @@ class Tokenizer:
             raise FileNotFoundError(f"{directory} has no {TOKENIZER_MODEL_FILE}; is it a model directory?")
         return cls.from_file(path)
 
-    def save_pretrained(self, directory: str | Path, *, chat_template: str = "internlm2_chat",
-                        model_max_length: int = 32768) -> list[Path]:
+    def save_pretrained(self, directory: str | Path, *, model_max_length: int = 32768) -> list[Path]:
         """Writes tokenizer.model plus HF files that transformers' AutoTokenizer loads with the same ids.
 
-        Returns the written paths. See `internlm2_jax.tokenizer.hf_export` for what each file holds.
+        Returns the written paths. See `internlm2_jax.tokenizer.hf_export` for what each file holds; the chat
+        template is added by `chat_template.save_chat_template` (as `convert.save_pretrained` does).
         """
         from internlm2_jax.tokenizer.hf_export import save_hf_tokenizer  # hf_export needs this class's properties
 
-        return save_hf_tokenizer(self, directory, chat_template=chat_template, model_max_length=model_max_length)
+        return save_hf_tokenizer(self, directory, model_max_length=model_max_length)
 
     # ---- encoding -------------------------------------------------------------------------------------------------
 

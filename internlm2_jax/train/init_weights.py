@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from internlm2_jax.artifacts import load_model
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.model.lora import is_lora_path
 from internlm2_jax.parallel import DEFAULT_RULES, state_shardings
@@ -41,18 +42,11 @@ def _find(source: dict[tuple, jax.Array], path: tuple, layers: int) -> tuple[jax
 
 
 def load_source(path: str | Path, cfg: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES) -> dict[tuple, jax.Array]:
-    """The weights of a model directory (placed on `mesh` as they are read) or run directory, as {path: array}."""
-    from internlm2_jax.convert.hf import load_pretrained
-    from internlm2_jax.train.checkpoint import is_run_directory, load_run
-
+    """The weights of a model directory or run directory, placed on `mesh` as they are read, as {path: array}."""
     path = Path(path)
-    if is_run_directory(path):
-        _, model, _ = load_run(path, mesh=mesh)
-    elif path.is_dir():
-        _, model = load_pretrained(path, mesh=mesh, rules=rules, param_dtype=cfg.param_dtype,
-                                   scan_layers=cfg.scan_layers)
-    else:
+    if not path.is_dir():
         raise FileNotFoundError(f"train.init_weights={path}: not a model directory or a run directory")
+    _, model, _ = load_model(path, mesh=mesh, rules=rules, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers)
     return {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 

@@ -24,12 +24,13 @@ from tqdm import tqdm
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.parallel import MeshConfig, batch_sharding, make_mesh
-from internlm2_jax.train.checkpoint import Checkpointer, provenance
+from internlm2_jax.artifacts import provenance
+from internlm2_jax.train.checkpoint import Checkpointer
 from internlm2_jax.train.init_weights import initial_params
 from internlm2_jax.train.layout_checks import check_layout
 from internlm2_jax.train.metrics import PEAK_FLOPS, memory_report, mfu, peak_flops_key, print_memory_report
 from internlm2_jax.train.objectives import LM, Objective
-from internlm2_jax.train.optim import OptimizerConfig, lr_schedule, make_optimizer
+from internlm2_jax.train.optim import OptimizerConfig, lr_schedules, make_optimizer
 from internlm2_jax.train.state import (abstract_train_state, init_train_state, model_graphdef, split_trainable,
                                        train_state_shardings)
 from internlm2_jax.train.step import StepConfig, jit_eval_step, jit_train_step, make_eval_step, make_train_step
@@ -145,12 +146,13 @@ def window_summary(window: list[dict], count_name: str = "tokens") -> dict[str, 
     kept = [m for m in window if not bool(m["skipped"])]
     counts = [float(m[count_name]) for m in kept]
     total = max(sum(counts), 1.0)
-    weighted = [k for k in window[-1] if k not in ("grad_norm", "lr", "skipped", "real_tokens", count_name)]
+    rates = [k for k in window[-1] if k == "lr" or k.startswith("lr/")]
+    weighted = [k for k in window[-1] if k not in ("grad_norm", "skipped", "real_tokens", count_name, *rates)]
     out = {k: (sum(float(m[k]) * c for m, c in zip(kept, counts, strict=True)) / total if kept else math.nan)
            for k in weighted}
     grad_norms = [float(m["grad_norm"]) for m in kept]
     return {**out, "grad_norm": sum(grad_norms) / len(grad_norms) if kept else math.nan,
-            "lr": float(window[-1]["lr"]), count_name: sum(counts),
+            **{k: float(window[-1][k]) for k in rates}, count_name: sum(counts),
             "skipped": float(len(window) - len(kept)), "real_tokens": float(sum(m["real_tokens"] for m in window))}
 
 
@@ -190,9 +192,15 @@ class RunResult:
     eval: dict[str, float] | None = None
 
 
-def to_global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-    """Process-local rows -> one global array per field (each process contributes its own slice)."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+def to_global_batch(batch: dict[str, np.ndarray | jax.Array], sharding) -> dict[str, jax.Array]:
+    """Process-local rows -> one global array per field (each process contributes its own slice); arrays that are
+    already global (made on the mesh, e.g. rollouts) are only placed on the batch sharding."""
+    return {k: jax.device_put(v, sharding) if isinstance(v, jax.Array)
+            else jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def data_state_of(data: DataIterator | None) -> dict:
+    return {} if data is None else data.get_state()
 
 
 def evaluate(eval_step, state, batches: Iterator[dict[str, np.ndarray]], sharding,
@@ -230,14 +238,20 @@ class TrainProgram:
             return self.step.lower(self.abstract_state, batch).compile()
 
 
+def state_classes(optimizer: OptimizerConfig, objective: Objective) -> dict[str, Any]:
+    """What decides the state's tree beyond the model config: the model class, the trained set, the extra state."""
+    extra = objective.init_extra() if objective.init_extra is not None else {}
+    return dict(model_class=objective.model_class, trainable=optimizer.trained, extra=extra)
+
+
 def build_program(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, mesh,
                   objective: Objective = LM) -> TrainProgram:
     tx = make_optimizer(optimizer)
-    classes = dict(model_class=objective.model_class, trainable=optimizer.trainable)
+    classes = state_classes(optimizer, objective)
     graphdef, _ = model_graphdef(model, objective.model_class)
     shardings = train_state_shardings(model, tx, mesh, **classes)
-    step = make_train_step(graphdef, tx, lr_schedule(optimizer), step_cfg, objective=objective,
-                           trainable=optimizer.trainable)
+    step = make_train_step(graphdef, tx, lr_schedules(optimizer), step_cfg, objective=objective,
+                           trainable=optimizer.trained)
     return TrainProgram(mesh, tx, graphdef, shardings, abstract_train_state(model, tx, mesh, **classes),
                         jit_train_step(step, shardings, mesh).jitted)
 
@@ -246,23 +260,30 @@ def step_flops_per_token(model: ModelConfig, optimizer: OptimizerConfig, objecti
                          seq_len: int) -> float:
     """The FLOPs per real token of the step as it runs: frozen weights get no weight gradients."""
     trainable = None
-    if optimizer.trainable:
+    if optimizer.trained:
         trainable = sum(math.prod(v.shape) for v in jax.tree.leaves(split_trainable(abstract_params,
-                                                                                     optimizer.trainable)[0]))
+                                                                                     optimizer.trained)[0]))
     return objective.flops_per_token(model, seq_len, trainable_params=trainable)
 
 
 def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, mesh_cfg: MeshConfig,
-          cfg: TrainConfig, data: DataIterator, *, metadata: dict[str, Any],
+          cfg: TrainConfig, data: DataIterator | None, *, metadata: dict[str, Any],
           eval_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None,
-          progress: bool = True, objective: Objective = LM) -> RunResult:
+          progress: bool = True, objective: Objective = LM,
+          batch_source: Callable[[Any, int], dict] | None = None) -> RunResult:
     """Runs (or resumes) training of `objective` (pretraining, SFT, reward model, DPO) to `cfg.steps`; returns the
     final state and the logged losses.
+
+    Batches come from `data` (an iterator whose state is checkpointed), or from `batch_source(state, step)` for
+    on-policy data made from the current state (rollouts): it must depend only on the state and the step, which
+    the checkpoint restores, so a resumed run sees the same batches.
 
     `metadata` is what the checkpoints should record beyond the provenance added here (schema, git commit,
     package versions, model config, seed): the resolved experiment config, tokenizer and data-manifest hashes.
     The step is compiled once, on the first batch (its per-device memory is printed before step 0).
     """
+    if (data is None) == (batch_source is None):
+        raise ValueError("train() takes batches from exactly one of `data` and `batch_source`")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metadata = provenance(model=dataclasses.asdict(model), optimizer=dataclasses.asdict(optimizer), seed=cfg.seed,
@@ -272,13 +293,14 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
     mesh = make_mesh(mesh_cfg)
     program = build_program(model, optimizer, step_cfg, mesh, objective)
     check_layout(model, cfg, step_cfg, mesh, program.abstract_state.params, program.shardings.params)
-    classes = dict(model_class=objective.model_class, trainable=optimizer.trainable)
+    classes = state_classes(optimizer, objective)
     checkpointer = Checkpointer(run_dir / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
 
     restored = checkpointer.restore_latest(program.abstract_state, metadata)
     if restored is not None:
         start, state, data_state, _ = restored
-        data.set_state(data_state)
+        if data is not None:
+            data.set_state(data_state)
     elif cfg.init_from:
         # A new phase: weights, optimizer moments and step count carry over; the data (a new mixture) starts fresh.
         source = Checkpointer(Path(cfg.init_from) / "checkpoints")
@@ -309,7 +331,7 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
     try:
         window_start, window = time.perf_counter(), []
         while step < cfg.steps and not stop.stop_at(step):
-            batch = to_global_batch(next(data), sharding)
+            batch = to_global_batch(next(data) if batch_source is None else batch_source(state, step), sharding)
             if step_fn is None:
                 step_fn = program.compile(batch)
                 if jax.process_index() == 0:
@@ -334,13 +356,13 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
                 window_start, window = time.perf_counter(), []
             bar.update(1)
             if checkpointer.manager.should_save(step):
-                checkpointer.save(step, state, data_state=data.get_state(), metadata=metadata)
+                checkpointer.save(step, state, data_state=data_state_of(data), metadata=metadata)
             if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 log.write(step, evaluate(eval_fn, state, eval_batches(), sharding, objective.count_name))
                 window_start = time.perf_counter()  # evaluation time is not training throughput
         # At the end, or on SIGTERM: always leave a checkpoint of the last step.
         if step not in checkpointer.steps():
-            checkpointer.save(step, state, data_state=data.get_state(), metadata=metadata, force=True)
+            checkpointer.save(step, state, data_state=data_state_of(data), metadata=metadata, force=True)
         result = RunResult(state=state, final_step=step, losses=losses, interrupted=stop.requested,
                            run_dir=run_dir)
         if eval_fn is not None and not stop.requested:

@@ -50,6 +50,11 @@ class Objective:
     # Compares with a frozen reference's log-probs: the policy with its adapters off under LoRA, otherwise the
     # launcher adds `reference_logps` from the starting weights to every batch.
     reference: bool = False
+    # Small state beside the parameters (running statistics, an adaptive coefficient): `init_extra()` gives its
+    # initial pytree, the loss then receives it as `extra=` (read-only), and after each step
+    # `update_extra(extra, sums, count)` makes the next one from the step's summed metrics.
+    init_extra: Callable[[], object] | None = None
+    update_extra: Callable[..., object] | None = None
 
     def __post_init__(self):
         if self.rows not in ROWS:

@@ -24,23 +24,32 @@ class StepConfig:
     loss_chunk_size: int = 1024  # sequence chunk of the cross-entropy (bounds the fp32 logits in memory)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+def objective_loss(objective: Objective, graphdef, params, batch: Batch, rng, chunk_size: int, extra):
+    """The objective's loss; an objective with its own state (`init_extra`) also receives it."""
+    if objective.init_extra is None:
+        return objective.loss(graphdef, params, batch, rng, chunk_size)
+    return objective.loss(graphdef, params, batch, rng, chunk_size, extra=extra)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule | dict[str, optax.Schedule],
                     cfg: StepConfig = StepConfig(), *, objective: Objective = LM,
                     trainable: tuple[str, ...] = ()) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The step of any objective. With `trainable` patterns only the matching parameters get gradients and
-    optimizer moments (LoRA: `("lora_",)`); the rest ride along in the state unchanged."""
+    optimizer moments (LoRA: `("lora_",)`; parameter groups: their union); the rest ride along in the state
+    unchanged. `schedule` is the learning rate to log, or {metric name: schedule} (`optim.lr_schedules`)."""
+    schedules = schedule if isinstance(schedule, dict) else {"lr": schedule}
 
-    def loss_fn(train_params, frozen_params, batch, rng):
+    def loss_fn(train_params, frozen_params, batch, rng, extra):
         params = nnx.merge_state(train_params, frozen_params) if trainable else train_params
-        loss_sum, count, sums = objective.loss(graphdef, params, batch, rng, cfg.loss_chunk_size)
+        loss_sum, count, sums = objective_loss(objective, graphdef, params, batch, rng, cfg.loss_chunk_size, extra)
         return loss_sum, (count, sums)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def gradients(train_params, frozen_params, batch, rng):
+    def gradients(train_params, frozen_params, batch, rng, extra):
         """Summed loss, count, metric sums and gradients over the micro-batches."""
         if cfg.micro_batches == 1:
-            (loss_sum, (count, sums)), grads = grad_fn(train_params, frozen_params, batch, rng)
+            (loss_sum, (count, sums)), grads = grad_fn(train_params, frozen_params, batch, rng, extra)
             return loss_sum, count, sums, grads
         rows = batch["input_ids"].shape[0]
         if rows % cfg.micro_batches:
@@ -50,12 +59,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
 
         def accumulate(carry, xs):
             micro_batch, key = xs
-            (loss_sum, (count, sums)), grads = grad_fn(train_params, frozen_params, micro_batch, key)
+            (loss_sum, (count, sums)), grads = grad_fn(train_params, frozen_params, micro_batch, key, extra)
             return jax.tree.map(jnp.add, carry, (loss_sum, count, sums, grads)), None
 
         zero = jnp.zeros((), jnp.float32)
         shapes = jax.eval_shape(lambda: grad_fn(train_params, frozen_params, jax.tree.map(lambda x: x[0], micro),
-                                                keys[0]))
+                                                keys[0], extra))
         init = (zero, zero, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[0][1][1]),
                 jax.tree.map(jnp.zeros_like, train_params))
         (loss_sum, count, sums, grads), _ = jax.lax.scan(accumulate, init, (micro, keys))
@@ -64,7 +73,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         train_params, frozen_params = split_trainable(state.params, trainable)
         rng = jax.random.fold_in(state.rng, state.step)  # dropout: new masks every step, reproducible on resume
-        loss_sum, count, sums, grads = gradients(train_params, frozen_params, batch, rng)
+        loss_sum, count, sums, grads = gradients(train_params, frozen_params, batch, rng, state.extra)
         denom = jnp.maximum(count, 1.0)  # a batch of pure padding gives loss 0, not NaN
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = loss_sum / denom
@@ -76,11 +85,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_params = keep(new_params, train_params)
         params = nnx.merge_state(new_params, frozen_params) if trainable else new_params
-        new_state = state.replace(params=params, opt_state=keep(opt_state, state.opt_state),
+        extra = state.extra
+        if objective.update_extra is not None:
+            extra = keep(objective.update_extra(state.extra, sums, count), state.extra)
+        new_state = state.replace(params=params, opt_state=keep(opt_state, state.opt_state), extra=extra,
                                   step=state.step + 1, skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
         metrics = {"loss": loss, "grad_norm": grad_norm, objective.count_name: count, "skipped": ~finite,
                    "real_tokens": jnp.sum(batch["segment_ids"] != 0),  # throughput and MFU count no padding
-                   "lr": schedule(state.step - state.skipped_steps),
+                   **{name: fn(state.step - state.skipped_steps) for name, fn in schedules.items()},
                    **{name: value / denom for name, value in sums.items()}}
         return new_state, metrics
 
@@ -92,7 +104,8 @@ def make_eval_step(graphdef, cfg: StepConfig = StepConfig(), *,
     """Sums over the batch (`loss_sum`, the count, each metric's sum): the caller adds batches up and divides."""
 
     def eval_step(state: TrainState, batch: Batch) -> dict:
-        loss_sum, count, sums = objective.loss(graphdef, state.params, batch, None, cfg.loss_chunk_size)
+        loss_sum, count, sums = objective_loss(objective, graphdef, state.params, batch, None, cfg.loss_chunk_size,
+                                               state.extra)
         loss = loss_sum / jnp.maximum(count, 1.0)
         out = {"loss_sum": loss_sum, objective.count_name: count, "loss": loss, **sums}
         if objective.count_name == "tokens":

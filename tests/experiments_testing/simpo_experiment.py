@@ -18,9 +18,10 @@ from flax import nnx
 
 from internlm2_jax.config import preset
 from internlm2_jax.data.conversations import PairDataIterator
-from internlm2_jax.data.finetune_corpus import doctest_pairs, train_finetune_tokenizer, write_jsonl
+from internlm2_jax.recipes.finetune_data import doctest_pairs, train_finetune_tokenizer, write_jsonl
 from internlm2_jax.data_formats import host_rows, register_data_format
-from internlm2_jax.launch import DataConfig, Experiment, run_training
+from internlm2_jax.experiment import DataConfig, Experiment
+from internlm2_jax.run import run_training
 from internlm2_jax.parallel import MeshConfig
 from internlm2_jax.train import OptimizerConfig
 from internlm2_jax.train.loop import TrainConfig

@@ -30,7 +30,8 @@ DEFAULT_MAX_EDGES = 100_000_000
 
 
 def _sorted_unique(values: np.ndarray) -> np.ndarray:
-    """Sorted distinct values (np.unique hashes integers here, about 20x slower on millions of keys)."""
+    """Sorted distinct values by sort and compare (np.unique hashes integers, which is much slower on millions of
+    keys: benchmarks/RESULTS.md)."""
     values = np.sort(values)
     keep = np.ones(values.size, bool)
     np.not_equal(values[1:], values[:-1], out=keep[1:])
@@ -155,9 +156,9 @@ def connected_components(edges, keys, *, max_edges: int = DEFAULT_MAX_EDGES) -> 
 
     Vectorised union-find: every round hooks the larger root of each edge under the smaller one (the minimum over all
     edges hooking it), then compresses every path by pointer jumping, and drops the edges inside one component.
-    It runs in one worker's memory, about 60 bytes per edge at peak on top of the int64 edge array (measured; 1M
-    edges take about 0.3 s here): the default limit of 100M edges (~8 GB in all) fails fast with ValueError instead of
-    running out of memory. Past it, shard the problem or raise `max_edges` on a bigger worker.
+    It runs in one worker's memory, about 60 bytes per edge at peak on top of the int64 edge array (measured): the
+    default limit of 100M edges (~8 GB in all) fails fast with ValueError instead of running out of memory. Past it,
+    shard the problem or raise `max_edges` on a bigger worker.
     """
     if len(edges) > max_edges:
         raise ValueError(f"{len(edges)} edges is over max_edges={max_edges} (about 80 bytes per edge in one worker)")

@@ -165,7 +165,7 @@ def _document_shingles(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray
 
 
 def _unique(values: np.ndarray) -> np.ndarray:
-    """Sorted distinct values; np.unique is about 10x slower on uint64 here (numpy 2.4)."""
+    """Sorted distinct values by sort and compare (np.unique is much slower on uint64: benchmarks/RESULTS.md)."""
     values = np.sort(values)
     keep = np.ones(values.size, bool)
     np.not_equal(values[1:], values[:-1], out=keep[1:])

@@ -8,7 +8,8 @@ Nothing can be downloaded here, so the data is derived from what every machine h
   chosen one passes the function's doctest and the rejected one fails it (both checked by running `doctest`).
 - `conditional_pairs`: pairs whose preference depends on the domain: for a borderline request the helpful domain
   prefers the detailed answer and the harmless domain prefers the refusal (COOL RLHF's conditional reward model).
-All are deterministic in their seed and written as the JSONL formats `data.conversations` reads.
+All are deterministic in their seed and written as the JSONL formats `data.conversations` reads;
+`train_finetune_tokenizer` trains the experiments' tokenizer on them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import random
 from collections.abc import Iterable
 from pathlib import Path
 
+from internlm2_jax.chat_prompts import DOMAIN_PROMPTS
 from internlm2_jax.data.corpus import split_source, stdlib_corpus, stdlib_root
+from internlm2_jax.tokenizer import Tokenizer, train_tokenizer
 
 
 def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
@@ -43,12 +46,9 @@ def record_texts(records: Iterable[dict]) -> Iterable[str]:
                 yield from (m["content"] for m in value if isinstance(m, dict) and m.get("content"))
 
 
-def train_finetune_tokenizer(records: Iterable[dict], vocab_size: int, path: str | Path):
+def train_finetune_tokenizer(records: Iterable[dict], vocab_size: int, path: str | Path) -> Tokenizer:
     """A small SentencePiece model for the tiny experiments: stdlib code plus the records' own text, with every
     special token reserved (so the chat template and the reward token work as with the released tokenizer)."""
-    from internlm2_jax.data.conversations import DOMAIN_PROMPTS
-    from internlm2_jax.tokenizer import train_tokenizer
-
     code = (p.text for d in stdlib_corpus("train", max_bytes=400_000) for p in split_source(d))
     texts = itertools.chain(itertools.islice(code, 800), DOMAIN_PROMPTS.values(), record_texts(records))
     return train_tokenizer(texts, vocab_size, output_path=Path(path))

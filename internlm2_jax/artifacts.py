@@ -1,0 +1,286 @@
+"""Saved models and runs: model and run directories -> a model on a mesh, and the provenance every checkpoint and
+evaluation result records.
+
+- A **model directory** (config.json, *.safetensors, tokenizer files) is read by `convert.load_pretrained`.
+- A **run directory** holds `checkpoints/`: orbax steps written by `train.checkpoint.Checkpointer`, each with the
+  training state, the data iterators' state and the run's metadata (`provenance` plus the resolved configs). Loading
+  one for inference restores only the parameters of its newest readable step, straight onto their shardings, with
+  the model config and class the run recorded: nothing about the trainer (optimizer, objective, extra state) needs
+  to be known, so evaluation, serving, generation and conversion never import `train`.
+- **Provenance**: schema version, git commit, package versions; `check_compatible` refuses a checkpoint of another
+  schema, shape, objective or state tree with a message naming what differs, and `restore_newest` falls back past a
+  damaged step (only a damaged one) with a warning.
+
+`load_model` is the one loader of "a model directory or a run directory" that every command and `train.init_weights`
+use; `load_for_decoding` adds the tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import subprocess
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from internlm2_jax.config import ModelConfig
+from internlm2_jax.convert.hf import load_pretrained
+from internlm2_jax.model import InternLM2ForCausalLM, InternLM2ForRewardModel, model_graphdef
+from internlm2_jax.model.lora import merge_lora
+from internlm2_jax.model.quantize import quantize_int8
+from internlm2_jax.parallel import DEFAULT_RULES, MeshConfig, make_mesh, state_shardings
+
+SCHEMA_VERSION = 2  # 2: the data state holds every process's iterator state
+# Fields that decide parameter shapes or the parameter tree; the rest (rope_theta, dtype, remat, ...) may change
+# between a run and its continuation, as in the 4K -> 32K long-context phase.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "bias", "tie_word_embeddings", "scan_layers", "param_dtype")
+# Run fields that decide the state's tree beyond the model's shape: (metadata key, field within it or None).
+TREE_FIELDS = (("objective", None), ("model_class", None), ("optimizer", "trainable"), ("optimizer", "no_decay"))
+# The model classes a run directory can be loaded as, by the `model_class` name its metadata records.
+MODEL_CLASSES = {c.__name__: c for c in (InternLM2ForCausalLM, InternLM2ForRewardModel)}
+
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "sentencepiece", "internlm2-jax")
+# Messages of the errors orbax / tensorstore raise for a damaged step (tensorstore reports absl status codes).
+_DAMAGE_MARKERS = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "corrupt", "checksum", "truncated",
+                   "pytree structure error")
+
+log = logging.getLogger("internlm2_jax.checkpoint")
+T = TypeVar("T")
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint belongs to a different model, objective, optimizer tree or schema; the message names what."""
+
+
+class CheckpointRestoreError(RuntimeError):
+    """Checkpoints exist but none could be restored; the message lists every step and its error."""
+
+
+# ---- provenance ------------------------------------------------------------------------------------------------------
+
+def git_commit() -> str:
+    """HEAD of the checkout the code runs from, with "-dirty" when tracked files differ from it (a result from
+    uncommitted code must not claim a commit it did not run)."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent,
+                             check=False)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if not head:
+            return "unknown"
+        return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except OSError:
+        return "unknown"
+
+
+def provenance(**extra: Any) -> dict[str, Any]:
+    """What every checkpoint and evaluation result records: schema version, git commit, package versions, plus
+    `extra` (the resolved config, seeds, tokenizer hash, data-manifest hash)."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"schema_version": SCHEMA_VERSION, "git_commit": git_commit(), "packages": versions, **extra}
+
+
+def tree_signature(tree) -> dict[str, list]:
+    """{leaf path: [shape, dtype]} of a state (arrays or ShapeDtypeStructs): what makes a restore possible."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype)] for path, leaf in leaves}
+
+
+def _normalised(value):
+    return json.loads(json.dumps(value, default=str))  # tuples as lists, as they come back from the JSON file
+
+
+def _lora_shape(model: dict) -> Any:
+    lora = model.get("lora")
+    return None if lora is None else {"rank": lora["rank"], "targets": list(lora["targets"])}
+
+
+def check_compatible(saved: dict[str, Any], run: dict[str, Any], where: str, abstract_state=None, *,
+                     subtree: str = "") -> None:
+    """Raises CheckpointMismatch naming every difference between a checkpoint's metadata and the run's (`run` holds
+    at least `model`; the tree fields and the state tree are compared when both sides recorded them).
+
+    `subtree` (a `tree_signature` path such as ".params") compares `abstract_state` with that part of the saved
+    state only: what restoring the parameters alone needs."""
+    if saved.get("schema_version") != SCHEMA_VERSION:
+        raise CheckpointMismatch(f"{where}: checkpoint schema version {saved.get('schema_version')} cannot be read "
+                                 f"by this code (schema {SCHEMA_VERSION})")
+    saved_model, run_model = saved.get("model") or {}, _normalised(run["model"])
+    differ = [f"{k}: checkpoint {saved_model.get(k)!r} vs run {run_model[k]!r}" for k in SHAPE_FIELDS
+              if k in saved_model and saved_model[k] != run_model[k]]
+    if "lora" in saved_model and _lora_shape(saved_model) != _lora_shape(run_model):
+        differ.append(f"lora: checkpoint {_lora_shape(saved_model)!r} vs run {_lora_shape(run_model)!r}")
+    for key, field in TREE_FIELDS:
+        if key not in saved or key not in run:
+            continue
+        old, new = saved[key], _normalised(run[key])
+        if field is not None:
+            old, new = (old or {}).get(field), (new or {}).get(field)
+        if old != new:
+            differ.append(f"{key}{'.' + field if field else ''}: checkpoint {old!r} vs run {new!r}")
+    if differ:
+        raise CheckpointMismatch(f"{where}: the checkpoint does not fit this run ({'; '.join(differ)})")
+    if abstract_state is not None and "state_tree" in saved:
+        old = {k: v for k, v in saved["state_tree"].items()
+               if not subtree or k.startswith((subtree + "[", subtree + "."))}
+        new = {subtree + k: v for k, v in tree_signature(abstract_state).items()}
+        changed = [f"{k}: checkpoint {old[k]} vs run {new[k]}" for k in old if k in new and old[k] != new[k]]
+        only_old, only_new = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+        if changed or only_old or only_new:
+            parts = ([f"{len(only_old)} leaves only in the checkpoint, e.g. {only_old[:3]}"] if only_old else []) + \
+                    ([f"{len(only_new)} leaves only in the run, e.g. {only_new[:3]}"] if only_new else []) + changed[:3]
+            raise CheckpointMismatch(f"{where}: the checkpoint's state tree does not fit this run "
+                                     f"({'; '.join(parts)})")
+
+
+# ---- checkpoint steps ------------------------------------------------------------------------------------------------
+
+def is_damage(error: BaseException) -> bool:
+    """True for the errors of a damaged step (missing, truncated or unparsable files), which an older step may not
+    share; anything else (a bug, out of memory, a permission problem of the whole directory) is not retried."""
+    if isinstance(error, (FileNotFoundError, json.JSONDecodeError, EOFError)):
+        return True
+    return isinstance(error, (ValueError, OSError)) and any(m in str(error) for m in _DAMAGE_MARKERS)
+
+
+def restore_newest(manager: ocp.CheckpointManager, directory: str | Path,
+                   restore: Callable[[int, str], T]) -> tuple[int, T] | None:
+    """(step, `restore(step, where)`) for the newest step that restores, or None when there is no step.
+
+    A damaged step (`is_damage`) is skipped with a warning; CheckpointMismatch propagates at once (an older step of
+    the same run would not fit either); any other error, or every step damaged, raises CheckpointRestoreError and
+    leaves the directory as it is (a run that silently started over would lose its work)."""
+    failures = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        where = f"{directory}/{step}"
+        try:
+            return step, restore(step, where)
+        except CheckpointMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified: only damage of this one step falls back
+            if not is_damage(e):
+                raise CheckpointRestoreError(f"{where} could not be restored and the error is not one of a damaged "
+                                             f"step, so no older step is tried: {type(e).__name__}: {e}") from e
+            failures.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
+            warnings.warn(f"checkpoint {where} is damaged ({type(e).__name__}: {str(e)[:300]}); trying the previous "
+                          "one", stacklevel=3)
+    if failures:
+        raise CheckpointRestoreError(f"{directory}: none of the {len(failures)} checkpoints can be restored; nothing "
+                                     "was changed on disk. Move the directory away to start over, or repair a step:"
+                                     "\n  " + "\n  ".join(failures))
+    return None
+
+
+# ---- run directories -------------------------------------------------------------------------------------------------
+
+def is_run_directory(path: str | Path) -> bool:
+    return (Path(path) / "checkpoints").is_dir()
+
+
+def run_tokenizer(meta: dict):
+    """The tokenizer a run was trained with (from `load_run`'s metadata), if the file it names still exists."""
+    from internlm2_jax.tokenizer import Tokenizer
+
+    path = Path(meta.get("tokenizer_path") or "")
+    if path.is_file():
+        return Tokenizer.from_file(path)
+    if path.is_dir():
+        return Tokenizer.from_pretrained(path)
+    return None
+
+
+def _model_class(meta: dict, where: str):
+    name = meta.get("model_class", InternLM2ForCausalLM.__name__)
+    if name not in MODEL_CLASSES:
+        raise CheckpointMismatch(f"{where}: a {name} cannot be loaded as a model (known: {', '.join(MODEL_CLASSES)})")
+    return MODEL_CLASSES[name]
+
+
+def load_run(run_dir: str | Path, *, mesh=None, rules=DEFAULT_RULES):
+    """(model config, model, metadata) from the newest readable checkpoint of a run directory.
+
+    Only the parameters are read (the optimizer state and the rest of the training state stay on disk), placed on
+    `mesh` (default: one device) by `rules`; the model config and class come from the checkpoint's own metadata.
+    LoRA adapters are merged into their weights: what comes back is a plain model for decoding, evaluation or
+    export. The directory is only read (a run still writing to it is not disturbed).
+    """
+    directory = (Path(run_dir) / "checkpoints").absolute()
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False,
+                                           enable_async_checkpointing=False)
+    manager = ocp.CheckpointManager(directory, options=options)
+    try:
+        if not manager.all_steps():
+            raise FileNotFoundError(f"{run_dir}: no complete checkpoint in {run_dir}/checkpoints")
+        mesh = mesh if mesh is not None else make_mesh(MeshConfig(), jax.devices()[:1])
+
+        def restore(step: int, where: str):
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            check_compatible(meta, {"model": meta["model"]}, where)  # the schema: the rest is the run's own
+            cfg = ModelConfig.from_dict(meta["model"])
+            graphdef, abstract = model_graphdef(cfg, _model_class(meta, where))
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                                  state_shardings(abstract, mesh, rules))
+            check_compatible(meta, {"model": meta["model"]}, where, target, subtree=".params")
+            item = {"params": target}
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+            log.info("restored the parameters of %s", where)
+            return nnx.merge(graphdef, restored["state"]["params"]), meta
+
+        _, (model, meta) = restore_newest(manager, directory, restore)
+    finally:
+        manager.close()
+    merged = merge_lora(model)
+    return merged.cfg, merged, meta
+
+
+# ---- a model directory or a run directory ----------------------------------------------------------------------------
+
+def load_model(path: str | Path, *, mesh=None, rules=DEFAULT_RULES, quantize: str | None = None,
+               **config_overrides: Any):
+    """(model config, model, run metadata or None) from a model directory or a run directory (its newest readable
+    step, LoRA merged).
+
+    The parameters are placed on `mesh` by `rules` (default: one device). `config_overrides` (`param_dtype`,
+    `scan_layers`, ...: see `load_pretrained`) apply to a model directory; a run's model comes as it was trained.
+    `quantize="int8"`: weight-only int8 projections, for decoding.
+    """
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize: only 'int8' (weight-only, for decoding) is supported, got {quantize!r}")
+    path = Path(path)
+    if is_run_directory(path):
+        _, model, meta = load_run(path, mesh=mesh, rules=rules)
+        model = quantize_int8(model) if quantize else model
+        return model.cfg, model, meta
+    cfg, model = load_pretrained(path, mesh=mesh, rules=rules, quantize=quantize, **config_overrides)
+    return cfg, model, None
+
+
+def load_for_decoding(path: str | Path, *, quantize: str | None = None):
+    """(model, tokenizer) from a model directory or a run directory (with the tokenizer the run was trained with);
+    `quantize="int8"` for int8 weights."""
+    from internlm2_jax.tokenizer import Tokenizer
+
+    path = Path(path)
+    _, model, meta = load_model(path, quantize=quantize)
+    if meta is None:
+        return model, Tokenizer.from_pretrained(path)
+    tokenizer = run_tokenizer(meta)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{path}: the run's tokenizer ({meta.get('tokenizer_path')}) is gone")
+    return model, tokenizer

@@ -1,0 +1,112 @@
+"""The standard run of an experiment (`run_training`): its tokenizer, the data of its format, its objective and
+configs -> `train.loop.train`, plus the frozen reference that full-parameter DPO-style objectives score every batch
+against (`ReferenceLogprobs`, `reference_model`). Experiment files call `run_training` from their `main`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from internlm2_jax.data_formats import data_iterators
+from internlm2_jax.experiment import Experiment
+from internlm2_jax.model import model_graphdef
+from internlm2_jax.overrides import to_dict
+from internlm2_jax.parallel import batch_sharding, make_mesh
+from internlm2_jax.train.loop import RunResult, train
+from internlm2_jax.train.objectives import Objective, sequence_logprobs
+
+
+def needs_reference_logprobs(exp: Experiment, objective: Objective) -> bool:
+    """Full fine-tuning against a reference: its log-probs come with every batch (LoRA: adapters off, in the step)."""
+    return objective.reference and exp.model.lora is None
+
+
+def load_tokenizer(exp: Experiment):
+    from internlm2_jax.tokenizer import Tokenizer
+
+    path = Path(exp.data.tokenizer)
+    tokenizer = Tokenizer.from_pretrained(path) if path.is_dir() else Tokenizer.from_file(path)
+    if tokenizer.vocab_size > exp.model.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
+                         f"{exp.model.vocab_size}")
+    return tokenizer
+
+
+class ReferenceLogprobs:
+    """Full-parameter DPO: adds `reference_logps` to every batch of `data`, computed on the mesh by `logprobs` from
+    the frozen starting weights (`reference_model`). LoRA DPO needs none of this: its reference is the policy with
+    the adapters off, inside the step."""
+
+    def __init__(self, data, logprobs, mesh):
+        self.data, self.logprobs, self.mesh = data, logprobs, mesh
+
+    def __next__(self):
+        from jax.experimental import multihost_utils
+
+        from internlm2_jax.train.loop import to_global_batch
+
+        batch = next(self.data)
+        sharding = batch_sharding(self.mesh)
+        with jax.set_mesh(self.mesh):
+            out = self.logprobs(to_global_batch(batch, sharding))
+        batch["reference_logps"] = np.asarray(multihost_utils.global_array_to_host_local_array(
+            out, self.mesh, sharding.spec))
+        return batch
+
+    def __iter__(self):
+        return self
+
+    def get_state(self):
+        return self.data.get_state()
+
+    def set_state(self, state):
+        self.data.set_state(state)
+
+    @property
+    def stats(self):
+        return self.data.stats
+
+
+def reference_model(exp: Experiment):
+    """(jitted batch -> per-segment reference log-probs, mesh): the run's `init_weights`, else its seed's init."""
+    from flax import nnx
+
+    from internlm2_jax.model import InternLM2ForCausalLM
+    from internlm2_jax.parallel import state_shardings
+    from internlm2_jax.train.init_weights import initial_params
+
+    mesh = make_mesh(exp.mesh)
+    graphdef, abstract = model_graphdef(exp.model)
+    if exp.train.init_weights:
+        params = initial_params(exp.train.init_weights, exp.model, InternLM2ForCausalLM, mesh, seed=exp.train.seed)
+    else:
+        with jax.set_mesh(mesh):
+            params = jax.jit(lambda: nnx.state(InternLM2ForCausalLM(exp.model, rngs=nnx.Rngs(exp.train.seed))),
+                             out_shardings=state_shardings(abstract, mesh))()
+    chunk = exp.step.loss_chunk_size
+    jitted = jax.jit(lambda p, b: sequence_logprobs(nnx.merge(graphdef, p), b, chunk_size=chunk)[0])
+    return (lambda batch: jitted(params, batch)), mesh
+
+
+def run_training(exp: Experiment, *, progress: bool = True) -> RunResult:
+    """The standard run of an experiment: tokenizer, data of its format, objective, configs -> `train`."""
+    tokenizer = load_tokenizer(exp)
+    data, eval_batches, data_hash = data_iterators(exp, tokenizer)
+    objective = exp.objective.build()
+    if needs_reference_logprobs(exp, objective):
+        logprobs, mesh = reference_model(exp)
+        data = ReferenceLogprobs(data, logprobs, mesh)
+        if eval_batches is not None:
+            plain_eval = eval_batches
+            eval_batches = lambda: ReferenceLogprobs(iter(plain_eval()), logprobs, mesh)  # noqa: E731
+    metadata = {"experiment": to_dict(exp), "tokenizer_sha256": tokenizer.sha256, "manifest_hash": data_hash,
+                "tokenizer_path": str(Path(exp.data.tokenizer).resolve())}
+    result = train(exp.model, exp.optimizer, exp.step, exp.mesh, exp.train, data, metadata=metadata,
+                   eval_batches=eval_batches, progress=progress, objective=objective)
+    stats = data.log_stats() if hasattr(data, "log_stats") else data.stats
+    (Path(exp.train.run_dir) / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
+    return result
