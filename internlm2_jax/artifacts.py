@@ -44,8 +44,19 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
                 "num_key_value_heads", "head_dim", "bias", "tie_word_embeddings", "scan_layers", "param_dtype")
 # Run fields that decide the state's tree beyond the model's shape: (metadata key, field within it or None).
 TREE_FIELDS = (("objective", None), ("model_class", None), ("optimizer", "trainable"), ("optimizer", "no_decay"))
-# The model classes a run directory can be loaded as, by the `model_class` name its metadata records.
+# The model classes a run directory can be loaded as, by the `model_class` name its metadata records
+# (`register_model_class` adds one an experiment defines).
 MODEL_CLASSES = {c.__name__: c for c in (InternLM2ForCausalLM, InternLM2ForRewardModel)}
+
+
+def register_model_class(model_class: type) -> type:
+    """Lets run directories trained with `model_class` (built as `model_class(cfg, rngs=...)`, with a `.cfg`) load
+    for inference; usable as a class decorator."""
+    known = MODEL_CLASSES.get(model_class.__name__)
+    if known is not None and known.__qualname__ != model_class.__qualname__:
+        raise ValueError(f"a different model class is already registered as {model_class.__name__!r}")
+    MODEL_CLASSES[model_class.__name__] = model_class
+    return model_class
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "sentencepiece", "internlm2-jax")
 # Messages of the errors orbax / tensorstore raise for a damaged step (tensorstore reports absl status codes).

@@ -16,9 +16,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from internlm2_jax.artifacts import CheckpointMismatch, load_model, load_run, provenance
+from internlm2_jax.artifacts import CheckpointMismatch, load_model, load_run, provenance, register_model_class
 from internlm2_jax.config import preset
 from internlm2_jax.convert import save_pretrained
+from internlm2_jax.model import InternLM2ForCausalLM
 from internlm2_jax.parallel import MeshConfig, make_mesh
 from internlm2_jax.train import OptimizerConfig, init_train_state
 from internlm2_jax.train.checkpoint import Checkpointer
@@ -102,3 +103,22 @@ def test_provenance_records_the_schema_commit_and_packages():
     record = provenance(seed=1)
     assert record["schema_version"] >= 2 and record["git_commit"] and record["packages"]["jax"] == jax.__version__
     assert record["seed"] == 1
+
+
+class TaggedLM(InternLM2ForCausalLM):
+    """A model class an experiment defines (here: the LM under another name)."""
+
+
+def test_a_run_of_an_experiment_s_own_model_class_loads_once_registered(tmp_path):
+    state = init_train_state(CFG, optax.adam(1e-3), make_mesh(MeshConfig(fsdp=8)), seed=1, model_class=TaggedLM)
+    checkpointer = Checkpointer(tmp_path / "checkpoints", save_every=1, async_save=False)
+    checkpointer.save(1, state, data_state={}, metadata=provenance(model=dataclasses.asdict(CFG), seed=1,
+                                                                   model_class="TaggedLM"))
+    checkpointer.close()
+    with pytest.raises(CheckpointMismatch, match="a TaggedLM cannot be loaded as a model"):
+        load_run(tmp_path)
+    register_model_class(TaggedLM)
+    _, model, _ = load_run(tmp_path)
+    assert type(model) is TaggedLM
+    for got, want in zip(params_of(model), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(got, np.asarray(want))
