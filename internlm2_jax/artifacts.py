@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import os
 import subprocess
 import warnings
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from internlm2_jax.config import ModelConfig
@@ -36,6 +38,7 @@ from internlm2_jax.model import InternLM2ForCausalLM, InternLM2ForRewardModel, m
 from internlm2_jax.model.lora import merge_lora
 from internlm2_jax.model.quantize import quantize_int8
 from internlm2_jax.parallel import DEFAULT_RULES, MeshConfig, make_mesh, state_shardings
+from internlm2_jax.paths import absolute
 
 SCHEMA_VERSION = 2  # 2: the data state holds every process's iterator state
 # Fields that decide parameter shapes or the parameter tree; the rest (rope_theta, dtype, remat, ...) may change
@@ -169,7 +172,7 @@ def is_damage(error: BaseException) -> bool:
     return isinstance(error, (ValueError, OSError)) and any(m in str(error) for m in _DAMAGE_MARKERS)
 
 
-def restore_newest(manager: ocp.CheckpointManager, directory: str | Path,
+def restore_newest(manager: ocp.CheckpointManager, directory: str | os.PathLike,
                    restore: Callable[[int, str], T]) -> tuple[int, T] | None:
     """(step, `restore(step, where)`) for the newest step that restores, or None when there is no step.
 
@@ -199,15 +202,17 @@ def restore_newest(manager: ocp.CheckpointManager, directory: str | Path,
 
 # ---- run directories -------------------------------------------------------------------------------------------------
 
-def is_run_directory(path: str | Path) -> bool:
-    return (Path(path) / "checkpoints").is_dir()
+def is_run_directory(path: str | os.PathLike) -> bool:
+    return (epath.Path(path) / "checkpoints").is_dir()
 
 
 def run_tokenizer(meta: dict):
     """The tokenizer a run was trained with (from `load_run`'s metadata), if the file it names still exists."""
     from internlm2_jax.tokenizer import Tokenizer
 
-    path = Path(meta.get("tokenizer_path") or "")
+    if not meta.get("tokenizer_path"):
+        return None
+    path = epath.Path(meta["tokenizer_path"])
     if path.is_file():
         return Tokenizer.from_file(path)
     if path.is_dir():
@@ -222,7 +227,7 @@ def _model_class(meta: dict, where: str):
     return MODEL_CLASSES[name]
 
 
-def load_run(run_dir: str | Path, *, mesh=None, rules=DEFAULT_RULES):
+def load_run(run_dir: str | os.PathLike, *, mesh=None, rules=DEFAULT_RULES):
     """(model config, model, metadata) from the newest readable checkpoint of a run directory.
 
     Only the parameters are read (the optimizer state and the rest of the training state stay on disk), placed on
@@ -230,7 +235,7 @@ def load_run(run_dir: str | Path, *, mesh=None, rules=DEFAULT_RULES):
     LoRA adapters are merged into their weights: what comes back is a plain model for decoding, evaluation or
     export. The directory is only read (a run still writing to it is not disturbed).
     """
-    directory = (Path(run_dir) / "checkpoints").absolute()
+    directory = absolute(run_dir) / "checkpoints"
     options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False,
                                            enable_async_checkpointing=False)
     manager = ocp.CheckpointManager(directory, options=options)
@@ -262,7 +267,7 @@ def load_run(run_dir: str | Path, *, mesh=None, rules=DEFAULT_RULES):
 
 # ---- a model directory or a run directory ----------------------------------------------------------------------------
 
-def load_model(path: str | Path, *, mesh=None, rules=DEFAULT_RULES, quantize: str | None = None,
+def load_model(path: str | os.PathLike, *, mesh=None, rules=DEFAULT_RULES, quantize: str | None = None,
                **config_overrides: Any):
     """(model config, model, run metadata or None) from a model directory or a run directory (its newest readable
     step, LoRA merged).
@@ -273,7 +278,7 @@ def load_model(path: str | Path, *, mesh=None, rules=DEFAULT_RULES, quantize: st
     """
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize: only 'int8' (weight-only, for decoding) is supported, got {quantize!r}")
-    path = Path(path)
+    path = epath.Path(path)
     if is_run_directory(path):
         _, model, meta = load_run(path, mesh=mesh, rules=rules)
         model = quantize_int8(model) if quantize else model
@@ -282,12 +287,12 @@ def load_model(path: str | Path, *, mesh=None, rules=DEFAULT_RULES, quantize: st
     return cfg, model, None
 
 
-def load_for_decoding(path: str | Path, *, quantize: str | None = None):
+def load_for_decoding(path: str | os.PathLike, *, quantize: str | None = None):
     """(model, tokenizer) from a model directory or a run directory (with the tokenizer the run was trained with);
     `quantize="int8"` for int8 weights."""
     from internlm2_jax.tokenizer import Tokenizer
 
-    path = Path(path)
+    path = epath.Path(path)
     _, model, meta = load_model(path, quantize=quantize)
     if meta is None:
         return model, Tokenizer.from_pretrained(path)

@@ -40,10 +40,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from etils import epath
 
 if TYPE_CHECKING:
     from internlm2_jax.tokenizer import Tokenizer
@@ -203,13 +205,13 @@ def get_chat_template(name: str) -> ChatTemplate:
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
-def save_chat_template(directory: str | Path, template: str | ChatTemplate) -> Path:
+def save_chat_template(directory: str | os.PathLike, template: str | ChatTemplate) -> epath.Path:
     """Names `template` in the model directory's tokenizer_config.json ("chat_template_name") with its jinja form for
     transformers ("chat_template"), keeping the tokenizer's own entries (`Tokenizer.save_pretrained` writes them;
     the tokenizer knows no template). Returns the config's path."""
     if isinstance(template, str):
         template = get_chat_template(template)
-    config_path = Path(directory) / TOKENIZER_CONFIG_FILE
+    config_path = epath.Path(directory) / TOKENIZER_CONFIG_FILE
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     config.update(chat_template=template.jinja, chat_template_name=template.name)
     config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,9 +219,9 @@ def save_chat_template(directory: str | Path, template: str | ChatTemplate) -> P
     return config_path
 
 
-def chat_template_for_directory(directory: str | Path) -> ChatTemplate:
+def chat_template_for_directory(directory: str | os.PathLike) -> ChatTemplate:
     """The template a model directory names in tokenizer_config.json (written by `save_chat_template`)."""
-    config_path = Path(directory) / TOKENIZER_CONFIG_FILE
+    config_path = epath.Path(directory) / TOKENIZER_CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} has no {TOKENIZER_CONFIG_FILE}; is it a model directory?")
     config = json.loads(config_path.read_text(encoding="utf-8"))

@@ -5,8 +5,9 @@ plus the rows it gives (`objectives.ROWS`), which the experiment checks against 
 register themselves here as an experiment file registers its own:
 
 - `pretrain`: the data manifest (`data.manifest`, `data.heldout_manifest`) packed as `<s> text </s>` documents;
-- `messages` / `alpaca`: SFT JSONL (`data.train_files`, `data.heldout_files`), loss on assistant tokens;
-- `pairs`: preference JSONL, rendered for a reward model or a policy as the objective's rows ask.
+- `messages` / `alpaca`: SFT JSONL (`data.train_files` with optional `data.train_weights`, `data.heldout_files`),
+  loss on assistant tokens;
+- `pairs`: preference JSONL (the same fields), rendered for a reward model or a policy as the objective's rows ask.
 
 An iterator is what `train.loop.train` consumes: `next()` gives a dict of numpy arrays (this process's rows), and
 `get_state` / `set_state` / `stats` make it resumable and reported.
@@ -69,10 +70,15 @@ def host_rows(exp: Experiment) -> tuple[int, dict[str, int]]:
 
 
 def heldout_batches(exp: Experiment, make: Callable[..., Iterator[dict]], source) -> Callable[[], Iterator[dict]]:
-    """The held-out factory: each call one unshuffled pass of `make(source, ...)`, cut at `data.eval_batches`."""
+    """The held-out factory: each call one unshuffled pass of `make(source, ...)`, cut at `data.eval_batches`. The
+    iterator is made once (its files opened and indexed once, here: a bad path fails before training) and rewound
+    to its start for every pass."""
+    iterator = make(source, seed=0, shuffle=False, repeat=False)
+    start = iterator.get_state()
 
     def batches():
-        for i, batch in enumerate(make(source, seed=0, shuffle=False, repeat=False)):
+        iterator.set_state(start)
+        for i, batch in enumerate(iterator):
             if i >= exp.data.eval_batches:
                 break
             yield batch
@@ -86,8 +92,9 @@ def _jsonl_files(exp: Experiment) -> tuple[Sequence[str], Sequence[str] | None]:
     return exp.data.train_files, exp.data.heldout_files or None
 
 
-def _build(exp: Experiment, make: Callable[..., Any], train_source, heldout_source) -> tuple[Any, Any]:
-    train = make(train_source, seed=exp.train.seed, strict=exp.data.strict)
+def _build(exp: Experiment, make: Callable[..., Any], train_source, heldout_source,
+           **train_options) -> tuple[Any, Any]:
+    train = make(train_source, seed=exp.train.seed, strict=exp.data.strict, **train_options)
     return train, (heldout_batches(exp, make, heldout_source) if heldout_source is not None else None)
 
 
@@ -116,7 +123,7 @@ def sft_data(exp: Experiment, tokenizer) -> Built:
         return SFTDataIterator(source, tokenizer, exp.train.seq_len, rows, format=exp.data.format, **processes,
                                **options)
 
-    train, heldout = _build(exp, make, train_files, heldout_files)
+    train, heldout = _build(exp, make, train_files, heldout_files, weights=exp.data.train_weights or None)
     return train, heldout, train.data_sha256
 
 
@@ -135,7 +142,7 @@ def pair_data(exp: Experiment, tokenizer) -> Built:
         return PairDataIterator(source, tokenizer, exp.train.seq_len, rows, kind=kind, max_pairs=exp.data.max_pairs,
                                 default_domain=exp.data.default_domain, **processes, **options)
 
-    train, heldout = _build(exp, make, train_files, heldout_files)
+    train, heldout = _build(exp, make, train_files, heldout_files, weights=exp.data.train_weights or None)
     return train, heldout, train.data_sha256
 
 

@@ -32,6 +32,9 @@ class DataConfig:
     # "pairs" preference JSONL (data.conversations), or one an experiment file registers.
     format: str = "pretrain"
     train_files: tuple[str, ...] = ()
+    # The train files' shares of the examples drawn, one per file (empty: every record once per pass, so each file
+    # counts by its size); a file with a large weight and few records is repeated (data.conversations).
+    train_weights: tuple[float, ...] = ()
     heldout_files: tuple[str, ...] = ()
     max_pairs: int = 8  # preference pairs per row
     default_domain: str | None = None  # reward model: the domain of records that name none
@@ -40,6 +43,9 @@ class DataConfig:
         data_format(self.format)  # raises naming the registered formats
         if self.format != "pretrain" and self.manifest:
             raise ValueError(f"data.format={self.format!r} reads data.train_files; data.manifest is for pretraining")
+        if self.train_weights and len(self.train_weights) != len(self.train_files):
+            raise ValueError(f"data.train_weights has {len(self.train_weights)} entries for {len(self.train_files)} "
+                             "data.train_files: give one weight per file, or none")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,16 +6,17 @@ against (`ReferenceLogprobs`, `reference_model`). Experiment files call `run_tra
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 
 from internlm2_jax.data_formats import data_iterators
 from internlm2_jax.experiment import Experiment
 from internlm2_jax.model import model_graphdef
 from internlm2_jax.overrides import to_dict
 from internlm2_jax.parallel import batch_sharding, make_mesh
+from internlm2_jax.paths import absolute
 from internlm2_jax.train.loop import RunResult, train
 from internlm2_jax.train.objectives import Objective, sequence_logprobs
 
@@ -28,7 +29,7 @@ def needs_reference_logprobs(exp: Experiment, objective: Objective) -> bool:
 def load_tokenizer(exp: Experiment):
     from internlm2_jax.tokenizer import Tokenizer
 
-    path = Path(exp.data.tokenizer)
+    path = epath.Path(exp.data.tokenizer)
     tokenizer = Tokenizer.from_pretrained(path) if path.is_dir() else Tokenizer.from_file(path)
     if tokenizer.vocab_size > exp.model.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
@@ -104,9 +105,9 @@ def run_training(exp: Experiment, *, progress: bool = True) -> RunResult:
             plain_eval = eval_batches
             eval_batches = lambda: ReferenceLogprobs(iter(plain_eval()), logprobs, mesh)  # noqa: E731
     metadata = {"experiment": to_dict(exp), "tokenizer_sha256": tokenizer.sha256, "manifest_hash": data_hash,
-                "tokenizer_path": str(Path(exp.data.tokenizer).resolve())}
+                "tokenizer_path": str(absolute(exp.data.tokenizer))}
     result = train(exp.model, exp.optimizer, exp.step, exp.mesh, exp.train, data, metadata=metadata,
                    eval_batches=eval_batches, progress=progress, objective=objective)
     stats = data.log_stats() if hasattr(data, "log_stats") else data.stats
-    (Path(exp.train.run_dir) / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
+    (epath.Path(exp.train.run_dir) / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
     return result

@@ -308,3 +308,58 @@ def test_one_pass_pads_the_last_batch_with_empty_rows(trained, tmp_path):
     assert (stats["batches"], stats["rows"], stats["examples"]) == (1, 3, 5) and stats["padding_fraction"] > 0
     with pytest.raises(StopIteration):
         next(iterator)
+
+
+# ---- files: lazy reading, weights -------------------------------------------------------------------------------
+
+
+def answers_drawn(tokenizer, iterator, batches):
+    """The first word of every trained answer in the next `batches` batches."""
+    return [piece.split()[0] for _ in range(batches) for batch in [next(iterator)]
+            for row in range(len(batch["input_ids"])) for piece in trained_pieces(tokenizer, batch, row)]
+
+
+def test_file_weights_set_each_file_s_share_of_the_examples(trained, tmp_path):
+    small = write_jsonl(tmp_path / "small.jsonl", [chat(f"Q{i}?", f"small {i}.") for i in range(10)])
+    large = write_jsonl(tmp_path / "large.jsonl", [chat(f"Q{i}?", f"large {i}.") for i in range(60)])
+    weighted = answers_drawn(trained, SFTDataIterator([small, large], trained, 128, 4, weights=[3, 1], seed=1), 30)
+    assert len(weighted) > 500 and weighted.count("small") / len(weighted) == pytest.approx(0.75, abs=0.04)
+    by_size = answers_drawn(trained, SFTDataIterator([small, large], trained, 128, 4, seed=1), 30)
+    assert by_size.count("small") / len(by_size) == pytest.approx(10 / 70, abs=0.04)  # every record once a pass
+    with pytest.raises(ValueError, match="one finite number >= 0 per file"):
+        SFTDataIterator([small, large], trained, 128, 4, weights=[1])
+
+
+def test_a_weighted_mixture_resumes_with_the_same_batches(trained, tmp_path):
+    paths = [write_jsonl(tmp_path / "a.jsonl", sft_records(7)), write_jsonl(tmp_path / "b.jsonl", sft_records(30)[7:])]
+    first = SFTDataIterator(paths, trained, 64, 2, weights=[2, 1], seed=5)
+    for _ in range(5):
+        next(first)
+    state = json.loads(json.dumps(first.get_state()))
+    expected = [next(first) for _ in range(10)]  # crosses into later rounds
+    resumed = SFTDataIterator(paths, trained, 64, 2, weights=[2, 1], seed=5, state=state)
+    for want, got in zip(expected, [next(resumed) for _ in range(10)], strict=True):
+        assert all((want[k] == got[k]).all() for k in want)
+    with pytest.raises(ValueError, match="weights"):
+        SFTDataIterator(paths, trained, 64, 2, weights=[1, 1], seed=5, state=state)
+
+
+def test_files_are_indexed_once_and_hashed_from_their_index(trained, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from internlm2_jax.data import readers
+    from internlm2_jax.data_formats import heldout_batches
+
+    path = write_jsonl(tmp_path / "heldout.jsonl", sft_records(30))
+    indexed, spans = [], readers._line_spans
+    monkeypatch.setattr(readers, "_line_spans", lambda p, *args: indexed.append(str(p)) or spans(p, *args))
+    make = lambda source, **options: SFTDataIterator(source, trained, 64, 2, **options)  # noqa: E731
+    batches = heldout_batches(SimpleNamespace(data=SimpleNamespace(eval_batches=100)), make, path)
+    first, again = list(batches()), list(batches())
+    assert indexed == [str(path)] and len(first) == len(again) > 1  # one index, reused by every evaluation
+    assert all((a[k] == b[k]).all() for a, b in zip(first, again, strict=True) for k in a)
+
+    (tmp_path / "moved").mkdir()
+    moved = write_jsonl(tmp_path / "moved" / "heldout.jsonl", sft_records(30))
+    assert make(moved).data_sha256 == make(path).data_sha256  # the content decides, not where it lives
+    assert make(write_jsonl(tmp_path / "more.jsonl", sft_records(31))).data_sha256 != make(path).data_sha256

@@ -129,9 +129,10 @@ def test_full_parameter_dpo_compiles_and_trains_through_the_launcher(tmp_path):
     assert compiled.returncode == 0, compiled.stderr[-3000:]
     assert compiled.stdout.count("compiled train step for") == 1 and "temporaries_gib" in compiled.stdout
     done = launch(experiment, *common, "--set", "train.steps=2", "--set", "optimizer.total_steps=2",
-                  cwd=tmp_path, timeout=300)
+                  "--set", f"train.compile_cache={tmp_path / 'jax_cache'}", cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("compiled train step for") == 1  # compiled once, by the loop
+    assert any((tmp_path / "jax_cache").iterdir())  # kept for a restart
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and np.isfinite(rows[-1]["loss"])
     assert load_run(tmp_path / "run")[2]["objective"] == "dpo"

@@ -45,6 +45,7 @@ def assert_same_losses(got: dict, expected: dict):
     np.testing.assert_allclose(list(got.values()), list(expected.values()), rtol=2e-5)
 
 
+@pytest.mark.slow  # the default run checks the same through the SIGTERM test below
 def test_two_processes_give_the_losses_of_one_process_with_eight_devices(tmp_path):
     data = prepare_data(tmp_path / "data")
     # The three runs start together and share the cores.
@@ -93,8 +94,13 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_bitwise(
         time.sleep(0.01)
     pair[1].send_signal(signal.SIGTERM)
     ref, s0, s1 = results([reference, *pair], tmp_path)
+    assert [s0["process_index"], s1["process_index"]] == [0, 1]
     assert s0["interrupted"] and s1["interrupted"] and s0["final_step"] == s1["final_step"] < 8
-    assert complete_checkpoints(tmp_path / "two")[-1] == s0["final_step"]
+    assert complete_checkpoints(tmp_path / "two")[-1] == s0["final_step"]  # saved together, across processes
+    # Two processes x 4 devices train like one process x 8 fed the same global batches, with one global loss.
+    assert_same_losses(s0["losses"], {k: v for k, v in ref["losses"].items() if int(k) <= s0["final_step"]})
+    assert s0["losses"] == s1["losses"]
+    assert ref["losses"]["1"] - ref["losses"]["8"] > 0.1  # it learns: the comparison is not between constants
     resumed = start_two_processes(tmp_path, data, 8, tmp_path / "two", "resumed")
     r0, r1 = results(resumed, tmp_path)
     assert_same_losses(r0["losses"], {k: v for k, v in ref["losses"].items() if int(k) > s0["final_step"]})

@@ -3,13 +3,12 @@
 SRC is a model directory (config.json + *.safetensors) or an orbax run directory (its latest complete checkpoint is
 exported, with the run's tokenizer when its metadata names one). Converts between the InternLM2 layout (fused wqkv;
 LMDeploy, trust_remote_code users) and the Llama layout (current transformers, vLLM). Tokenizer files are carried.
+SRC and DST may be local or URLs (gs://...).
 """
 
 import argparse
 import logging
-import shutil
 import sys
-from pathlib import Path
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -28,9 +27,10 @@ def main(argv=None) -> int:
     from internlm2_jax.artifacts import CheckpointMismatch, is_run_directory, load_model, run_tokenizer
     from internlm2_jax.convert import CheckpointError, read_hf_config, save_pretrained
     from internlm2_jax.convert.safetensors_io import CheckpointReader
+    from internlm2_jax.paths import absolute
 
-    src, dst = Path(args.src), Path(args.dst)
-    if src.resolve() == dst.resolve():
+    src, dst = absolute(args.src), absolute(args.dst)
+    if src == dst:
         print("error: SRC and DST must differ", file=sys.stderr)
         return 2
     tokenizer = None
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     if tokenizer is None:
         for name in TOKENIZER_FILES:
             if (src / name).exists():
-                shutil.copy2(src / name, dst / name)
+                (src / name).copy(dst / name, overwrite=True)
     print(f"wrote {dst} ({args.layout} layout, {cfg.num_params():,} parameters)")
     return 0
 

@@ -1,8 +1,9 @@
 """HF model directories in and out: `load_pretrained` and `save_pretrained`.
 
-Loading builds the model abstractly (`nnx.eval_shape`, no allocation), then fills it tensor by tensor from memory
-mapped safetensors, placing each parameter directly on its sharding when a mesh is given: host memory never holds
-the model twice. Saving streams the other way. Round trips are bit-exact when dtypes are kept.
+Loading builds the model abstractly (`nnx.eval_shape`, no allocation), then fills it tensor by tensor from the
+safetensors files (one ranged read per tensor), placing each parameter directly on its sharding when a mesh is given:
+host memory never holds the model twice. Saving streams the other way. Round trips are bit-exact when dtypes are
+kept. Model directories are `etils.epath` paths: local, or a URL (`gs://...`) read and written in place.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import json
 import logging
 import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -40,9 +41,9 @@ ARCHITECTURES = {
 
 def read_hf_config(path: str | os.PathLike) -> tuple[dict[str, Any], str, bool]:
     """config.json of a model directory, with its layout and whether it is a reward model."""
-    if not Path(path).is_dir():
+    if not epath.Path(path).is_dir():
         raise CheckpointError(f"{path}: the model directory does not exist")
-    config_path = Path(path) / "config.json"
+    config_path = epath.Path(path) / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{path}: no config.json; expected a HF model directory")
     hf = json.loads(config_path.read_text())
@@ -79,7 +80,7 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules=
     `strict=False` tolerates unexpected extra tensors (they are reported either way). `quantize="int8"` stores the
     projection weights as int8 with per-channel scales, for decoding (`model.quantize`).
     """
-    path = Path(path)
+    path = epath.Path(path)
     hf, layout, reward = read_hf_config(path)
     cfg = ModelConfig.from_hf_config(hf, **config_overrides)
     reader = CheckpointReader(path)
@@ -165,7 +166,7 @@ def _report_conversions(path, conversions, target) -> None:
 
 def save_pretrained(model, path: str | os.PathLike, *, layout: str = "internlm2", tokenizer=None,
                     dtype: str | None = None, max_shard_bytes: int = 4 << 30,
-                    chat_template: str = "internlm2_chat") -> Path:
+                    chat_template: str = "internlm2_chat") -> epath.Path:
     """Writes a complete model directory: config.json, generation_config.json, safetensors, tokenizer files.
 
     `dtype` (e.g. "bfloat16") converts the weights on the way out; by default they keep the parameter dtype, which
@@ -180,7 +181,7 @@ def save_pretrained(model, path: str | os.PathLike, *, layout: str = "internlm2"
     if cfg.lora is not None:  # the HF layouts have no place for adapters: never drop them silently
         raise ValueError("the model has LoRA adapters: export `model.lora.merge_lora(model)` for merged weights, or "
                          "`convert.peft.base_model(model)` plus `convert.peft.save_adapters(model, ...)` for PEFT")
-    path = Path(path)
+    path = epath.Path(path)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     out_dtype = np.dtype(dtype or cfg.param_dtype)
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
-
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from internlm2_jax.config import LAYOUTS, LORA_TARGETS, ModelConfig
@@ -100,7 +99,7 @@ def base_model(model: nnx.Module) -> nnx.Module:
 
 
 def save_adapters(model: nnx.Module, path: str | os.PathLike, *, layout: str = "llama",
-                  base_model_name_or_path: str | None = None) -> Path:
+                  base_model_name_or_path: str | None = None) -> epath.Path:
     """Writes the model's LoRA adapters as a PEFT adapter directory for the base in `layout` ('llama' or
     'internlm2', as `save_pretrained` writes it), loadable with `peft.PeftModel.from_pretrained`."""
     cfg: ModelConfig = model.cfg
@@ -122,7 +121,7 @@ def save_adapters(model: nnx.Module, path: str | os.PathLike, *, layout: str = "
             for module, (a, b) in zip(_modules(m), pairs, strict=True):
                 for name, value in ((_tensor_name(layer, module, "A"), a), (_tensor_name(layer, module, "B"), b)):
                     specs.append((name, value.shape, value.dtype, lambda value=value: value))
-    path = Path(path)
+    path = epath.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     # write_checkpoint names its files model*.safetensors; PEFT wants its own name, written by the same code.
     write_safetensors_file(path / WEIGHTS_NAME, specs, {"format": "pt"})
@@ -142,7 +141,7 @@ def load_adapters(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
     """A copy of `model` with its adapters read from a PEFT adapter directory in either layout (told apart by the
     tensor names). The model's `cfg.lora` must match the adapter's rank, alpha and adapted projections."""
     cfg: ModelConfig = model.cfg
-    path = Path(path)
+    path = epath.Path(path)
     if cfg.lora is None:
         raise ValueError("the model has no LoRA adapters to load into (cfg.lora is None); build it with a "
                          "LoraConfig whose rank, alpha and targets match the adapter's")
@@ -215,7 +214,7 @@ def load_adapters(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _read_config(path: Path) -> dict:
+def _read_config(path: epath.Path) -> dict:
     if not (path / CONFIG_NAME).exists():
         raise CheckpointError(f"{path}: no {CONFIG_NAME}; expected a PEFT adapter directory")
     config = json.loads((path / CONFIG_NAME).read_text())
@@ -230,7 +229,7 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def _detect_layout(cfg: ModelConfig, names: set[str], path: Path) -> str:
+def _detect_layout(cfg: ModelConfig, names: set[str], path: epath.Path) -> str:
     found = [layout for layout in LAYOUTS
              if any(_tensor_name(layer, module, factor) in names
                     for m in _adapted(cfg, layout, LORA_TARGETS) for module in _modules(m)

@@ -1,9 +1,11 @@
 """Reading and writing safetensors files without torch, one tensor at a time.
 
 The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape, byte offsets) and the raw
-bytes. Reading memory-maps the file, so a tensor costs host memory only when it is asked for; writing plans every
-shard from shapes alone and streams each tensor's bytes, so neither direction ever holds two copies of a model.
-bf16 goes through `ml_dtypes` (a jax dependency), which numpy alone cannot represent.
+bytes. Reading takes each tensor with one ranged read of its bytes, so a tensor costs host memory only when it is
+asked for; writing plans every shard from shapes alone and streams each tensor's bytes, so neither direction ever
+holds two copies of a model. Both go through `etils.epath`, so a model directory may be in a bucket (`gs://...`):
+ranged reads are what a bucket offers (a memory map would only work on local disk), and the same code reads local
+files. bf16 goes through `ml_dtypes` (a jax dependency), which numpy alone cannot represent.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import json
 import os
 import struct
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from etils import epath
+
+from internlm2_jax.paths import is_url
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -31,12 +35,12 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFile:
-    """One `.safetensors` file: its header, and tensors read lazily through a memory map."""
+    """One `.safetensors` file: its header, and each tensor read when it is asked for."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
+        self.path = epath.Path(path)
+        size = self.path.stat().length
+        with self.path.open("rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
                 raise CheckpointError(f"{self.path}: too short to be a safetensors file ({size} bytes)")
@@ -58,7 +62,6 @@ class SafetensorsFile:
                                       f"file has {size} bytes; the file is truncated")
             if entry["dtype"] not in DTYPES:
                 raise CheckpointError(f"{self.path}: tensor '{name}' has unsupported dtype {entry['dtype']}")
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size > self._data_start else None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -70,21 +73,23 @@ class SafetensorsFile:
         return DTYPES[self._entries[name]["dtype"]]
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as a read-only view of the memory map (copy it before changing it)."""
+        """The tensor, read-only (copy it before changing it)."""
         entry = self._entries[name]
         begin, end = entry["data_offsets"]
         dtype = DTYPES[entry["dtype"]]
         if end == begin:
             return np.zeros(entry["shape"], dtype)
-        data = self._map[self._data_start + begin: self._data_start + end]
-        return data.view(dtype).reshape(entry["shape"])
+        with self.path.open("rb") as f:  # opened per tensor: no handle outlives the reader's use
+            f.seek(self._data_start + begin)
+            data = f.read(end - begin)
+        return np.frombuffer(data, dtype).reshape(entry["shape"])
 
 
 class CheckpointReader:
     """All tensors of a HF model directory: sharded with an index, one `model.safetensors`, or several files."""
 
     def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
+        self.directory = epath.Path(directory)
         index = self.directory / INDEX_NAME
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -130,9 +135,9 @@ TensorSpec = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
 
 
 def write_checkpoint(directory: str | os.PathLike, tensors: Iterable[TensorSpec], *,
-                     max_shard_bytes: int = 4 << 30, metadata: dict[str, str] | None = None) -> list[Path]:
+                     max_shard_bytes: int = 4 << 30, metadata: dict[str, str] | None = None) -> list[epath.Path]:
     """Writes tensors as HF-style safetensors shards (plus the index when there is more than one shard)."""
-    directory = Path(directory)
+    directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     shards: list[list[TensorSpec]] = [[]]
     shard_bytes = 0
@@ -159,8 +164,8 @@ def write_checkpoint(directory: str | os.PathLike, tensors: Iterable[TensorSpec]
     return [directory / n for n in names]
 
 
-def write_safetensors_file(path: Path, specs: list[TensorSpec], metadata: dict[str, str]) -> int:
-    """One safetensors file at `path` (written to a temporary name, then renamed); returns its data bytes."""
+def write_safetensors_file(path: epath.Path, specs: list[TensorSpec], metadata: dict[str, str]) -> int:
+    """One safetensors file at `path`; returns its data bytes."""
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name, shape, dtype, _ in specs:
@@ -172,8 +177,10 @@ def write_safetensors_file(path: Path, specs: list[TensorSpec], metadata: dict[s
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * ((-len(raw)) % 8)  # keeps tensor data 8-byte aligned, as the reference writer does
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
+    # A crash mid-write must never leave a half-written file under the final name: locally it is written under a
+    # temporary name and renamed; an upload to a bucket is an object only once finished (a rename would copy it).
+    tmp = path if is_url(path) else path.with_suffix(".tmp")
+    with tmp.open("wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, shape, dtype, produce in specs:
@@ -181,5 +188,6 @@ def write_safetensors_file(path: Path, specs: list[TensorSpec], metadata: dict[s
             if array.shape != tuple(shape):
                 raise CheckpointError(f"tensor '{name}' was planned as {tuple(shape)} but produced {array.shape}")
             f.write(array.tobytes())
-    os.replace(tmp, path)  # a crash mid-write never leaves a half-written file under the final name
+    if tmp != path:
+        tmp.replace(path)
     return offset

@@ -1,6 +1,6 @@
 """Conversation data for fine-tuning: OpenAI-style messages, Alpaca records and preference pairs -> packed rows.
 
-Record formats (JSONL, one record a line; the file is read into memory whole, records are tokenized when drawn):
+Record formats (JSONL, one record a line; blank lines are no records):
 - `"messages"`: `{"messages": [...], "tools": [...]?}`, OpenAI chat messages (roles system, developer, user,
   assistant, tool, and our environment; `tool_calls`; content as a string, null or text parts) plus the template's
   own fields (`name`, `tool_call`, and `"loss": false` to leave an assistant turn untrained).
@@ -23,10 +23,19 @@ Examples (lists of `(ids, trained mask)` sequences, packed whole by `ExamplePack
 - A pair that does not fit one row is dropped ("too_long"): cutting a response would change what is preferred.
 
 `SFTDataIterator` and `PairDataIterator` keep `PretrainDataIterator`'s contract (iterator.py): deterministic, exact
-resume from a small JSON state, process p of P owning records p, p + P, ..., bad records counted by kind with
-`file:line` examples (or `BadDataError` with `strict=True`). Each pass ("epoch") draws this process's records in a
-fresh seeded permutation. The state is the number of records drawn so far, plus the draws in the open row, which
-`set_state` re-tokenizes and re-adds: the packer's row is rebuilt exactly rather than stored.
+resume from a small JSON state, process p of P owning records p, p + P, ... of every file, bad records counted by kind
+with `file:line` examples (or `BadDataError` with `strict=True`). Files are read as the pretraining shards are
+(`readers.JsonlReader`, through etils.epath, so they may be in a bucket): each is indexed once (line offsets, one
+streaming pass), then a process reads only the records it draws. Which file the next record comes from is the
+pretraining mixture (`mixture.MixtureSampler`): without `weights` every record once per pass, in a fresh seeded order
+each pass; with `weights`, each file's share of the examples drawn (`mixture.share_epochs`: the file with the most
+records per unit of weight is read once per pass, the others repeated as their weight asks). The state is the
+mixture's counters plus the (file, record) draws in the open row, which `set_state` re-tokenizes and re-adds: the
+packer's row is rebuilt exactly rather than stored.
+
+The data hash (`data_sha256`, what checkpoints record and resuming checks) is cheap and stable: a sha256 of each
+file's line offsets, known from its index (`JsonlReader.fingerprint`), in file order; paths are left out, so data
+moved into a bucket keeps its hash.
 """
 
 from __future__ import annotations
@@ -35,11 +44,13 @@ import copy
 import hashlib
 import json
 import logging
+import math
+import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from etils import epath
 
 from internlm2_jax.chat_prompts import (
     DOMAIN_PROMPTS,
@@ -51,8 +62,9 @@ from internlm2_jax.chat_prompts import (
 )
 from internlm2_jax.chat_template import get_chat_template
 from internlm2_jax.data.iterator import MAX_EXAMPLES, BadDataError, finish_batch
+from internlm2_jax.data.mixture import MixtureSampler, share_epochs
 from internlm2_jax.data.packing import ExamplePacker
-from internlm2_jax.data.readers import INVALID_UTF8, MALFORMED_JSON, BadRecord
+from internlm2_jax.data.readers import INVALID_UTF8, MALFORMED_JSON, BadRecord, JsonlReader
 
 if TYPE_CHECKING:
     from internlm2_jax.tokenizer import Tokenizer
@@ -61,7 +73,7 @@ logger = logging.getLogger(__name__)
 
 SFT_FORMATS = ("messages", "alpaca")
 PAIR_KINDS = ("reward", "dpo")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the mixture's counters and (file, record) draws, where 1 had one cursor over all records
 # Bad-record kinds besides the readers' malformed_json and invalid_utf8.
 INVALID_EXAMPLE = "invalid_example"
 UNKNOWN_DOMAIN = "unknown_domain"
@@ -123,13 +135,15 @@ def _new_stats() -> dict[str, Any]:
 
 
 class _ConversationIterator:
-    """Records from JSONL files -> examples (`_encode`, per subclass) -> whole-example packed batches."""
+    """Records from JSONL files (indexed, read lazily) -> a mixture over the files -> examples (`_encode`, per
+    subclass) -> whole-example packed batches."""
 
     pairs = False
 
-    def __init__(self, paths: str | Path | Sequence[str | Path], tokenizer: Tokenizer, seq_len: int,
-                 batch_size: int, *, template: str, seed: int, shuffle: bool, repeat: bool, process_index: int,
-                 process_count: int, strict: bool, max_examples: int | None, state: Mapping[str, Any] | None):
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer: Tokenizer, seq_len: int,
+                 batch_size: int, *, weights: Sequence[float] | None, template: str, seed: int, shuffle: bool,
+                 repeat: bool, process_index: int, process_count: int, strict: bool, max_examples: int | None,
+                 state: Mapping[str, Any] | None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= process_index < process_count:
@@ -138,27 +152,32 @@ class _ConversationIterator:
         self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), int(seed)
         self.shuffle, self.repeat, self.strict = shuffle, repeat, strict
         self.process_index, self.process_count, self.max_examples = int(process_index), int(process_count), max_examples
-        self.paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        self.weights = None if weights is None else [float(w) for w in weights]
+        if self.weights is not None and (len(self.weights) != len(paths) or not any(self.weights) or
+                                         not all(math.isfinite(w) and w >= 0 for w in self.weights)):
+            raise ValueError(f"weights must be one finite number >= 0 per file ({len(paths)}), not all 0; got "
+                             f"{weights}")
 
-        digest = hashlib.sha256()
-        records: list[tuple[bytes, str]] = []  # (line, "file:line"); blank lines are no records
-        for path in self.paths:
-            data = path.read_bytes()
-            digest.update(hashlib.sha256(data).digest())
-            records += [(line, f"{path}:{number}") for number, line in enumerate(data.splitlines(), 1)
-                        if line.strip()]
-        self.data_sha256 = digest.hexdigest()
-        self._records = records[self.process_index::self.process_count]
-        if not self._records:
-            raise ValueError(f"process {self.process_index}/{self.process_count} has no records among the "
-                             f"{len(records)} of {', '.join(map(str, self.paths))}")
+        self.readers = [JsonlReader(epath.Path(path)) for path in paths]
+        self.data_sha256 = hashlib.sha256("".join(r.fingerprint for r in self.readers).encode()).hexdigest()
+        # This process's records of file f: process_index + k * process_count for k < local_sizes[f].
+        self.local_sizes = [len(range(self.process_index, len(r), self.process_count)) for r in self.readers]
+        if self.weights is None:  # every record once per pass: files count by their size
+            mixture_weights, epochs = self.local_sizes, [1.0] * len(paths)
+        else:
+            mixture_weights, epochs = self.weights, share_epochs(self.local_sizes, self.weights)
+        self.sampler = MixtureSampler(self.local_sizes, mixture_weights, epochs, seed=self.seed,
+                                      stream=self.process_index, shuffle=shuffle, repeat=repeat)
+        if self.sampler.empty:
+            sizes = ", ".join(f"{r.name}: {n}" for r, n in zip(self.readers, self.local_sizes, strict=True))
+            raise ValueError(f"process {self.process_index}/{self.process_count} has no records to read "
+                             f"(records per file for this process: {sizes})")
         self.packer = self._new_packer()
-        self._cursor = 0  # records drawn so far, over all epochs
-        self._open: list[int] = []  # the draws packed into the packer's open row
+        self._open: list[tuple[int, int]] = []  # the (file, record) draws packed into the packer's open row
         self._finished = False
         self._skipped_in_a_row = 0
         self._stats = _new_stats()
-        self._permutation: tuple[int, np.ndarray] | None = None
         if state is not None:
             self.set_state(state)
 
@@ -174,17 +193,11 @@ class _ConversationIterator:
 
     # ---- records ----------------------------------------------------------------------------------------------
 
-    def _record_at(self, draw: int) -> int:
-        epoch, position = divmod(draw, len(self._records))
-        if not self.shuffle:
-            return position
-        if self._permutation is None or self._permutation[0] != epoch:
-            rng = np.random.default_rng([self.seed, self.process_index, epoch])
-            self._permutation = (epoch, rng.permutation(len(self._records)))
-        return int(self._permutation[1][position])
-
-    def _load(self, draw: int) -> tuple[Example | None, str | None] | BadRecord:
-        line, where = self._records[self._record_at(draw)]
+    def _load(self, file: int, record: int) -> tuple[Example | None, str | None] | BadRecord:
+        reader = self.readers[file]
+        line, where = reader.line(record), reader.where(record)
+        if not line.strip():
+            return None, None  # a blank line is no record: neither an example nor a skip
         try:
             record = json.loads(line)
         except UnicodeDecodeError as e:
@@ -210,12 +223,12 @@ class _ConversationIterator:
             examples.append(bad.message())
             logger.warning("skipping bad record %s", bad.message())
 
-    def _pull(self) -> tuple[int, Example] | None:
-        """(draw, example) of the next usable record; None once a pass ends without `repeat`."""
-        while self.repeat or self._cursor < len(self._records):
-            draw = self._cursor
-            self._cursor += 1
-            loaded = self._load(draw)
+    def _pull(self) -> tuple[tuple[int, int], Example] | None:
+        """((file, record), example) of the next usable record; None once a pass ends without `repeat`."""
+        while (draw := self.sampler.next()) is not None:
+            file, local = draw
+            draw = (file, self.process_index + local * self.process_count)
+            loaded = self._load(*draw)
             example = None
             if isinstance(loaded, BadRecord):
                 self._count_bad(loaded)
@@ -228,7 +241,7 @@ class _ConversationIterator:
                 self._stats["examples"] += 1
                 return draw, example
             self._skipped_in_a_row += 1
-            if self._skipped_in_a_row > len(self._records):  # only with repeat: it would loop forever
+            if self._skipped_in_a_row > sum(self.sampler.quotas):  # a whole pass: with repeat, it would loop forever
                 skipped = {kind: self._stats[kind] for kind in SKIPS}
                 raise BadDataError(f"no usable example in a whole pass over the data; skipped {skipped}, bad "
                                    f"records: {self._stats['bad_examples']}")
@@ -265,16 +278,16 @@ class _ConversationIterator:
 
     def _identity(self) -> dict[str, Any]:
         """What must match for a state to be resumed here."""
-        return {"data_sha256": self.data_sha256, "tokenizer_sha256": getattr(self.tokenizer, "sha256", None),
-                "template": self.template.name, "seed": self.seed, "seq_len": self.seq_len,
-                "process_index": self.process_index, "process_count": self.process_count, "shuffle": self.shuffle,
-                "repeat": self.repeat, **self._options()}
+        return {"data_sha256": self.data_sha256, "weights": self.weights,
+                "tokenizer_sha256": getattr(self.tokenizer, "sha256", None), "template": self.template.name,
+                "seed": self.seed, "seq_len": self.seq_len, "process_index": self.process_index,
+                "process_count": self.process_count, "shuffle": self.shuffle, "repeat": self.repeat, **self._options()}
 
     def get_state(self) -> dict[str, Any]:
         """A JSON-serialisable dict; resuming from it continues with exactly the next batch."""
-        return {"version": STATE_VERSION, **self._identity(), "cursor": self._cursor, "open_row": list(self._open),
-                "finished": self._finished, "skipped_in_a_row": self._skipped_in_a_row,
-                "stats": copy.deepcopy(self._stats)}
+        return {"version": STATE_VERSION, **self._identity(), "mixture": self.sampler.get_state(),
+                "open_row": [list(draw) for draw in self._open], "finished": self._finished,
+                "skipped_in_a_row": self._skipped_in_a_row, "stats": copy.deepcopy(self._stats)}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -283,38 +296,45 @@ class _ConversationIterator:
                   for key, value in self._identity().items() if state.get(key) != value]
         if differ:
             raise ValueError("cannot resume this data iterator from the given state:\n  " + "\n  ".join(differ))
-        self._cursor, self._finished = int(state["cursor"]), bool(state["finished"])
-        self._skipped_in_a_row = int(state["skipped_in_a_row"])
+        self.sampler.set_state(state["mixture"])
+        self._finished, self._skipped_in_a_row = bool(state["finished"]), int(state["skipped_in_a_row"])
         self._stats = copy.deepcopy(dict(state["stats"]))
         self.packer, self._open = self._new_packer(), []
-        for draw in state["open_row"]:
-            loaded = self._load(int(draw))
+        for file, record in state["open_row"]:
+            draw = (int(file), int(record))
+            loaded = self._load(*draw)
             if isinstance(loaded, BadRecord) or loaded[0] is None:
-                raise ValueError(f"draw {draw} of the saved open row no longer gives an example")
+                raise ValueError(f"{self.readers[draw[0]].where(draw[1])} of the saved open row no longer gives an "
+                                 "example")
             self.packer.add(loaded[0])  # these examples shared one row, so none of them closes it
-            self._open.append(int(draw))
+            self._open.append(draw)
 
     @property
     def stats(self) -> dict[str, Any]:
         """Examples, rows, tokens, padding fraction, skipped examples by reason, bad records by kind (with examples)."""
         return copy.deepcopy(self._stats)
 
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+
 
 class SFTDataIterator(_ConversationIterator):
     """Supervised fine-tuning batches: dicts of numpy arrays `[batch_size, seq_len]` (`input_ids`, `targets`,
     `positions`, `segment_ids`, `loss_mask`; see packing.py), one conversation per segment, loss on assistant turns.
-    `format` is "messages" or "alpaca" (module docstring)."""
+    `format` is "messages" or "alpaca"; `weights` are the files' shares of the examples drawn (module docstring)."""
 
-    def __init__(self, paths: str | Path | Sequence[str | Path], tokenizer: Tokenizer, seq_len: int, batch_size: int,
-                 *, format: str = "messages", template: str = "internlm2_chat", seed: int = 0, shuffle: bool = True,
-                 repeat: bool = True, process_index: int = 0, process_count: int = 1, strict: bool = False,
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer: Tokenizer, seq_len: int,
+                 batch_size: int, *, format: str = "messages", weights: Sequence[float] | None = None,
+                 template: str = "internlm2_chat", seed: int = 0, shuffle: bool = True, repeat: bool = True,
+                 process_index: int = 0, process_count: int = 1, strict: bool = False,
                  state: Mapping[str, Any] | None = None):
         if format not in SFT_FORMATS:
             raise ValueError(f"format {format!r}; expected one of {', '.join(SFT_FORMATS)}")
         self.format = format
-        super().__init__(paths, tokenizer, seq_len, batch_size, template=template, seed=seed, shuffle=shuffle,
-                         repeat=repeat, process_index=process_index, process_count=process_count, strict=strict,
-                         max_examples=None, state=state)
+        super().__init__(paths, tokenizer, seq_len, batch_size, weights=weights, template=template, seed=seed,
+                         shuffle=shuffle, repeat=repeat, process_index=process_index, process_count=process_count,
+                         strict=strict, max_examples=None, state=state)
 
     def _options(self) -> dict[str, Any]:
         return {"format": self.format}
@@ -334,13 +354,14 @@ class PairDataIterator(_ConversationIterator):
     """Preference batches: the SFT fields plus `pair_mask [batch_size, max_pairs]`; row slot k holds the k-th pair
     as segments 2k + 1 (chosen) and 2k + 2 (rejected). `kind="reward"` renders reward-model samples (domain system
     turn, reward token; `domain_prompts` defaults to DOMAIN_PROMPTS, `default_domain` serves records without one),
-    `kind="dpo"` policy samples trained on the response only."""
+    `kind="dpo"` policy samples trained on the response only. `weights` as for `SFTDataIterator`."""
 
     pairs = True
 
-    def __init__(self, paths: str | Path | Sequence[str | Path], tokenizer: Tokenizer, seq_len: int, batch_size: int,
-                 *, kind: str = "reward", max_pairs: int = 8, domain_prompts: Mapping[str, str] | None = None,
-                 default_domain: str | None = None, template: str = "internlm2_chat", seed: int = 0,
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer: Tokenizer, seq_len: int,
+                 batch_size: int, *, kind: str = "reward", max_pairs: int = 8,
+                 domain_prompts: Mapping[str, str] | None = None, default_domain: str | None = None,
+                 weights: Sequence[float] | None = None, template: str = "internlm2_chat", seed: int = 0,
                  shuffle: bool = True, repeat: bool = True, process_index: int = 0, process_count: int = 1,
                  strict: bool = False, state: Mapping[str, Any] | None = None):
         if kind not in PAIR_KINDS:
@@ -350,9 +371,9 @@ class PairDataIterator(_ConversationIterator):
         if default_domain is not None and default_domain not in self.domain_prompts:
             raise ValueError(f"default_domain {default_domain!r} is not one of {', '.join(self.domain_prompts)}")
         self.default_domain = default_domain
-        super().__init__(paths, tokenizer, seq_len, batch_size, template=template, seed=seed, shuffle=shuffle,
-                         repeat=repeat, process_index=process_index, process_count=process_count, strict=strict,
-                         max_examples=max_pairs, state=state)
+        super().__init__(paths, tokenizer, seq_len, batch_size, weights=weights, template=template, seed=seed,
+                         shuffle=shuffle, repeat=repeat, process_index=process_index, process_count=process_count,
+                         strict=strict, max_examples=max_pairs, state=state)
 
     def _options(self) -> dict[str, Any]:
         prompts = json.dumps(self.domain_prompts, sort_keys=True).encode()

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -54,10 +54,10 @@ class TextTokenizer(Protocol):
                allow_special: bool = True) -> list[int]: ...
 
 
-def _as_manifest(data: Manifest | str | Path | Sequence[ShardSpec | Mapping[str, Any]]) -> Manifest:
+def _as_manifest(data: Manifest | str | os.PathLike | Sequence[ShardSpec | Mapping[str, Any]]) -> Manifest:
     if isinstance(data, Manifest):
         return data
-    if isinstance(data, (str, Path)):
+    if isinstance(data, (str, os.PathLike)):
         return load_manifest(data)
     return make_manifest(list(data))
 
@@ -99,7 +99,8 @@ class PretrainDataIterator:
     (evaluation) stops after one round, padding the last batch with empty rows (`loss_mask` 0).
     """
 
-    def __init__(self, data: Manifest | str | Path | Sequence[ShardSpec | Mapping[str, Any]], tokenizer: TextTokenizer,
+    def __init__(self, data: Manifest | str | os.PathLike | Sequence[ShardSpec | Mapping[str, Any]],
+                 tokenizer: TextTokenizer,
                  seq_len: int, batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1,
                  strict: bool = False, *, split_documents: bool = True, shuffle: bool = True, repeat: bool = True,
                  state: Mapping[str, Any] | None = None):

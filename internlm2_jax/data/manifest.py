@@ -7,7 +7,8 @@ A manifest is a JSON file (the data-curation issue emits it; `write_jsonl_shards
                  "source": "code", "tier": "high", "num_tokens": 1234567, "weight": 2.0, "epochs": 4}]}
 
 Shard fields:
-- `path` (required): relative paths are relative to the manifest file's directory, so a data directory can move.
+- `path` (required): relative paths are relative to the manifest file's directory, so a data directory can move
+  (into a bucket too: a manifest at `gs://b/data/manifest.json` reads `gs://b/data/<path>`); a URL is used as it is.
 - `format` (required): `jsonl` (one JSON object per line, the document in `text_field`), `text` (a file is one
   document; a directory means every file under it, sorted, one document each) or `array_record` (a plain
   array_record file whose records are UTF-8 text, or JSON objects with `record_format: "json"`; or a directory
@@ -29,9 +30,13 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
+
+from etils import epath
+
+from internlm2_jax.paths import absolute, resolve_in
 
 MANIFEST_VERSION = 1
 FORMATS = ("jsonl", "array_record", "text")
@@ -67,13 +72,10 @@ _REQUIRED = ("path", "format", "source")
 class Manifest:
     shards: tuple[ShardSpec, ...]
     version: int = MANIFEST_VERSION
-    base_dir: Path | None = None  # where relative shard paths start; None: the current directory
+    base_dir: epath.Path | None = None  # where relative shard paths start; None: the current directory
 
-    def resolve(self, shard: ShardSpec) -> Path:
-        path = Path(shard.path).expanduser()
-        if path.is_absolute() or self.base_dir is None:
-            return path
-        return self.base_dir / path
+    def resolve(self, shard: ShardSpec) -> epath.Path:
+        return resolve_in(self.base_dir, shard.path)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "shards": [s.to_json() for s in self.shards]}
@@ -117,7 +119,8 @@ def _check_shard(index: int, raw: Any) -> tuple[ShardSpec | None, list[str]]:
     return ShardSpec(**values), []
 
 
-def manifest_from_json(data: Any, *, base_dir: str | Path | None = None, origin: str = "<manifest>") -> Manifest:
+def manifest_from_json(data: Any, *, base_dir: str | os.PathLike | None = None,
+                       origin: str = "<manifest>") -> Manifest:
     """Validates a parsed manifest; raises `ManifestError` listing every problem found (shard index and field)."""
     if not isinstance(data, Mapping):
         raise ManifestError(f"{origin}: the manifest must be a JSON object, got {type(data).__name__}")
@@ -140,27 +143,28 @@ def manifest_from_json(data: Any, *, base_dir: str | Path | None = None, origin:
             errors.append("shards: every weight is 0, so nothing would ever be drawn")
     if errors:
         raise ManifestError(f"{origin}: invalid data manifest:\n  " + "\n  ".join(errors))
-    return Manifest(tuple(shards), version=MANIFEST_VERSION, base_dir=Path(base_dir) if base_dir else None)
+    return Manifest(tuple(shards), version=MANIFEST_VERSION, base_dir=epath.Path(base_dir) if base_dir else None)
 
 
-def make_manifest(shards: Sequence[ShardSpec | Mapping[str, Any]], *, base_dir: str | Path | None = None) -> Manifest:
+def make_manifest(shards: Sequence[ShardSpec | Mapping[str, Any]], *,
+                  base_dir: str | os.PathLike | None = None) -> Manifest:
     """A validated manifest from shard specs or plain dicts (the "list of sources" form the iterator accepts)."""
     raw = [s.to_json() if isinstance(s, ShardSpec) else dict(s) for s in shards]
     return manifest_from_json({"version": MANIFEST_VERSION, "shards": raw}, base_dir=base_dir)
 
 
-def load_manifest(path: str | Path) -> Manifest:
-    path = Path(path)
+def load_manifest(path: str | os.PathLike) -> Manifest:
+    path = epath.Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}: not valid JSON: {e}") from e
-    return manifest_from_json(data, base_dir=path.resolve().parent, origin=str(path))
+    return manifest_from_json(data, base_dir=absolute(path).parent, origin=str(path))
 
 
-def save_manifest(manifest: Manifest, path: str | Path) -> Path:
+def save_manifest(manifest: Manifest, path: str | os.PathLike) -> epath.Path:
     """Writes `manifest` as JSON. Paths are written as they are in the specs (relative ones stay relative)."""
-    path = Path(path)
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path

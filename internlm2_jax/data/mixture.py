@@ -13,6 +13,9 @@ Semantics (per process; see `iterator.py` for how records are split between proc
 Everything random is derived from `(seed, stream, round, ...)` counters, never from a generator's running state, so
 the sampler's state is just `round`, `draws` and the per-shard `consumed` counts (a small JSON dict), and restoring it
 continues with exactly the same draws.
+
+`share_epochs` turns weights that are meant as shares of everything drawn (the fine-tuning files' weights) into
+these epochs.
 """
 
 from __future__ import annotations
@@ -22,6 +25,19 @@ from collections.abc import Sequence
 import numpy as np
 
 _BLOCK = 4096  # uniforms drawn per counter-derived generator; amortises generator construction
+
+
+def share_epochs(sizes: Sequence[int], weights: Sequence[float]) -> list[float]:
+    """Per-shard epochs that make shard i's share of a round's draws `weights[i] / sum(weights)`: the shard with the
+    most records per unit of weight is read once per round, the others repeated (fractionally) as often as their
+    weight asks. With these epochs and the same weights every shard's quota runs out together, so the draws stay in
+    proportion throughout the round. Shards without records or weight are never drawn (1.0 is a placeholder)."""
+    used = [(n, w) for n, w in zip(sizes, weights, strict=True) if n > 0 and w > 0]
+    if not used:
+        return [1.0] * len(sizes)
+    total = sum(w for _, w in used)
+    round_draws = max(n * total / w for n, w in used)
+    return [w / total * round_draws / n if n > 0 and w > 0 else 1.0 for n, w in zip(sizes, weights, strict=True)]
 
 
 class MixtureSampler:

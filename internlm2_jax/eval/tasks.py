@@ -16,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import string
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
+
+from etils import epath
 
 from internlm2_jax.eval.loglikelihood import RULES, choose, encode_pair, score_pairs
 
@@ -83,13 +85,13 @@ class Task:
 
 
 def _file_digest(path: str | None) -> str | None:
-    return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return None if path is None else hashlib.sha256(epath.Path(path).read_bytes()).hexdigest()[:16]
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """The JSONL rows of `path`; a malformed line is an error naming the file and line."""
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSONL rows of `path` (local or a URL); a malformed line is an error naming the file and line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with epath.Path(path).open("r", encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

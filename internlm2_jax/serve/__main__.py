@@ -12,7 +12,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,8 +45,9 @@ def main(argv=None) -> int:
     from internlm2_jax.convert import CheckpointError
     from internlm2_jax.decode.engine import Engine, EngineConfig
     from internlm2_jax.model.paged_cache import bytes_per_token
+    from internlm2_jax.paths import absolute
 
-    path = Path(args.checkpoint)
+    path = absolute(args.checkpoint)  # local or a URL (gs://...)
     tokens = args.kv_budget_tokens
     if tokens is None and args.kv_budget_gb is None:
         tokens = 8 * args.max_model_len  # room for eight full-length sequences
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
     from internlm2_jax.serve.app import create_app
 
-    name = args.model_name or path.resolve().name
+    name = args.model_name or path.name
     app = create_app(engine, tokenizer, model_name=name, chat_template=template, api_key=args.api_key)
     pages = engine.pool.capacity
     gigabytes = pages * config.page_size * bytes_per_token(engine.model_config, config.cache_dtype) / 1e9

@@ -22,9 +22,11 @@ tokenizer never imports the template; `convert.save_pretrained` writes both into
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from etils import epath
 
 from internlm2_jax.tokenizer.special_tokens import BOS, EOS, UNK
 from internlm2_jax.tokenizer.spm_model import ModelType, PieceType
@@ -125,10 +127,12 @@ def build_tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
     }
 
 
-def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path, *, model_max_length: int) -> list[Path]:
-    """Writes tokenizer.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json into `directory`."""
+def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike, *,
+                      model_max_length: int) -> list[epath.Path]:
+    """Writes tokenizer.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json into `directory`
+    (local or a URL)."""
     tokenizer_json = build_tokenizer_json(tokenizer)
-    directory = Path(directory)
+    directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     extra_special = [t.name for t in tokenizer.added_special_tokens]
     special_map = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": EOS,

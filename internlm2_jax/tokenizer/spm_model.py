@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from pathlib import Path
+import os
 
+from etils import epath
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 
@@ -124,8 +125,8 @@ def parse_spm_model(serialized: bytes, *, source: str = "<bytes>") -> SpmModel:
                     escape_whitespaces=norm.escape_whitespaces, normalizer_name=norm.name)
 
 
-def read_spm_model(path: str | Path) -> SpmModel:
-    return parse_spm_model(Path(path).read_bytes(), source=str(path))
+def read_spm_model(path: str | os.PathLike) -> SpmModel:
+    return parse_spm_model(epath.Path(path).read_bytes(), source=str(path))
 
 
 def with_piece_types(serialized: bytes, types: dict[int, PieceType]) -> bytes:

@@ -20,11 +20,12 @@ strings; the one exception left is U+2581 ("▁"), which SentencePiece treats as
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterable
-from pathlib import Path
 
 import sentencepiece as spm
+from etils import epath
 
 from internlm2_jax.tokenizer.special_tokens import (
     ADDED_SPECIAL_TOKENS,
@@ -80,22 +81,23 @@ class Tokenizer:
         return spm.SentencePieceProcessor(model_proto=model)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Tokenizer:
-        """Loads a SentencePiece `.model` file (the released `tokenizer.model` or one from `train_tokenizer`)."""
-        path = Path(path)
+    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+        """Loads a SentencePiece `.model` file (the released `tokenizer.model` or one from `train_tokenizer`), local
+        or a URL: the bytes are read through epath and handed to SentencePiece."""
+        path = epath.Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model file not found: {path}")
         return cls(path.read_bytes(), source=str(path))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> Tokenizer:
+    def from_pretrained(cls, directory: str | os.PathLike) -> Tokenizer:
         """Loads the `tokenizer.model` of a model directory (as written by `save_pretrained`)."""
-        path = Path(directory) / TOKENIZER_MODEL_FILE
+        path = epath.Path(directory) / TOKENIZER_MODEL_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{directory} has no {TOKENIZER_MODEL_FILE}; is it a model directory?")
         return cls.from_file(path)
 
-    def save_pretrained(self, directory: str | Path, *, model_max_length: int = 32768) -> list[Path]:
+    def save_pretrained(self, directory: str | os.PathLike, *, model_max_length: int = 32768) -> list[epath.Path]:
         """Writes tokenizer.model plus HF files that transformers' AutoTokenizer loads with the same ids.
 
         Returns the written paths. See `internlm2_jax.tokenizer.hf_export` for what each file holds; the chat

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from internlm2_jax.artifacts import CheckpointMismatch, check_compatible, restore_newest, tree_signature
 from internlm2_jax.config import ModelConfig
+from internlm2_jax.paths import absolute
 
 log = logging.getLogger("internlm2_jax.checkpoint")
 
@@ -52,8 +53,9 @@ def all_process_states(state: dict) -> list[dict]:
 class Checkpointer:
     """Save every `save_every` steps (and when forced), keep the newest `keep`, restore the newest readable one."""
 
-    def __init__(self, directory: str | Path, *, save_every: int = 1000, keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, *, save_every: int = 1000, keep: int = 3,
+                 async_save: bool = True):
+        self.directory = absolute(directory)  # a bucket URL stays one: orbax writes there through tensorstore
         # Save exactly every `save_every` steps (orbax would also save the first step of every run by default).
         options = ocp.CheckpointManagerOptions(should_save_fn=lambda step, _: step % save_every == 0,
                                                max_to_keep=keep, enable_async_checkpointing=async_save,

@@ -8,10 +8,11 @@ seed another. Anything else that does not fit is an error naming the parameter a
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import os
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -41,16 +42,18 @@ def _find(source: dict[tuple, jax.Array], path: tuple, layers: int) -> tuple[jax
     return jnp.stack([source[k] for k in keys]), keys
 
 
-def load_source(path: str | Path, cfg: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES) -> dict[tuple, jax.Array]:
-    """The weights of a model directory or run directory, placed on `mesh` as they are read, as {path: array}."""
-    path = Path(path)
+def load_source(path: str | os.PathLike, cfg: ModelConfig, mesh: Mesh,
+                rules=DEFAULT_RULES) -> dict[tuple, jax.Array]:
+    """The weights of a model directory or run directory (local or a URL), placed on `mesh` as they are read, as
+    {path: array}."""
+    path = epath.Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"train.init_weights={path}: not a model directory or a run directory")
     _, model, _ = load_model(path, mesh=mesh, rules=rules, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers)
     return {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def initial_params(path: str | Path, cfg: ModelConfig, model_class, mesh: Mesh, *, seed: int = 0,
+def initial_params(path: str | os.PathLike, cfg: ModelConfig, model_class, mesh: Mesh, *, seed: int = 0,
                    rules=DEFAULT_RULES) -> nnx.State:
     """Fresh parameters of `model_class(cfg)` on their shardings, overwritten by the source's where it has them."""
     source = load_source(path, cfg, mesh, rules)

@@ -1,7 +1,8 @@
 """The training loop: restore or initialise, step, log, evaluate, checkpoint, stop cleanly on SIGTERM.
 
 It composes the pure pieces (state, jitted step, checkpointer, data iterator) and owns only what a run needs on
-top: the progress bar, the metrics log (JSONL and tensorboard), the interrupt handling and the loss-curve PNG.
+top: the progress bar, the metrics log (JSONL and tensorboard), the interrupt handling and the loss-curve PNG. The
+run directory is an `etils.epath` path: local, or a bucket URL (`gs://...`) that everything is written to in place.
 
 A stop asked for by SIGTERM is agreed by all processes at the same step (jax's preemption sync point on several
 hosts, whose notifier owns SIGTERM there), so every host saves the same step and none waits in a collective alone.
@@ -15,16 +16,17 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, Protocol
 
 import jax
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.parallel import MeshConfig, batch_sharding, make_mesh
 from internlm2_jax.artifacts import provenance
+from internlm2_jax.paths import is_url, open_append
 from internlm2_jax.train.checkpoint import Checkpointer
 from internlm2_jax.train.init_weights import initial_params
 from internlm2_jax.train.layout_checks import check_layout
@@ -86,25 +88,40 @@ def peak_flops(name: str, model: ModelConfig) -> float | None:
     return None if key is None else PEAK_FLOPS[key]
 
 
+class _EventFilesThroughEpath:
+    """tensorboardX's writer of event files at a URL: through epath, like every other file of the run (its own
+    gs:// writer needs google-cloud-storage and goes around epath)."""
+
+    def open(self, path: str):
+        return open_append(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # buckets have no directories
+
+
 class MetricsLog:
-    """metrics.jsonl (one JSON object per logged step) and tensorboard event files, in the run directory.
+    """metrics.jsonl (one JSON object per logged step) and tensorboard event files, in the run directory (in a
+    bucket each flush rewrites the object: `paths.open_append`).
 
     Only process 0 writes; the others keep the values in memory so every process returns the same losses.
     """
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: epath.Path):
         self.path = run_dir / "metrics.jsonl"
         self._writing = jax.process_index() == 0
         if self._writing:
             from tensorboardX import SummaryWriter
+            from tensorboardX.record_writer import register_writer_factory
 
-            self._file = open(self.path, "a")
+            if is_url(run_dir):
+                register_writer_factory(str(run_dir).split("://")[0], _EventFilesThroughEpath())
+            self._file = open_append(self.path)
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self._writing:
             return
-        self._file.write(json.dumps({"step": step, **values}) + "\n")
+        self._file.write((json.dumps({"step": step, **values}) + "\n").encode())
         self._file.flush()
         for key, value in values.items():
             self._tb.add_scalar(key, value, step)
@@ -115,7 +132,7 @@ class MetricsLog:
             self._tb.close()
 
 
-def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
+def plot_loss_curve(metrics_path: epath.Path, out_path: epath.Path) -> epath.Path | None:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
@@ -133,7 +150,8 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
+    with out_path.open("wb") as f:  # through epath: the run directory may be a bucket
+        fig.savefig(f, format="png", dpi=120)
     return out_path
 
 
@@ -188,7 +206,7 @@ class RunResult:
     final_step: int
     losses: dict[int, float]
     interrupted: bool
-    run_dir: Path
+    run_dir: epath.Path
     eval: dict[str, float] | None = None
 
 
@@ -284,7 +302,7 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
     """
     if (data is None) == (batch_source is None):
         raise ValueError("train() takes batches from exactly one of `data` and `batch_source`")
-    run_dir = Path(cfg.run_dir)
+    run_dir = epath.Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metadata = provenance(model=dataclasses.asdict(model), optimizer=dataclasses.asdict(optimizer), seed=cfg.seed,
                           objective=objective.name, model_class=objective.model_class.__name__, **metadata)
@@ -303,7 +321,7 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
             data.set_state(data_state)
     elif cfg.init_from:
         # A new phase: weights, optimizer moments and step count carry over; the data (a new mixture) starts fresh.
-        source = Checkpointer(Path(cfg.init_from) / "checkpoints")
+        source = Checkpointer(epath.Path(cfg.init_from) / "checkpoints")
         found = source.restore_latest(program.abstract_state, metadata)
         source.close()
         if found is None:
