@@ -10,6 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # two minutes of interpret-mode kernels the kernel tests already check; run before a GPU session
 def test_gpu_benchmark_dry_run_runs_on_cpu(capsys):
     spec = importlib.util.spec_from_file_location("attention_gpu", REPO / "benchmarks" / "attention_gpu.py")
     module = importlib.util.module_from_spec(spec)
