@@ -13,11 +13,11 @@ demo:
 test:
 	@bash scripts/make_venv.sh requirements-test.txt
 	.venv/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-slow:
 	@bash scripts/make_venv.sh requirements-test.txt
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n 2 --dist loadfile -m slow
 
 bench:
 	@bash scripts/make_venv.sh requirements-test.txt
