@@ -376,8 +376,9 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
             if checkpointer.manager.should_save(step):
                 checkpointer.save(step, state, data_state=data_state_of(data), metadata=metadata)
             if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                evaluated_at = time.perf_counter()
                 log.write(step, evaluate(eval_fn, state, eval_batches(), sharding, objective.count_name))
-                window_start = time.perf_counter()  # evaluation time is not training throughput
+                window_start += time.perf_counter() - evaluated_at  # evaluation time is not training throughput
         # At the end, or on SIGTERM: always leave a checkpoint of the last step.
         if step not in checkpointer.steps():
             checkpointer.save(step, state, data_state=data_state_of(data), metadata=metadata, force=True)
