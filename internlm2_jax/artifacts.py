@@ -35,9 +35,10 @@ from flax import nnx
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.convert.hf import load_pretrained
 from internlm2_jax.model import InternLM2ForCausalLM, InternLM2ForRewardModel, model_graphdef
+from internlm2_jax.model.kv_heads import kv_head_factor, replicate_kv_heads
 from internlm2_jax.model.lora import merge_lora
 from internlm2_jax.model.quantize import quantize_int8
-from internlm2_jax.parallel import DEFAULT_RULES, MeshConfig, make_mesh, state_shardings
+from internlm2_jax.parallel import DEFAULT_RULES, MeshConfig, make_mesh, mesh_of, state_shardings
 from internlm2_jax.paths import absolute
 
 SCHEMA_VERSION = 2  # 2: the data state holds every process's iterator state
@@ -227,11 +228,12 @@ def _model_class(meta: dict, where: str):
     return MODEL_CLASSES[name]
 
 
-def load_run(run_dir: str | os.PathLike, *, mesh=None, rules=DEFAULT_RULES):
+def load_run(run_dir: str | os.PathLike, *, mesh=None, rules=DEFAULT_RULES, dtype: str | None = None):
     """(model config, model, metadata) from the newest readable checkpoint of a run directory.
 
     Only the parameters are read (the optimizer state and the rest of the training state stay on disk), placed on
-    `mesh` (default: one device) by `rules`; the model config and class come from the checkpoint's own metadata.
+    `mesh` (default: one device) by `rules`, converted to `dtype` as they are read when given (parameters and
+    compute; default: as trained); the model config and class come from the checkpoint's own metadata.
     LoRA adapters are merged into their weights: what comes back is a plain model for decoding, evaluation or
     export. The directory is only read (a run still writing to it is not disturbed).
     """
@@ -249,9 +251,12 @@ def load_run(run_dir: str | os.PathLike, *, mesh=None, rules=DEFAULT_RULES):
             check_compatible(meta, {"model": meta["model"]}, where)  # the schema: the rest is the run's own
             cfg = ModelConfig.from_dict(meta["model"])
             graphdef, abstract = model_graphdef(cfg, _model_class(meta, where))
+            check_compatible(meta, {"model": meta["model"]}, where, abstract, subtree=".params")
+            if dtype is not None:  # orbax converts each array as it reads it
+                graphdef, abstract = model_graphdef(cfg.replace(param_dtype=dtype, dtype=dtype),
+                                                    _model_class(meta, where))
             target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                                   state_shardings(abstract, mesh, rules))
-            check_compatible(meta, {"model": meta["model"]}, where, target, subtree=".params")
             item = {"params": target}
             restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
@@ -267,33 +272,69 @@ def load_run(run_dir: str | os.PathLike, *, mesh=None, rules=DEFAULT_RULES):
 
 # ---- a model directory or a run directory ----------------------------------------------------------------------------
 
+def inference_dtype(mesh=None, requested: str | None = None) -> str:
+    """The dtype inference loads a model in: `requested`, else bfloat16 on accelerators and float32 on the CPU
+    (where bf16 matmuls are emulated, and slower)."""
+    if requested is not None:
+        if requested not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {requested!r}")
+        return requested
+    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
 def load_model(path: str | os.PathLike, *, mesh=None, rules=DEFAULT_RULES, quantize: str | None = None,
-               **config_overrides: Any):
+               dtype: str | None = None, fit_kv_heads: bool = False, **config_overrides: Any):
     """(model config, model, run metadata or None) from a model directory or a run directory (its newest readable
     step, LoRA merged).
 
-    The parameters are placed on `mesh` by `rules` (default: one device). `config_overrides` (`param_dtype`,
-    `scan_layers`, ...: see `load_pretrained`) apply to a model directory; a run's model comes as it was trained.
-    `quantize="int8"`: weight-only int8 projections, for decoding.
+    The parameters are placed on `mesh` by `rules` (default: one device), each as it is read, in `dtype` (parameters
+    and compute; default: as stored, and as trained for a run). `config_overrides` (`scan_layers`, ...: see
+    `load_pretrained`) apply to a model directory; a run's model comes as it was trained. `fit_kv_heads` (for
+    inference) repeats kv heads when the mesh's tensor axis outnumbers them (`model.kv_heads`). `quantize="int8"`:
+    weight-only int8 projections, for decoding.
     """
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize: only 'int8' (weight-only, for decoding) is supported, got {quantize!r}")
     path = epath.Path(path)
+    meta = None
     if is_run_directory(path):
-        _, model, meta = load_run(path, mesh=mesh, rules=rules)
-        model = quantize_int8(model) if quantize else model
-        return model.cfg, model, meta
-    cfg, model = load_pretrained(path, mesh=mesh, rules=rules, quantize=quantize, **config_overrides)
-    return cfg, model, None
+        _, model, meta = load_run(path, mesh=mesh, rules=rules, dtype=dtype)
+    else:
+        if dtype is not None:
+            config_overrides = {**config_overrides, "param_dtype": dtype, "dtype": dtype}
+        _, model = load_pretrained(path, mesh=mesh, rules=rules, quantize=None if fit_kv_heads else quantize,
+                                   **config_overrides)
+        quantize = quantize if fit_kv_heads else None  # load_pretrained quantized it as it read it
+    if fit_kv_heads and mesh is not None:
+        model = replicate_kv_heads(model, kv_head_factor(model.cfg, dict(mesh.shape).get("tensor", 1)), rules)
+    model = quantize_int8(model) if quantize else model
+    return model.cfg, model, meta
 
 
-def load_for_decoding(path: str | os.PathLike, *, quantize: str | None = None):
-    """(model, tokenizer) from a model directory or a run directory (with the tokenizer the run was trained with);
-    `quantize="int8"` for int8 weights."""
+def placement_summary(model) -> str:
+    """One line: parameter memory in all and on the fullest device, the dtype and the mesh."""
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    total = sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)
+    per_device: dict = {}
+    for leaf in leaves:
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.size * shard.data.dtype.itemsize
+    mesh = mesh_of(leaves)
+    where = f"mesh {dict(mesh.shape)}" if mesh is not None and mesh.size > 1 else "one device"
+    return (f"parameters: {total / 1e9:.3f} GB ({model.cfg.param_dtype}) on {where}, "
+            f"{max(per_device.values()) / 1e9:.3f} GB on the fullest device")
+
+
+def load_for_decoding(path: str | os.PathLike, *, quantize: str | None = None, mesh=None, dtype: str | None = None):
+    """(model, tokenizer) from a model directory or a run directory (with the tokenizer the run was trained with)
+    on `mesh` (default: one device) in `inference_dtype(mesh, dtype)`, kv heads fitted to the mesh; `quantize="int8"`
+    for int8 weights."""
     from internlm2_jax.tokenizer import Tokenizer
 
     path = epath.Path(path)
-    _, model, meta = load_model(path, quantize=quantize)
+    _, model, meta = load_model(path, quantize=quantize, mesh=mesh, dtype=inference_dtype(mesh, dtype),
+                                fit_kv_heads=True)
     if meta is None:
         return model, Tokenizer.from_pretrained(path)
     tokenizer = run_tokenizer(meta)

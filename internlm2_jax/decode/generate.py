@@ -22,6 +22,7 @@ from flax import nnx, struct
 
 from internlm2_jax.decode.sampling import SamplingConfig, SamplingParams, sample
 from internlm2_jax.model.kv_cache import KVCache, init_cache
+from internlm2_jax.parallel.mesh import data_parallel_size, mesh_of, within_mesh_of
 
 
 @partial(jax.jit, static_argnums=0, static_argnames="left_padded", donate_argnums=2)
@@ -132,6 +133,20 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     configs = list(sampling) if isinstance(sampling, Sequence) else [sampling] * len(prompts)
     if len(configs) != len(prompts):
         raise ValueError(f"{len(configs)} sampling configs for {len(prompts)} prompts")
+    with within_mesh_of(params):
+        return _generate(graphdef, params, cfg, prompts, configs, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                         stop_strings=stop_strings, tokenizer=tokenizer, top_n=top_n, chunk=chunk,
+                         cache_dtype=cache_dtype)
+
+
+def _generate(graphdef, params, cfg, prompts, configs, *, max_new_tokens, stop_ids, stop_strings, tokenizer, top_n,
+              chunk, cache_dtype) -> list[Completion]:
+    # On a mesh the rows split over the data-parallel axes: padding rows (one token each, ended at once) make them
+    # divide, and their completions are dropped.
+    mesh = mesh_of(params)
+    real = len(prompts)
+    pad = -real % data_parallel_size(mesh)
+    prompts, configs = [*prompts, *[[0]] * pad], [*configs, *[GREEDY] * pad]
     # Prompts are right-padded to a power of two, so a notebook's stream of prompts compiles a few shapes, not one
     # per length (padding slots hold segment 0 and are never attended).
     batch, longest = len(prompts), max(16, 1 << (max(len(p) for p in prompts) - 1).bit_length())
@@ -139,7 +154,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    cache = init_cache(cfg, batch, longest + max_new_tokens, cache_dtype)
+    cache = init_cache(cfg, batch, longest + max_new_tokens, cache_dtype, mesh=mesh)
     cache, logits = prefill(graphdef, params, cache, jnp.asarray(tokens), lengths)
     seen = np.zeros((batch, cfg.vocab_size), bool)
     for i, p in enumerate(prompts):
@@ -150,7 +165,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
         top_ids=jnp.zeros((batch, max_new_tokens, top_n), jnp.int32),
         top_logprobs=jnp.zeros((batch, max_new_tokens, top_n), jnp.float32),
         counts=jnp.zeros((batch, cfg.vocab_size), jnp.int32), seen=jnp.asarray(seen),
-        generated=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool), step=jnp.zeros((), jnp.int32))
+        generated=jnp.zeros((batch,), jnp.int32), done=jnp.asarray(np.arange(batch) >= real),
+        step=jnp.zeros((), jnp.int32))
     params_by_row = SamplingParams.stack(configs)
     stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
     cut_at: dict[int, int] = {}  # row -> character offset of the first stop string in its text
@@ -160,7 +176,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
             state = _apply_stop_strings(state, tokenizer, stop_strings, cut_at)
         if np.asarray(state.done).all():
             break
-    return _completions(state, stop_ids, cut_at, tokenizer)
+    return _completions(state, stop_ids, cut_at, tokenizer)[:real]
 
 
 def _apply_stop_strings(state: GenerationState, tokenizer, stop_strings, cut_at) -> GenerationState:

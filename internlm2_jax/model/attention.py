@@ -65,7 +65,10 @@ def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_i
               kv_segment_ids=kv_segment_ids, causal=causal, scale=scale)
     if impl == "xla" and q.shape[1] == 1 and target_platform() == "cpu":  # decoding: the CPU kernel
         mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal, shared_segment)
-        return single_query_attention(q, k, v, mask, scale)
+        rows, heads = _row_and_head_specs(q.shape[0], k.shape[2])
+        return _shard_rows_and_heads(functools.partial(single_query_attention, scale=scale), (q, k, v, mask),
+                                     in_specs=(P(rows, None, heads, None),) * 3 + (P(rows, None, None),),
+                                     out_spec=P(rows, None, heads, None))
     if impl == "xla":
         return xla_attention(q, k, v, shared_segment=shared_segment, **kw)
     if impl == "pallas_tpu":
@@ -100,6 +103,24 @@ def _per_shard(kernel, q, k, v, q_positions, kv_positions, q_segment_ids, kv_seg
                          check_vma=False)(*args)
 
 
+def _row_and_head_specs(batch: int, kv_heads: int):
+    """How rows and kv heads split over the mesh set by `jax.set_mesh` (None: not split)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None, None
+    return tuple(logical_to_spec(("batch", "kv_heads"), (batch, kv_heads), dict(mesh.shape), ACTIVATION_RULES))
+
+
+def _shard_rows_and_heads(kernel, args, *, in_specs, out_spec):
+    """`kernel(*args)` on each shard of the mesh set by `jax.set_mesh` (rows over the data-parallel axes, kv heads
+    with their query heads over `tensor`): XLA cannot partition a custom call (the CPU kernels) or a Mosaic kernel,
+    and would gather every operand to every device instead."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(*args)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
+
+
 def decode_reads_pages_in_place(impl: str, q_dtype, cache_dtype) -> bool:
     """Whether one-query decoding over the paged cache runs the CPU kernel with this impl, compute and cache dtype.
     That kernel stops at each row's length, so neither the page-table width nor `row_widths` changes its cost."""
@@ -123,14 +144,20 @@ def chunked_prefill_attention(q, k_pages, v_pages, page_table, lengths, *, q_len
         raise ValueError(f"page_table {page_table.shape} and lengths {lengths.shape} must have q's batch "
                          f"({q.shape[0]}) as their first dimension")
     if q.shape[1] == 1 and decode_reads_pages_in_place(impl, q.dtype, jnp.result_type(k_pages, v_pages)):
-        return paged_single_query_attention(q, k_pages, v_pages, page_table, lengths, q_lengths=q_lengths,
-                                            scale=scale, row_widths=row_widths)
-    if impl == "xla":
+        kernel = functools.partial(paged_single_query_attention, scale=scale, row_widths=row_widths)
+    elif impl == "xla":  # XLA partitions the gather itself
         return paged_attention_reference(q, k_pages, v_pages, page_table, lengths, q_lengths=q_lengths, scale=scale,
                                          row_widths=row_widths)
-    kernel = paged_tpu.paged_attention if impl == "pallas_tpu" else paged_gpu.paged_attention
-    return kernel(q, k_pages, v_pages, page_table, lengths, q_lengths=q_lengths, scale=scale,
-                  interpret=_interpret(impl, interpret))
+    else:
+        kernel = functools.partial(paged_tpu.paged_attention if impl == "pallas_tpu" else paged_gpu.paged_attention,
+                                   scale=scale, interpret=_interpret(impl, interpret))
+    q_lengths = jnp.full(lengths.shape, q.shape[1], jnp.int32) if q_lengths is None else q_lengths
+    rows, heads = _row_and_head_specs(q.shape[0], k_pages.shape[0])
+    pages = P(heads, None, None, None)  # each kv head's pages on its shard, whole on every data replica
+    return _shard_rows_and_heads(lambda q, k, v, t, n, m: kernel(q, k, v, t, n, q_lengths=m),
+                                 (q, k_pages, v_pages, page_table, lengths, q_lengths),
+                                 in_specs=(P(rows, None, heads, None), pages, pages, P(rows, None), P(rows), P(rows)),
+                                 out_spec=P(rows, None, heads, None))
 
 
 def decode_attention(q, k_pages, v_pages, page_table, lengths, *, impl="auto", scale=None,

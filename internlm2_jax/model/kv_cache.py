@@ -8,15 +8,23 @@ nothing), so left- and right-padded prompts, and rows of different lengths, need
 Segment 1 is also a shared prefix: tokens written with segment ids 2, 3, ... each see it and their own segment only,
 so a row can branch into several continuations of one cached prompt (a tree mask: multiple-choice options scored
 side by side).
+
+On a mesh the cache carries logical axes (`map_cache`): rows over the data-parallel axes, kv heads over `tensor`,
+by the activation rules table; `init_cache(..., mesh=)` creates it in place on its shardings and the model pins them
+after every write (`constrain_cache`), so a donated cache keeps its layout from call to call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh, NamedSharding
 
 from internlm2_jax.config import ModelConfig
+from internlm2_jax.parallel.sharding import ACTIVATION_RULES, constrain, logical_to_spec
 
 SHARED_SEGMENT = 1
 
@@ -70,13 +78,56 @@ def replace_layer(buffers: tuple[jax.Array, ...], layer: int, value: jax.Array) 
     return (*buffers[:layer], value, *buffers[layer + 1:])
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    """An empty cache for `batch` sequences of up to `max_len` tokens, K/V in `dtype` (default: compute dtype)."""
+def map_layers(fn: Callable, buffers, axes: tuple[str | None, ...]):
+    """`fn(array, logical axes)` on each layer's K or V buffer (stacked: with a leading `layers` axis)."""
+    if isinstance(buffers, tuple):
+        return tuple(fn(b, axes) for b in buffers)
+    return fn(buffers, ("layers", *axes))
+
+
+def map_cache(fn: Callable, cache: KVCache) -> KVCache:
+    """The cache with `fn(array, logical axes)` applied to each of its arrays. The cached sequence stays whole on
+    every device (`cache_length` has no rule): decoding appends to it."""
+    kv_axes = ("batch", "kv_heads", "cache_length", "head_dim")
+    return cache.replace(k=map_layers(fn, cache.k, kv_axes), v=map_layers(fn, cache.v, kv_axes),
+                         positions=fn(cache.positions, ("batch", "cache_length")),
+                         segments=fn(cache.segments, ("batch", "cache_length")), cursor=fn(cache.cursor, ()),
+                         lengths=fn(cache.lengths, ("batch",)))
+
+
+def sharding_fn(mesh: Mesh) -> Callable:
+    """`fn(array, logical axes)` -> the array's NamedSharding on `mesh` by the activation rules."""
+    return lambda a, axes: NamedSharding(mesh, logical_to_spec(axes, a.shape, dict(mesh.shape), ACTIVATION_RULES))
+
+
+def constrain_cache(cache):
+    """Pins a (static or paged) cache's layout under the mesh set by `jax.set_mesh`; a no-op without one."""
+    if isinstance(cache, KVCache):
+        return map_cache(constrain, cache)
+    return cache.map_buffers(constrain)
+
+
+def on_mesh(make: Callable, mapper: Callable, mesh: Mesh | None):
+    """`make()` (a cache), created directly on its shardings over `mesh` (a big cache never passes through one
+    device); plain `make()` without a mesh."""
+    if mesh is None:
+        return make()
+    return jax.jit(make, out_shardings=mapper(sharding_fn(mesh), jax.eval_shape(make)))()
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, mesh: Mesh | None = None) -> KVCache:
+    """An empty cache for `batch` sequences of up to `max_len` tokens, K/V in `dtype` (default: compute dtype),
+    on `mesh` by the activation rules when given."""
     dtype = jnp.dtype(dtype or cfg.dtype)
     shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-    return KVCache(k=layer_buffers(cfg, shape, dtype), v=layer_buffers(cfg, shape, dtype),
-                   positions=jnp.zeros((batch, max_len), jnp.int32), segments=jnp.zeros((batch, max_len), jnp.int32),
-                   cursor=jnp.zeros((), jnp.int32), lengths=jnp.zeros((batch,), jnp.int32))
+
+    def make():
+        return KVCache(k=layer_buffers(cfg, shape, dtype), v=layer_buffers(cfg, shape, dtype),
+                       positions=jnp.zeros((batch, max_len), jnp.int32),
+                       segments=jnp.zeros((batch, max_len), jnp.int32), cursor=jnp.zeros((), jnp.int32),
+                       lengths=jnp.zeros((batch,), jnp.int32))
+
+    return on_mesh(make, map_cache, mesh)
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> int:

@@ -8,6 +8,10 @@ sees this step's page table.
 
 A `PagedKVCache` carries one step's view with it: the page table and lengths of the rows in this call, so the model
 can scatter each new token's K/V to its slot and attend over the pages in one pass.
+
+On a mesh the pages of each kv head live on that head's `tensor` shard and are whole on every data-parallel replica
+(`map_buffers`: any row's pages may be read by the shard that holds the row); the step's view (page table,
+lengths) is small and left to XLA.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from internlm2_jax.config import ModelConfig
-from internlm2_jax.model.kv_cache import layer_buffers, replace_layer
+from internlm2_jax.model.kv_cache import layer_buffers, map_layers, on_mesh, replace_layer
 
 
 @struct.dataclass
@@ -41,6 +45,11 @@ class PagedKVCache:
     @property
     def num_pages(self) -> int:
         return self.k[0].shape[1]
+
+    def map_buffers(self, fn) -> PagedKVCache:
+        """The cache with `fn(array, logical axes)` applied to its K and V pages."""
+        axes = ("kv_heads", "pages", "page_slot", "head_dim")
+        return self.replace(k=map_layers(fn, self.k, axes), v=map_layers(fn, self.v, axes))
 
     def with_step(self, page_table, lengths, q_lengths, rope_lengths, row_widths=None) -> PagedKVCache:
         return self.replace(page_table=page_table, lengths=lengths, q_lengths=q_lengths, rope_lengths=rope_lengths,
@@ -68,16 +77,27 @@ class PagedKVCache:
         return self.replace(k=update(self.k, k_new), v=update(self.v, v_new))
 
 
-def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None) -> PagedKVCache:
-    """An empty paged cache of `num_pages` pages (page 0, the null page, included) in `dtype` (default: compute)."""
+def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None, mesh=None) -> PagedKVCache:
+    """An empty paged cache of `num_pages` pages (page 0, the null page, included) in `dtype` (default: compute),
+    each kv head's pages on its `tensor` shard of `mesh` when given."""
     if num_pages < 2 or page_size < 1:
         raise ValueError(f"a paged cache needs num_pages >= 2 (page 0 is reserved) and page_size >= 1, "
                          f"got {num_pages} and {page_size}")
     dtype = jnp.dtype(dtype or cfg.dtype)
     shape = (cfg.num_key_value_heads, num_pages, page_size, cfg.head_dim)
-    empty = jnp.zeros((0,), jnp.int32)
-    return PagedKVCache(k=layer_buffers(cfg, shape, dtype), v=layer_buffers(cfg, shape, dtype),
-                        page_table=jnp.zeros((0, 0), jnp.int32), lengths=empty, q_lengths=empty, rope_lengths=empty)
+
+    def make():
+        empty = jnp.zeros((0,), jnp.int32)
+        return PagedKVCache(k=layer_buffers(cfg, shape, dtype), v=layer_buffers(cfg, shape, dtype),
+                            page_table=jnp.zeros((0, 0), jnp.int32), lengths=empty, q_lengths=empty,
+                            rope_lengths=empty)
+
+    def shardings(fn, cache):  # the step's (empty) view is replicated
+        replicated = fn(cache.lengths, (None,))
+        return cache.map_buffers(fn).replace(page_table=fn(cache.page_table, (None, None)), lengths=replicated,
+                                             q_lengths=replicated, rope_lengths=replicated)
+
+    return on_mesh(make, shardings, mesh)
 
 
 def bytes_per_token(cfg: ModelConfig, dtype=None) -> int:

@@ -14,6 +14,7 @@ from flax import nnx, struct
 
 from internlm2_jax.kernels.int8_matmul import STRIP, cpu_kernel_available, int8_matmul, pack, unpack
 from internlm2_jax.kernels.platform import compiling_for_cpu
+from internlm2_jax.parallel.mesh import mesh_of
 
 # Parameter name -> how many leading dimensions its matmul contracts (the rest are output channels).
 QUANTIZED = {"wqkv": 1, "wo": 2, "w1": 1, "w3": 1, "w2": 1, "output": 1}
@@ -83,8 +84,9 @@ def quantize_int8(model: nnx.Module, packed: bool | None = None) -> nnx.Module:
     A copy, not in place: modules merged from one state share their Variables, so quantizing in place would also
     quantize every other model made from the same training state. `packed` lays the weights out for the CPU kernel
     (default: when JAX runs on CPU and the kernel builds), each weight `packable` for it."""
-    if packed is None:
-        packed = compiling_for_cpu() and cpu_kernel_available()
+    if packed is None:  # the kernel is a custom call, which XLA cannot split over a mesh
+        mesh = mesh_of(nnx.state(model))
+        packed = compiling_for_cpu() and cpu_kernel_available() and (mesh is None or mesh.size == 1)
     model = nnx.clone(model)
     stacked = getattr(getattr(model, "cfg", None), "scan_layers", False)
     for path, var in nnx.iter_graph(model):

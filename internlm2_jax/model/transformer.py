@@ -12,7 +12,7 @@ from flax import nnx
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.model.attention import attention, chunked_prefill_attention
-from internlm2_jax.model.kv_cache import SHARED_SEGMENT, KVCache
+from internlm2_jax.model.kv_cache import SHARED_SEGMENT, KVCache, constrain_cache
 from internlm2_jax.model.paged_cache import PagedKVCache
 from internlm2_jax.model.quantize import Int8Weight, int8_dense
 from internlm2_jax.model.layers import (
@@ -222,7 +222,7 @@ class InternLM2Model(nnx.Module):
                 x, kv = layer(x, cos, sin, positions, segment_ids, (kv, i))
         if isinstance(kv, KVCache):
             kv = kv.replace(cursor=kv.cursor + x.shape[1])
-        return self.norm(x), kv
+        return self.norm(x), constrain_cache(kv)
 
 
 def token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, chunk_size: int = 1024) -> jax.Array:

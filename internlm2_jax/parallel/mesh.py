@@ -7,6 +7,7 @@ Axis types are Auto, so XLA propagates shardings from the inputs (jax.make_mesh 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -52,6 +53,58 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] |
     devices = list(devices) if devices is not None else jax.devices()
     shape = config.shape(len(devices))
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def parse_mesh(spec: str) -> MeshConfig:
+    """`"data=2,tensor=4"` -> MeshConfig(data=2, fsdp=1, tensor=4, sequence=1): the command-line form of an
+    inference mesh. Axes not named are 1; one axis may be -1 (all remaining devices)."""
+    sizes = dict.fromkeys(AXES, 1)
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in sizes or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"mesh {spec!r}: {part!r} is not AXIS=SIZE with AXIS one of {', '.join(AXES)} "
+                             "(e.g. --mesh data=2,tensor=4)")
+        sizes[name] = int(value)
+    config = MeshConfig(**sizes)
+    config.shape(math.prod(abs(s) for s in sizes.values()))  # sizes must be positive or one -1
+    return config
+
+
+def inference_mesh(config: MeshConfig | str | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh a model is loaded onto for decoding, scoring or serving: `config`'s axes over the first devices it
+    needs (all of them when an axis is -1); one device when `config` is None."""
+    devices = list(devices) if devices is not None else jax.devices()
+    config = parse_mesh(config) if isinstance(config, str) else config or MeshConfig(fsdp=1)
+    sizes = [getattr(config, a) for a in AXES]
+    if -1 not in sizes:
+        needed = math.prod(sizes)
+        if needed > len(devices):
+            raise ValueError(f"mesh {dict(zip(AXES, sizes, strict=True))} needs {needed} devices, but "
+                             f"{len(devices)} are available")
+        devices = devices[:needed]
+    return make_mesh(config, devices)
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The mesh a pytree of arrays is placed on (its first array's), or None for arrays on one unnamed device."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None
+
+
+def within_mesh_of(tree):
+    """A context that sets the mesh `tree`'s arrays are placed on (`jax.set_mesh`), so the model's constraints and
+    per-shard kernels see it while a step is traced; does nothing for arrays on one unnamed device."""
+    mesh = mesh_of(tree)
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def data_parallel_size(mesh: Mesh | None) -> int:
+    """How many ways the batch splits on `mesh` (its data-parallel axes)."""
+    return 1 if mesh is None else math.prod(dict(mesh.shape).get(a, 1) for a in BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
