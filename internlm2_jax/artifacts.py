@@ -38,7 +38,8 @@ from internlm2_jax.model import InternLM2ForCausalLM, InternLM2ForRewardModel, m
 from internlm2_jax.model.kv_heads import kv_head_factor, replicate_kv_heads
 from internlm2_jax.model.lora import merge_lora
 from internlm2_jax.model.quantize import quantize_int8
-from internlm2_jax.parallel import DEFAULT_RULES, MeshConfig, make_mesh, mesh_of, state_shardings
+from internlm2_jax.parallel import DEFAULT_RULES, MeshConfig, inference_mesh, make_mesh, mesh_of, state_shardings
+from internlm2_jax.parallel.mesh import split_cpu
 from internlm2_jax.paths import absolute
 
 SCHEMA_VERSION = 2  # 2: the data state holds every process's iterator state
@@ -324,6 +325,24 @@ def placement_summary(model) -> str:
     where = f"mesh {dict(mesh.shape)}" if mesh is not None and mesh.size > 1 else "one device"
     return (f"parameters: {total / 1e9:.3f} GB ({model.cfg.param_dtype}) on {where}, "
             f"{max(per_device.values()) / 1e9:.3f} GB on the fullest device")
+
+
+def add_placement_arguments(parser) -> None:
+    """--mesh, --dtype and --cpu-devices: where and in which dtype an inference command loads its model."""
+    parser.add_argument("--mesh", help="the device mesh, e.g. data=2,tensor=4 (axes data, fsdp, tensor, sequence; "
+                                       "axes not named are 1, one may be -1: the rest; default: one device)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="parameters and compute (default: bfloat16 on accelerators, float32 on the CPU)")
+    parser.add_argument("--cpu-devices", type=int, metavar="N",
+                        help="split the CPU into N devices (for a --mesh on a CPU machine)")
+
+
+def placement_from_arguments(args):
+    """(mesh, dtype) from `add_placement_arguments`' flags; ValueError naming a bad one."""
+    if args.cpu_devices is not None:
+        split_cpu(args.cpu_devices)
+    mesh = inference_mesh(args.mesh) if args.mesh else None
+    return mesh, inference_dtype(mesh, args.dtype)
 
 
 def load_for_decoding(path: str | os.PathLike, *, quantize: str | None = None, mesh=None, dtype: str | None = None):

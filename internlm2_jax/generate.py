@@ -27,9 +27,12 @@ def main(argv=None) -> int:
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--int8", action="store_true", help="weight-only int8 projections")
     parser.add_argument("--logprobs", action="store_true", help="print each token's log-probability")
+    from internlm2_jax.artifacts import (CheckpointMismatch, add_placement_arguments, load_for_decoding,
+                                         placement_from_arguments, placement_summary)
+
+    add_placement_arguments(parser)
     args = parser.parse_args(argv)
 
-    from internlm2_jax.artifacts import CheckpointMismatch, load_for_decoding
     from internlm2_jax.convert import CheckpointError
     from internlm2_jax.decode import SamplingConfig, generate
 
@@ -37,7 +40,10 @@ def main(argv=None) -> int:
                               repetition_penalty=args.repetition_penalty, seed=args.seed)
     try:
         sampling.validate()
-        model, tokenizer = load_for_decoding(args.checkpoint, quantize="int8" if args.int8 else None)
+        mesh, dtype = placement_from_arguments(args)
+        model, tokenizer = load_for_decoding(args.checkpoint, quantize="int8" if args.int8 else None, mesh=mesh,
+                                             dtype=dtype)
+        print(placement_summary(model), file=sys.stderr, flush=True)
         prompts = [[{"role": "user", "content": p}] for p in args.prompt] if args.chat else args.prompt
         completions = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
                                stop_strings=args.stop)

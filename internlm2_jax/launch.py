@@ -27,6 +27,7 @@ from internlm2_jax.experiment import Experiment, load_experiment
 from internlm2_jax.model import InternLM2ForRewardModel
 from internlm2_jax.overrides import apply_overrides, to_dict
 from internlm2_jax.parallel import AXES, batch_sharding, make_mesh
+from internlm2_jax.parallel.mesh import split_cpu
 from internlm2_jax.run import needs_reference_logprobs
 from internlm2_jax.train.layout_checks import LayoutError, check_layout
 from internlm2_jax.train.loop import build_program
@@ -94,15 +95,10 @@ def main(argv=None) -> int:
     if args.topology and not args.compile_only:
         parser.error("--topology needs --compile-only (nothing can run on abstract devices)")
     if args.cpu_devices is not None:
-        if args.cpu_devices < 1:
-            parser.error(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
         try:  # before anything touches a device: nothing the launcher imports does
-            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-        except RuntimeError:
-            parser.error("--cpu-devices must be set before JAX starts its backends (this process already did)")
-        if jax.default_backend() != "cpu":
-            parser.error(f"--cpu-devices is for the CPU platform, but JAX runs on {jax.default_backend()} here "
-                         "(set JAX_PLATFORMS=cpu to run on the CPU)")
+            split_cpu(args.cpu_devices)
+        except ValueError as e:
+            parser.error(str(e))
 
     start_distributed()
     module = load_experiment(args.experiment)

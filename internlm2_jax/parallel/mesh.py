@@ -71,6 +71,20 @@ def parse_mesh(spec: str) -> MeshConfig:
     return config
 
 
+def split_cpu(devices: int) -> None:
+    """Splits the CPU into `devices` devices (a mesh on a CPU machine); before anything starts JAX's backends."""
+    if devices < 1:
+        raise ValueError(f"--cpu-devices must be at least 1, got {devices}")
+    try:
+        jax.config.update("jax_num_cpu_devices", devices)
+    except RuntimeError:
+        raise ValueError("--cpu-devices must be set before JAX starts its backends (this process already "
+                         "did)") from None
+    if jax.default_backend() != "cpu":
+        raise ValueError(f"--cpu-devices is for the CPU platform, but JAX runs on {jax.default_backend()} here (set "
+                         "JAX_PLATFORMS=cpu to run on the CPU)")
+
+
 def inference_mesh(config: MeshConfig | str | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The mesh a model is loaded onto for decoding, scoring or serving: `config`'s axes over the first devices it
     needs (all of them when an axis is -1); one device when `config` is None."""
