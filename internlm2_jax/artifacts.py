@@ -327,21 +327,27 @@ def placement_summary(model) -> str:
             f"{max(per_device.values()) / 1e9:.3f} GB on the fullest device")
 
 
-def add_placement_arguments(parser) -> None:
-    """--mesh, --dtype and --cpu-devices: where and in which dtype an inference command loads its model."""
+def add_placement_arguments(parser, *, dtype: bool = True) -> None:
+    """--mesh, --cpu-devices and (with `dtype`) --dtype: where and in which dtype a command loads its model."""
     parser.add_argument("--mesh", help="the device mesh, e.g. data=2,tensor=4 (axes data, fsdp, tensor, sequence; "
                                        "axes not named are 1, one may be -1: the rest; default: one device)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
-                        help="parameters and compute (default: bfloat16 on accelerators, float32 on the CPU)")
+    if dtype:
+        parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                            help="parameters and compute (default: bfloat16 on accelerators, float32 on the CPU)")
     parser.add_argument("--cpu-devices", type=int, metavar="N",
                         help="split the CPU into N devices (for a --mesh on a CPU machine)")
 
 
-def placement_from_arguments(args):
-    """(mesh, dtype) from `add_placement_arguments`' flags; ValueError naming a bad one."""
+def mesh_from_arguments(args):
+    """The mesh of `add_placement_arguments`' flags (None: one device); ValueError naming a bad one."""
     if args.cpu_devices is not None:
         split_cpu(args.cpu_devices)
-    mesh = inference_mesh(args.mesh) if args.mesh else None
+    return inference_mesh(args.mesh) if args.mesh else None
+
+
+def placement_from_arguments(args):
+    """(mesh, dtype) from `add_placement_arguments`' flags; ValueError naming a bad one."""
+    mesh = mesh_from_arguments(args)
     return mesh, inference_dtype(mesh, args.dtype)
 
 

@@ -212,10 +212,13 @@ def test_cli_converts_between_layouts(tmp_path, tiny):
     save_pretrained(tiny, tmp_path / "src", layout="internlm2")
     cmd = [sys.executable, "-m", "internlm2_jax.convert", str(tmp_path / "src"), str(tmp_path / "dst"),
            "--layout", "llama"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # Loaded onto a tensor=4 mesh: the model written is the source's, its 2 kv heads not repeated.
+    done = subprocess.run(cmd + ["--cpu-devices", "8", "--mesh", "tensor=4"], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "wrote" in done.stdout
-    assert json.loads((tmp_path / "dst" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert "wrote" in done.stdout and "on mesh {'data': 1, 'fsdp': 1, 'tensor': 4, 'sequence': 1}" in done.stderr
+    written = json.loads((tmp_path / "dst" / "config.json").read_text())
+    assert written["architectures"] == ["LlamaForCausalLM"] and written["num_key_value_heads"] == 2
     assert_same_params(tiny, load_pretrained(tmp_path / "dst")[1])
     bad = subprocess.run(cmd[:3] + [str(tmp_path / "nowhere"), str(tmp_path / "x"), "--layout", "llama"],
                          capture_output=True, text=True, timeout=300)

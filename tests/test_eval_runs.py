@@ -88,6 +88,8 @@ def test_needle_sweep_crosses_max_positions_and_draws_the_heat_map(tmp_path, tin
 
 
 def test_eval_runner_on_a_task_file_and_errors(tmp_path, tiny, trained):
+    """The runner on a task file, on one device and on a tensor=4 mesh (the tiny model's 2 kv heads repeated) with
+    the same scores; a broken task file is an error naming the task."""
     save_pretrained(tiny, tmp_path / "model", layout="internlm2", tokenizer=trained)
     (tmp_path / "mc.jsonl").write_text("".join(
         json.dumps({"question": q, "choices": ["yes", "no", "maybe"], "answer": i % 3}) + "\n"
@@ -106,6 +108,20 @@ def test_eval_runner_on_a_task_file_and_errors(tmp_path, tiny, trained):
     average = [line for line in run.stdout.splitlines() if line.startswith("| **both** (average of 2) |")]
     assert any(line.endswith(f"| accuracy | ppl | {mean:.4f} |") for line in average), run.stdout
     assert record["tokenizer_sha256"] == trained.sha256 and record["git_commit"]
+    assert record["mesh"] is None and record["dtype"] == "float32" and "(float32) on one device" in run.stderr
+    sharded = subprocess.run([sys.executable, "-m", "internlm2_jax.eval", "--checkpoint", str(tmp_path / "model"),
+                              "--suite", str(tmp_path / "suite.json"), "--no-progress", "--output",
+                              str(tmp_path / "sharded"), "--cpu-devices", "8", "--mesh", "tensor=4"],
+                             capture_output=True, text=True, timeout=600)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    on_mesh = json.loads((tmp_path / "sharded" / "results.json").read_text())
+    assert on_mesh["mesh"] == {"data": 1, "fsdp": 1, "tensor": 4, "sequence": 1} and on_mesh["dtype"] == "float32"
+    assert "on mesh {'data': 1, 'fsdp': 1, 'tensor': 4, 'sequence': 1}" in sharded.stderr  # the memory line
+    for got, want in zip(on_mesh["results"], record["results"], strict=True):
+        assert [d["prediction"] for d in got["details"]] == [d["prediction"] for d in want["details"]]
+        for key in ("logprobs", "mean_loss"):
+            np.testing.assert_allclose([d.get(key, []) for d in got["details"]],
+                                       [d.get(key, []) for d in want["details"]], atol=1e-4)
     (tmp_path / "broken.json").write_text(json.dumps({"tasks": [{"name": "x", "reader": {}}]}))
     bad = subprocess.run([sys.executable, "-m", "internlm2_jax.eval", "--checkpoint", str(tmp_path / "model"),
                           "--suite", str(tmp_path / "broken.json")], capture_output=True, text=True, timeout=300)

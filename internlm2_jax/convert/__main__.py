@@ -4,6 +4,10 @@ SRC is a model directory (config.json + *.safetensors) or an orbax run directory
 exported, with the run's tokenizer when its metadata names one). Converts between the InternLM2 layout (fused wqkv;
 LMDeploy, trust_remote_code users) and the Llama layout (current transformers, vLLM). Tokenizer files are carried.
 SRC and DST may be local or URLs (gs://...).
+
+`--mesh fsdp=8` (with `--cpu-devices 8` on a CPU machine) spreads the model over devices while it is converted (a
+model too big for one device's memory); the kv heads stay as they are (no repetition for the tensor axis: what is
+written is the source model).
 """
 
 import argparse
@@ -21,10 +25,13 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="weight dtype to write (default: keep the source dtype)")
     parser.add_argument("--max-shard-gb", type=float, default=4.0)
+    from internlm2_jax.artifacts import (CheckpointMismatch, add_placement_arguments, is_run_directory, load_model,
+                                         mesh_from_arguments, placement_summary, run_tokenizer)
+
+    add_placement_arguments(parser, dtype=False)  # --dtype here is the dtype written, which float16 is one of
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from internlm2_jax.artifacts import CheckpointMismatch, is_run_directory, load_model, run_tokenizer
     from internlm2_jax.convert import CheckpointError, read_hf_config, save_pretrained
     from internlm2_jax.convert.safetensors_io import CheckpointReader
     from internlm2_jax.paths import absolute
@@ -35,12 +42,14 @@ def main(argv=None) -> int:
         return 2
     tokenizer = None
     try:
+        mesh = mesh_from_arguments(args)
         dtype = args.dtype
         if not is_run_directory(src):
             read_hf_config(src)  # a clear error for a wrong SRC before anything else
             reader = CheckpointReader(src)
             dtype = dtype or reader.dtype(reader.keys()[0]).name
-        cfg, model, meta = load_model(src, **({"param_dtype": dtype} if dtype else {}))
+        cfg, model, meta = load_model(src, mesh=mesh, **({"param_dtype": dtype} if dtype else {}))
+        print(placement_summary(model), file=sys.stderr, flush=True)
         tokenizer = run_tokenizer(meta) if meta is not None else None
         dtype = dtype or cfg.param_dtype
         save_pretrained(model, dst, layout=args.layout, dtype=dtype, tokenizer=tokenizer,

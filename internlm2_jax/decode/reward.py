@@ -5,6 +5,9 @@ the domain's system turn, the messages through the chat template, the reward tok
 Conversations are sorted by length and scored in batches padded to a few lengths (`padded_length`), so a stream of
 requests compiles a handful of shapes. The released InternLM2 reward models were evaluated without the
 conditional system prompt (RewardBench): `domain=None` scores the bare conversation.
+
+On a mesh (the reward model's parameters placed on one) the scoring function runs under it, rows padded to a
+multiple of the data-parallel degree (`scoring.padded_rows`).
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import numpy as np
 from flax import nnx
 
 from internlm2_jax.chat_prompts import DOMAIN_PROMPTS, reward_sequence
-from internlm2_jax.decode.scoring import padded_length
+from internlm2_jax.decode.scoring import padded_length, padded_rows
 from internlm2_jax.model import InternLM2ForRewardModel
 from internlm2_jax.model.transformer import last_token_scores
+from internlm2_jax.parallel.mesh import within_mesh_of
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -45,13 +49,15 @@ def score_ids(model: InternLM2ForRewardModel, sequences: Sequence[Sequence[int]]
     out = np.zeros(len(sequences), np.float32)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        rows = batch_size if len(order) > batch_size else len(chunk)  # full batches keep one shape per length
+        # Full batches keep one shape per length; padding rows (length 0) are scored and dropped.
+        rows = padded_rows(params, batch_size if len(order) > batch_size else len(chunk))
         tokens = np.zeros((rows, padded_length(len(sequences[chunk[-1]]))), np.int32)
         lengths = np.zeros(rows, np.int32)
         for row, i in enumerate(chunk):
             tokens[row, :len(sequences[i])] = sequences[i]
             lengths[row] = len(sequences[i])
-        out[chunk] = np.asarray(_scores(graphdef, params, tokens, lengths))[:len(chunk)]
+        with within_mesh_of(params):
+            out[chunk] = np.asarray(_scores(graphdef, params, tokens, lengths))[:len(chunk)]
     return out
 
 

