@@ -8,14 +8,19 @@ arriving at --rate requests/s. Both servers see the same arrivals, in the same p
 - ours: the continuous-batching engine with the same KV memory, --batch x (longest prompt + longest output) tokens,
   in pages: since a sequence holds only the pages it has filled, that memory runs up to --max-running sequences at
   once (preempting the newest when pages run out), which is the point of paging.
+- with --mesh (e.g. data=2,tensor=4), ours again with the model on that mesh, the CPU split into as many devices
+  (the one-device rows then run on the first of them): the engine on a mesh, checked like ours; on a CPU the devices
+  share its cores, so its speed says nothing about an accelerator mesh.
 The table gives completed tokens/s, request latency p50/p99 and time to first token. Then every request's output
-is checked against the same request run alone (the engine with one running sequence), with the conventions'
-tolerance rule (tokens equal up to the first step where the solo run's top-2 log-prob gap is under 1e-3, log-probs
-within 1e-4 before it).
-Usage: python benchmarks/serving.py [--requests 200] [--rate 20] [--batch 16] [--max-running 64] [--quick]
+is checked against the same request run alone (the engine with one running sequence on one device), with the
+conventions' tolerance rule (tokens equal up to the first step where the solo run's top-2 log-prob gap is under
+1e-3, log-probs within 1e-4 before it).
+Usage: python benchmarks/serving.py [--requests 200] [--rate 20] [--batch 16] [--max-running 64] [--mesh SPEC]
+                                    [--quick]
 """
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -33,6 +38,9 @@ from internlm2_jax.decode.engine import Engine, EngineConfig  # noqa: E402
 from internlm2_jax.decode.streaming import completion_from_events  # noqa: E402
 from internlm2_jax.decode.requests import Request  # noqa: E402
 from internlm2_jax.model import InternLM2ForCausalLM  # noqa: E402
+from internlm2_jax.model.kv_heads import kv_head_factor, replicate_kv_heads  # noqa: E402
+from internlm2_jax.parallel import AXES, inference_mesh, state_shardings  # noqa: E402
+from internlm2_jax.parallel.mesh import parse_mesh, split_cpu  # noqa: E402
 
 
 def make_trace(args, vocab: int):
@@ -120,6 +128,15 @@ def check_against_solo(model, requests, completions, cache_dtype=None) -> tuple[
     return good, compared
 
 
+def on_mesh(model, spec: str):
+    """`model` placed on the mesh `spec` (first devices), its kv heads fitted to the tensor degree, as
+    `load_for_decoding` places a served model."""
+    mesh = inference_mesh(spec)
+    graphdef, state = nnx.split(model)
+    placed = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
+    return replicate_kv_heads(placed, kv_head_factor(placed.cfg, dict(mesh.shape)["tensor"]))
+
+
 def percentile(values, q):
     return float(np.percentile(np.asarray(values), q))
 
@@ -138,11 +155,18 @@ def main():
     parser.add_argument("--cache-dtype", choices=["float32", "bfloat16"], help="KV cache dtype of both servers "
                         "(default: the model's compute dtype)")
     parser.add_argument("--no-check", action="store_true", help="skip the check against solo runs")
+    parser.add_argument("--mesh", help="also run the engine with the model on this mesh, e.g. data=2,tensor=4 "
+                                       "(the CPU is split into as many devices)")
     parser.add_argument("--quick", action="store_true", help="tiny model, 24 short requests: a smoke test")
     args = parser.parse_args()
     if args.quick:
         args.preset, args.requests, args.prompt, args.output, args.batch, args.max_running = \
             "tiny", 24, [2, 40], [2, 24], 4, 8
+    if args.mesh:  # before anything starts JAX's backends
+        sizes = [getattr(parse_mesh(args.mesh), axis) for axis in AXES]
+        if -1 in sizes:
+            parser.error("--mesh: give every axis's size here (no -1): the CPU is split into their product")
+        split_cpu(math.prod(sizes))
     cfg = preset(args.preset)
     model = InternLM2ForCausalLM(cfg, rngs=nnx.Rngs(0))
     arrivals, requests = make_trace(args, cfg.vocab_size)
@@ -155,6 +179,12 @@ def main():
     programs = engine.warmup()
     warmup = time.perf_counter() - started
     makespan, completions, first, finish = run_engine(engine, arrivals, requests)
+    if args.mesh:
+        sharded = Engine(on_mesh(model, args.mesh), None, config)
+        started = time.perf_counter()
+        sharded_programs = sharded.warmup()
+        sharded_warmup = time.perf_counter() - started
+        mesh_makespan, mesh_completions, mesh_first, mesh_finish = run_engine(sharded, arrivals, requests)
     static_makespan, static_finish = run_static(model, arrivals, requests, args.batch, args.cache_dtype)
 
     tokens = sum(len(c.tokens) for c in completions)
@@ -163,8 +193,12 @@ def main():
           f"({cfg.dtype}, KV cache {args.cache_dtype or cfg.dtype}); static batch {args.batch}, KV memory "
           f"{args.batch * max_len} tokens for both, engine up to "
           f"{args.max_running} running; {platform.node()} ({os.cpu_count()} cores, "
-          f"{jax.devices()[0].platform}), {time.strftime('%Y-%m-%d')}")
-    print(f"engine warm-up: {programs} programs in {warmup:.1f} s; stats {engine.stats()}\n")
+          f"{jax.devices()[0].platform} x {jax.device_count()}), {time.strftime('%Y-%m-%d')}")
+    print(f"engine warm-up: {programs} programs in {warmup:.1f} s; stats {engine.stats()}")
+    if args.mesh:
+        print(f"engine on mesh {args.mesh} warm-up: {sharded_programs} programs in {sharded_warmup:.1f} s; "
+              f"stats {sharded.stats()}")
+    print()
     latency = [finish[i] - arrivals[i] for i in range(len(requests))]
     static_latency = [static_finish[i] - arrivals[i] for i in range(len(requests))]
     ttft = [first[i] - arrivals[i] for i in range(len(requests))]
@@ -173,13 +207,24 @@ def main():
     print(f"| static batching (baseline) | {static_makespan:.1f} | {tokens / static_makespan:.0f} | 1.00x | "
           f"{percentile(static_latency, 50):.2f} | {percentile(static_latency, 99):.2f} | "
           f"{percentile(static_latency, 50):.2f} |")
-    print(f"| continuous batching (ours) | {makespan:.1f} | {tokens / makespan:.0f} | "
-          f"{static_makespan / makespan:.2f}x | {percentile(latency, 50):.2f} | {percentile(latency, 99):.2f} | "
-          f"{statistics.median(ttft):.2f} |")
+    engine_row("continuous batching (ours)", makespan, tokens, static_makespan, latency, ttft)
+    if args.mesh:
+        engine_row(f"continuous batching on mesh {args.mesh} ({jax.device_count()} CPU devices)", mesh_makespan,
+                   sum(len(c.tokens) for c in mesh_completions), static_makespan,
+                   [mesh_finish[i] - arrivals[i] for i in range(len(requests))],
+                   [mesh_first[i] - arrivals[i] for i in range(len(requests))])
     if not args.no_check:
-        good, compared = check_against_solo(model, requests, completions, args.cache_dtype)
-        print(f"\nequal to the same request run alone: {good}/{len(requests)} requests "
-              f"({compared} tokens compared before a near tie)")
+        print()
+        for name, outputs in [("", completions), *([(f" (mesh {args.mesh})", mesh_completions)] if args.mesh
+                                                    else [])]:
+            good, compared = check_against_solo(model, requests, outputs, args.cache_dtype)
+            print(f"equal to the same request run alone{name}: {good}/{len(requests)} requests "
+                  f"({compared} tokens compared before a near tie)")
+
+
+def engine_row(name, makespan, tokens, static_makespan, latency, ttft):
+    print(f"| {name} | {makespan:.1f} | {tokens / makespan:.0f} | {static_makespan / makespan:.2f}x | "
+          f"{percentile(latency, 50):.2f} | {percentile(latency, 99):.2f} | {statistics.median(ttft):.2f} |")
 
 
 if __name__ == "__main__":

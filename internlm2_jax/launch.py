@@ -28,14 +28,11 @@ from internlm2_jax.model import InternLM2ForRewardModel
 from internlm2_jax.overrides import apply_overrides, to_dict
 from internlm2_jax.parallel import AXES, batch_sharding, make_mesh
 from internlm2_jax.parallel.mesh import split_cpu
+from internlm2_jax.parallel.topology import memory_report, print_memory_report, topology_hbm, tpu_devices
 from internlm2_jax.run import needs_reference_logprobs
 from internlm2_jax.train.layout_checks import LayoutError, check_layout
 from internlm2_jax.train.loop import build_program
-from internlm2_jax.train.metrics import memory_report, print_memory_report
 from internlm2_jax.train.objectives import PAIR_ROWS, Objective
-
-# HBM per chip, bytes.
-HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5litepod": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
 
 
 def abstract_batch(exp: Experiment, mesh, objective: Objective) -> dict[str, jax.ShapeDtypeStruct]:
@@ -72,16 +69,6 @@ def start_distributed() -> None:
         jax.distributed.initialize()
 
 
-def tpu_devices(topology: str):
-    from jax.experimental import topologies
-
-    try:
-        return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
-    except Exception as e:  # noqa: BLE001 - libtpu missing or unknown topology: say which
-        raise SystemExit(f"cannot build TPU topology {topology!r} ({type(e).__name__}: {e}); is `libtpu` installed "
-                         "(requirements-test.txt) and the name like 'v5p:4x4x4' or 'v5e:16x16'?") from None
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m internlm2_jax.launch", description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment", help="path to an experiment file (experiments/<name>.py)")
@@ -109,7 +96,7 @@ def main(argv=None) -> int:
 
     if args.topology:
         devices = tpu_devices(args.topology)
-        hbm, platform, count = HBM_BYTES.get(args.topology.split(":")[0]), "tpu", len(devices)
+        hbm, platform, count = topology_hbm(args.topology), "tpu", len(devices)
     else:
         devices, hbm, platform, count = None, None, jax.devices()[0].platform, jax.device_count()
     try:
@@ -137,7 +124,7 @@ def main(argv=None) -> int:
                     raise
                 print(f"error: the train step does not fit {where}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
                 return 1
-            print_memory_report(memory_report(compiled, hbm), where)
+            print_memory_report(memory_report(compiled, hbm), f"compiled train step for {where}")
             return 0
         if not hasattr(module, "main"):
             print(f"{args.experiment} defines no main(experiment); nothing to run", file=sys.stderr)

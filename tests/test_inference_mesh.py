@@ -79,10 +79,10 @@ def test_generation_on_a_mesh_equals_one_device(model, spec):
 def test_caches_are_created_on_their_shardings(model):
     placed, mesh = on_mesh(model, "data=2,tensor=4")
     cache = init_cache(placed.cfg, 4, 32, mesh=mesh)
-    assert cache.k[0].sharding.spec == jax.sharding.PartitionSpec(("data",), "tensor", None, None)
-    assert cache.positions.sharding.spec == jax.sharding.PartitionSpec(("data",), None)
+    assert cache.k[0].sharding.spec == jax.sharding.PartitionSpec(("data",), "tensor")
+    assert cache.positions.sharding.spec == jax.sharding.PartitionSpec(("data",))
     paged = init_paged_cache(placed.cfg, 9, 16, mesh=mesh)
-    assert paged.k[0].sharding.spec == jax.sharding.PartitionSpec("tensor", None, None, None)
+    assert paged.k[0].sharding.spec == jax.sharding.PartitionSpec("tensor")
     assert paged.k[0].addressable_shards[0].data.shape == (1, 9, 16, 16)  # one of the four kv heads per shard
 
 

@@ -89,3 +89,19 @@ def test_paged_errors_name_the_constraint():
                                   impl="pallas_gpu")
     with pytest.raises(ValueError, match="first dimension"):
         chunked_prefill_attention(c["q"], c["k_pages"], c["v_pages"], c["page_table"][:2], c["lengths"])
+
+
+@pytest.mark.parametrize("pages_per_block, max_q_rows", [(2, 8), (1, 512)])
+def test_tpu_kernel_blocks_of_pages_and_of_queries_match_reference(monkeypatch, pages_per_block, max_q_rows):
+    """Several pages per kv block (5 pages in blocks of 2: the last block half past the table, its extra page the
+    repeated last one) and a chunk cut into query blocks (3 queries x 3 heads per kv head in tiles of 2 queries:
+    the chunk is padded to 4), with rows whose query blocks are all padding."""
+    from internlm2_jax.kernels import paged_tpu
+
+    monkeypatch.setattr(paged_tpu, "MAX_Q_ROWS", max_q_rows)
+    c = paged_case(7)
+    q_lengths = jnp.asarray([1, 3, 2], jnp.int32)
+    args = (c["q"], c["k_pages"], c["v_pages"], c["page_table"], c["lengths"])
+    got = paged_tpu.paged_attention(*args, q_lengths=q_lengths, interpret=True, pages_per_block=pages_per_block)
+    _check(got, paged_attention_reference(*args, q_lengths=q_lengths), 2e-5)
+    assert np.all(np.asarray(got)[0, 1:] == 0)

@@ -1,5 +1,5 @@
-"""notebooks/quickstart.ipynb, data_and_decoding.ipynb and reward_model.ipynb execute top to bottom through a real
-Jupyter kernel (nbclient + ipykernel).
+"""notebooks/quickstart.ipynb, data_and_decoding.ipynb, reward_model.ipynb and serving.ipynb execute top to bottom
+through a real Jupyter kernel (nbclient + ipykernel).
 
 The kernel is this interpreter: a kernelspec naming `sys.executable` is written to a temporary folder put first on
 JUPYTER_PATH, so neither a `python3` kernel installed elsewhere on the machine nor a missing one changes what runs.
@@ -82,3 +82,20 @@ def test_reward_model_notebook_trains_and_inspects_the_tiny_reward_model(kernel_
     assert accuracy > 0.75 and flip > 0.8, text
     assert "HF export reloads bit-exact: True" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # training curves and score histograms
+
+
+def test_serving_notebook_loads_a_run_onto_a_mesh_and_serves_the_openai_client(kernel_name, tmp_path):
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(REPO / "notebooks" / "serving.ipynb", as_version=4)
+    first = next(c for c in notebook.cells if c.cell_type == "code")
+    assert 'jax.config.update("jax_num_cpu_devices", 8)' in first.source
+    NotebookClient(notebook, timeout=300, kernel_name=kernel_name,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on a failing cell
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "8 devices" in text and "on mesh {'data': 2, 'fsdp': 1, 'tensor': 4, 'sequence': 1}" in text, text
+    assert "same tokens as generate: [True, True, True]" in text, text
+    assert "models: ['tiny']" in text and "32 requests, 0 failed" in text, text
+    assert re.search(r"time to first token: p50 \d+\.\d+ s", text), text
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the latency percentiles

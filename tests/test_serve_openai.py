@@ -1,6 +1,8 @@
 """`python -m internlm2_jax.serve` in a subprocess, driven by clients we did not write: the `openai` SDK (chat,
 streaming chat, completions with echo/logprobs, a tool-call round trip) and a 64-client load test (nothing lost, bad
-requests answered 4xx, resident memory after the load within 10% of its value after warm-up).
+requests answered 4xx, resident memory after the load within 10% of its value after warm-up). The chat and echo
+tests also run against a second server on a mesh (`--cpu-devices 4 --mesh tensor=4`), which must answer as one
+device does.
 
 The tool round trip needs a model that calls the tool: the fixture teaches the tiny model one conversation (a user
 question with a tool list -> a plugin call) by overfitting it for a few hundred steps, in the same template the
@@ -8,9 +10,6 @@ server renders.
 """
 
 import json
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from internlm2_jax.decode.scoring import score_tokens
 from internlm2_jax.artifacts import load_for_decoding
 from internlm2_jax.model import InternLM2ForCausalLM
 from internlm2_jax.serve.protocol import ChatMessage, Tool, template_messages
+from serve_testing import running_server
 
 KEY = "test-key"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
@@ -68,46 +68,36 @@ def memorize_tool_call(model, tokenizer) -> None:
     nnx.update(model, params)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, trained):
+def model_dir(tmp_path_factory, trained):
     root = tmp_path_factory.mktemp("serve")
     model = InternLM2ForCausalLM(preset("tiny", vocab_size=trained.vocab_size, max_position_embeddings=512),
                                  rngs=nnx.Rngs(3))
     memorize_tool_call(model, trained)
     save_pretrained(model, root / "model", layout="internlm2", tokenizer=trained)
-    port = free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "internlm2_jax.serve", "--checkpoint", str(root / "model"),
-                             "--port", str(port), "--api-key", KEY, "--max-model-len", "256",
-                             "--kv-budget-tokens", "4096", "--page-size", "16", "--max-running", "16",
-                             "--max-waiting", "24", "--prefill-chunk", "64", "--log-level", "warning"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up in 180 s"
-            time.sleep(0.5)
-        yield {"base": base, "pid": proc.pid, "dir": root / "model", "log": root / "server.log"}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    yield from serve(model_dir, "one-device", "--max-model-len", "256", "--max-running", "16", "--max-waiting", "24",
+                     "--prefill-chunk", "64")
+
+
+@pytest.fixture(scope="module")
+def mesh_server(model_dir):
+    """The same model served on 4 CPU devices, tensor-parallel (its 2 kv heads repeated to 4); limits small enough
+    for the chat and echo tests, so that its warm-up compiles few programs."""
+    yield from serve(model_dir, "mesh", "--max-model-len", "64", "--max-running", "2", "--prefill-chunk", "16",
+                     "--cpu-devices", "4", "--mesh", "tensor=4")
+
+
+def serve(model_dir, name, *flags):
+    """Runs the server on `model_dir` with `flags` until the module's tests are done; yields where it is."""
+    log_path = model_dir.parent / f"{name}.log"
+    with running_server(model_dir, log_path, "--api-key", KEY, "--kv-budget-tokens", "4096", "--page-size", "16",
+                        "--log-level", "warning", *flags) as (base, proc):
+        yield {"base": base, "pid": proc.pid, "dir": model_dir, "log": log_path, "name": name}
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +106,24 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def reference(server):
-    return load_for_decoding(server["dir"])
+def reference(model_dir):
+    return load_for_decoding(model_dir)
 
 
-def test_models_auth_chat_and_streaming(server, client, reference):
+@pytest.fixture(params=["one-device", "mesh"])
+def any_server(request):
+    """Each server in turn: on the mesh it must answer as on one device (the reference is one device's)."""
+    return request.getfixturevalue("server" if request.param == "one-device" else "mesh_server")
+
+
+def test_models_auth_chat_and_streaming(any_server, reference):
     from internlm2_jax.decode import generate
 
+    server = any_server
+    client = openai.OpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    where = "on mesh {'data': 1, 'fsdp': 1, 'tensor': 4, 'sequence': 1}" if server["name"] == "mesh" else \
+        "on one device"
+    assert where in server["log"].read_text()  # the parameter memory line printed at start-up
     (model_id,) = [m.id for m in client.models.list().data]
     assert model_id == "model"
     with pytest.raises(openai.AuthenticationError):
@@ -145,7 +146,8 @@ def test_models_auth_chat_and_streaming(server, client, reference):
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
 
 
-def test_completions_echo_logprobs_in_the_lm_eval_shape(client, reference):
+def test_completions_echo_logprobs_in_the_lm_eval_shape(any_server, reference):
+    client = openai.OpenAI(base_url=any_server["base"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
     model, tokenizer = reference
     ids = tokenizer.encode("def add(a, b):\n    return a + b", add_bos=True)
     out = client.completions.create(model="model", prompt=[ids], echo=True, logprobs=1, max_tokens=1,
@@ -159,6 +161,15 @@ def test_completions_echo_logprobs_in_the_lm_eval_shape(client, reference):
                                       temperature=0)
     assert [c.index for c in plain.choices] == [0, 1] and plain.usage.completion_tokens == 10 or \
         any(c.finish_reason == "stop" for c in plain.choices)
+
+
+def test_bad_placement_flags_are_refused(model_dir, capsys):
+    from internlm2_jax.serve.__main__ import main
+
+    assert main(["--checkpoint", str(model_dir), "--mesh", "tensr=4"]) == 1
+    assert "error: mesh 'tensr=4': 'tensr=4' is not AXIS=SIZE" in capsys.readouterr().err
+    assert main(["--checkpoint", str(model_dir), "--mesh", "tensor=16"]) == 1
+    assert "needs 16 devices, but 8 are available" in capsys.readouterr().err
 
 
 def test_tool_call_round_trip(client):

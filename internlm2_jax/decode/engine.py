@@ -14,6 +14,10 @@ are freed and it waits at the head of the queue to be recomputed (prompt and gen
 Sampling keys depend on each request's seed and token index only, so a request's output does not depend on what it
 was batched with or on preemption (greedy: up to matmul rounding, the conventions' tolerance rule).
 
+On a mesh (the model's parameters placed on one, as `load_for_decoding(..., mesh=)` places them) the paged cache is
+created on it, each kv head's pages on its tensor shard, every jitted call runs under it, and decode batches are
+padded to split over its data-parallel axes; a request's output is the one it has on one device.
+
 Use it synchronously (`engine.generate(requests)`, or `submit` + `step`) or from a server (`start()` runs the loop
 in a background thread; `submit` and `cancel` are thread-safe; events arrive on the engine's thread).
 """
@@ -21,6 +25,7 @@ in a background thread; `submit` and `cancel` are thread-safe; events arrive on 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -32,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from internlm2_jax.decode.engine_shapes import ProgramShapes, pow2
@@ -44,6 +50,7 @@ from internlm2_jax.decode.scoring import score_tokens
 from internlm2_jax.decode.streaming import append_token, completion_from_events
 from internlm2_jax.model.attention import decode_reads_pages_in_place
 from internlm2_jax.model.paged_cache import init_paged_cache, pages_for_budget
+from internlm2_jax.parallel.mesh import data_parallel_size, mesh_of
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +95,12 @@ class Engine:
         if (num_pages - 1) * page_size < config.max_model_len:
             raise ValueError(f"the KV budget holds {(num_pages - 1) * page_size} tokens, less than one sequence of "
                              f"max_model_len={config.max_model_len}; raise the budget or lower max_model_len")
+        # On a mesh (parameters placed on one) the cache and the penalty state live on it too, and every jitted
+        # call runs under it (`_on_mesh`), so the model's constraints and per-shard kernels see it.
+        self.mesh = mesh_of(self.params)
         self.pool = PagePool(num_pages, page_size, prefix_caching=config.prefix_caching)
-        self.cache = init_paged_cache(self.model_config, num_pages, page_size, config.cache_dtype)
-        vocab = self.model_config.vocab_size
-        self.counts = jnp.zeros((config.max_running + 1, vocab), jnp.int32)  # the last row is padding rows' scratch
-        self.seen = jnp.zeros((config.max_running + 1, vocab), bool)
+        self.cache = self._new_cache(num_pages)
+        self.counts, self.seen = self._empty_penalty_state()
         self._free_slots = list(range(config.max_running))[::-1]
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
@@ -110,7 +118,8 @@ class Engine:
             self.model_config.attention_impl, self.model_config.dtype, config.cache_dtype or self.model_config.dtype)
         self.programs = ProgramShapes.plan(max_running=config.max_running, max_prefill_rows=config.max_prefill_rows,
                                            prefill_chunk=config.prefill_chunk, max_model_len=config.max_model_len,
-                                           page_size=page_size, reads_pages_in_place=self.decode_reads_pages_in_place)
+                                           page_size=page_size, reads_pages_in_place=self.decode_reads_pages_in_place,
+                                           data_parallel=data_parallel_size(self.mesh))
         # Every key exists from the start: `stats()` reads them from another thread, and a dict must not grow
         # while it is being read.
         self.counters = collections.Counter(dict.fromkeys(
@@ -118,6 +127,21 @@ class Engine:
              "prefill_seconds", "prefill_tokens", "prefill_padded_tokens", "decode_seconds", "decode_tokens",
              "decode_padded_tokens"), 0))
         self._pad_key = key_data(0)
+
+    def _new_cache(self, num_pages: int):
+        return init_paged_cache(self.model_config, num_pages, self.config.page_size, self.config.cache_dtype,
+                                mesh=self.mesh)
+
+    def _empty_penalty_state(self) -> tuple[jax.Array, jax.Array]:
+        """Zero counts and seen flags [max_running + 1, vocab] (the last row is padding rows' scratch), replicated
+        over the mesh when there is one (a few MB even at 32 rows of a 92K vocabulary)."""
+        shape = (self.config.max_running + 1, self.model_config.vocab_size)
+        where = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+        return jnp.zeros(shape, jnp.int32, device=where), jnp.zeros(shape, bool, device=where)
+
+    def _on_mesh(self):
+        # The mesh found once (not `within_mesh_of(self.params)`, which walks the parameters at every step).
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     # ---- the caller's side (thread-safe) ---------------------------------------------------------------------------
 
@@ -264,8 +288,9 @@ class Engine:
                 counts = np.bincount(np.asarray(seq.generated, np.int64), minlength=self.model_config.vocab_size)
                 seen = np.zeros(self.model_config.vocab_size, bool)
                 seen[seq.tokens] = True
-                self.counts, self.seen = set_penalty_row(self.counts, self.seen, seq.slot,
-                                                          counts.astype(np.int32), seen)
+                with self._on_mesh():
+                    self.counts, self.seen = set_penalty_row(self.counts, self.seen, seq.slot,
+                                                              counts.astype(np.int32), seen)
             self._running.append(seq)
 
     def _prefix_ok(self, seq: Sequence) -> bool:
@@ -283,8 +308,10 @@ class Engine:
         tops: list[dict[int, float] | None] | None = [None] if n is not None else None
         if seq.prompt_len > 1 and n is not None:
             try:
-                (chosen, top_ids, top_lps), = score_tokens((self.graphdef, self.params), [list(request.prompt_ids)],
-                                                           top_n=self.config.max_top_n if n else 0)
+                with self._on_mesh():
+                    (chosen, top_ids, top_lps), = score_tokens((self.graphdef, self.params),
+                                                               [list(request.prompt_ids)],
+                                                               top_n=self.config.max_top_n if n else 0)
             except Exception as e:  # noqa: BLE001 - reported to the caller, never swallowed
                 log.exception("scoring failed")
                 self._waiting.popleft()
@@ -357,9 +384,10 @@ class Engine:
 
     def _call(self, tokens, page_table, lengths, q_lengths, rope_lengths, slots, emit, steps, sampling, row_widths):
         self.shapes.add((*tokens.shape, page_table.shape[1], row_widths))
-        self.cache, self.counts, self.seen, *out = self._step(
-            self.params, self.cache, self.counts, self.seen, tokens, page_table, lengths, q_lengths,
-            rope_lengths, slots, emit, steps, sampling, top_n=self.config.max_top_n, row_widths=row_widths)
+        with self._on_mesh():
+            self.cache, self.counts, self.seen, *out = self._step(
+                self.params, self.cache, self.counts, self.seen, tokens, page_table, lengths, q_lengths,
+                rope_lengths, slots, emit, steps, sampling, top_n=self.config.max_top_n, row_widths=row_widths)
         self.counters["model_calls"] += 1
         return jax.device_get(out)
 
@@ -375,11 +403,10 @@ class Engine:
             log.exception("engine step failed")
             # The donated cache died with the call: nobody's pages are valid.
             if jax.tree.leaves(self.cache.k)[0].is_deleted():
-                self.cache = init_paged_cache(self.model_config, self.pool.capacity + 1, self.config.page_size,
-                                              self.config.cache_dtype)
+                self.cache = self._new_cache(self.pool.capacity + 1)
                 self.pool = PagePool(self.pool.capacity + 1, self.config.page_size,
                                      prefix_caching=self.config.prefix_caching)
-                self.counts, self.seen = jnp.zeros_like(self.counts), jnp.zeros_like(self.seen)
+                self.counts, self.seen = self._empty_penalty_state()
                 failed = [*self._running]
                 self._running.clear()
                 self._free_slots = list(range(self.config.max_running))[::-1]

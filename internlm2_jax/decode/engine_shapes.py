@@ -2,8 +2,10 @@
 at `warmup()`), never one per request.
 
 Decode rows are padded to 1, 2, then multiples of 4 (a padded row costs as much as a real one, and finer steps
-than 8 saved engine time on the serving benchmark); prefill calls to (rows, chunk) pairs of powers of two within
-`prefill_chunk` tokens; page-table widths to a ladder of powers of four. Where decoding gathers pages with XLA (no
+than 8 saved engine time on the serving benchmark), rounded up to multiples of the mesh's data-parallel degree (a
+batch that does not split is computed whole on every replica, so padding it to split costs no replica more);
+prefill calls to (rows, chunk) pairs of powers of two within `prefill_chunk` tokens; page-table widths to a ladder
+of powers of four. Where decoding gathers pages with XLA (no
 CPU kernel reading them in place), a decode batch of >= 16 rows at the widest page table, its rows sorted by length,
 may also run as four groups whose widths step down (`row_widths`), so it gathers about the pages its rows hold.
 """
@@ -51,12 +53,14 @@ class ProgramShapes:
 
     @classmethod
     def plan(cls, *, max_running: int, max_prefill_rows: int, prefill_chunk: int, max_model_len: int,
-             page_size: int, reads_pages_in_place: bool) -> ProgramShapes:
+             page_size: int, reads_pages_in_place: bool, data_parallel: int = 1) -> ProgramShapes:
         """The shapes for an engine's limits. `reads_pages_in_place`: decoding runs the CPU kernel, which stops at
         each row's length, so a decode step costs the same at any page-table width: decode then runs at the widest
-        only and needs no row profiles (a third of the programs to compile)."""
+        only and needs no row profiles (a third of the programs to compile). `data_parallel`: the mesh's
+        data-parallel degree, which decode row counts are rounded up to multiples of."""
         rows = sorted({1, 2} | set(range(4, max_running + 4, 4)))
         decode_rows = [r for r in rows if r < max_running] + [fit(max_running, rows)]
+        decode_rows = sorted({-(-r // data_parallel) * data_parallel for r in decode_rows})
         smallest = min(16, prefill_chunk)
         prefill_shapes = [(rows, chunk) for rows in powers(1, max_prefill_rows)
                           for chunk in powers(smallest, prefill_chunk // rows) if chunk >= smallest]

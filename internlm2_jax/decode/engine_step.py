@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from internlm2_jax.decode.sampling import SamplingConfig, SamplingParams, sample
+from internlm2_jax.parallel.sharding import constrain
 
 
 def engine_step(graphdef, params, cache, counts, seen, tokens, page_table, lengths, q_lengths, rope_lengths, slots,
@@ -24,8 +25,8 @@ def engine_step(graphdef, params, cache, counts, seen, tokens, page_table, lengt
     last = jnp.maximum(q_lengths - 1, 0)
     logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
     token, logprob, top_ids, top_logprobs = sample(logits, sampling, steps, counts, seen, top_n, rows=slots)
-    counts = counts.at[slots, token].add(emit.astype(jnp.int32))
-    seen = seen.at[slots, token].set(seen[slots, token] | emit)
+    counts, seen = _replicated(counts.at[slots, token].add(emit.astype(jnp.int32)),
+                               seen.at[slots, token].set(seen[slots, token] | emit))
     empty = jnp.zeros((0,), jnp.int32)  # the step's view is not part of the cache between calls
     return cache.with_step(jnp.zeros((0, 0), jnp.int32), empty, empty, empty), counts, seen, token, logprob, \
         top_ids, top_logprobs
@@ -40,9 +41,15 @@ def jitted_engine_step(graphdef):
                    donate_argnames=("cache", "counts", "seen"))
 
 
+def _replicated(*arrays):
+    """The penalty state keeps the layout it came in with on a mesh (replicated): donated from call to call, a
+    layout XLA chose otherwise would be a new input sharding, and a recompile, at the next call."""
+    return tuple(constrain(a, (None,) * a.ndim) for a in arrays)
+
+
 @functools.partial(jax.jit, donate_argnums=(0, 1))
 def set_penalty_row(counts, seen, slot, counts_row, seen_row):
-    return counts.at[slot].set(counts_row), seen.at[slot].set(seen_row)
+    return _replicated(counts.at[slot].set(counts_row), seen.at[slot].set(seen_row))
 
 
 def key_data(seed: int) -> tuple[int, ...]:

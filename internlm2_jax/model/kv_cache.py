@@ -21,7 +21,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.parallel.sharding import ACTIVATION_RULES, constrain, logical_to_spec
@@ -96,8 +96,18 @@ def map_cache(fn: Callable, cache: KVCache) -> KVCache:
 
 
 def sharding_fn(mesh: Mesh) -> Callable:
-    """`fn(array, logical axes)` -> the array's NamedSharding on `mesh` by the activation rules."""
-    return lambda a, axes: NamedSharding(mesh, logical_to_spec(axes, a.shape, dict(mesh.shape), ACTIVATION_RULES))
+    """`fn(array, logical axes)` -> the array's NamedSharding on `mesh` by the activation rules.
+
+    Specs are written without trailing Nones, as jit writes its outputs': jit tells P('tensor', None) from
+    P('tensor'), so a donated cache created in the long form would compile its first program twice."""
+
+    def sharding(a, axes):
+        spec = list(logical_to_spec(axes, a.shape, dict(mesh.shape), ACTIVATION_RULES))
+        while spec and spec[-1] is None:
+            spec.pop()
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return sharding
 
 
 def constrain_cache(cache):

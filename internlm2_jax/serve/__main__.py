@@ -16,7 +16,7 @@ import time
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m internlm2_jax.serve", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--checkpoint", required=True, help="a model directory or a run directory")
+    parser.add_argument("--checkpoint", help="a model directory or a run directory (required unless --compile-only)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("INTERNLM2_API_KEY"))
@@ -34,13 +34,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--int8", action="store_true", help="weight-only int8 projections")
     parser.add_argument("--no-warmup", action="store_true", help="compile programs on first use, not at start")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="plan a deployment: compile the engine's largest prefill call (--prefill-chunk tokens) "
+                             "and its decode step of --max-running sequences of --max-model-len tokens (the KV cache "
+                             "holds all of them) for --topology, print per-chip memory, stop")
+    parser.add_argument("--topology", help="with --compile-only: a TPU topology such as v5e:2x2 or v5p:2x2x1 "
+                                           "(needs the libtpu package, no TPU)")
+    parser.add_argument("--preset", help="with --compile-only: the model preset, e.g. internlm2_7b")
+    from internlm2_jax.artifacts import add_placement_arguments
+
+    add_placement_arguments(parser)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.compile_only:
+        if not (args.topology and args.preset) or args.checkpoint:
+            parser.error("--compile-only plans a --preset on a --topology (bf16; no --checkpoint is read)")
+        if args.dtype == "float32" or args.int8 or args.cpu_devices is not None:
+            parser.error("--compile-only plans bf16 weights on abstract TPU chips: --dtype float32, --int8 and "
+                         "--cpu-devices do not apply")
+        from internlm2_jax.decode.deployment import Deployment, compile_only
 
-    from internlm2_jax.artifacts import CheckpointMismatch, is_run_directory, load_for_decoding
+        return compile_only(Deployment(args.preset, args.topology, mesh=args.mesh, sequences=args.max_running,
+                                       max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk,
+                                       page_size=args.page_size))
+    if args.checkpoint is None or args.topology or args.preset:
+        parser.error("serving needs --checkpoint; --topology and --preset are for --compile-only")
+
+    from internlm2_jax.artifacts import (CheckpointMismatch, is_run_directory, load_for_decoding,
+                                         placement_from_arguments, placement_summary)
     from internlm2_jax.chat_template import chat_template_for_directory, get_chat_template
     from internlm2_jax.convert import CheckpointError
     from internlm2_jax.decode.engine import Engine, EngineConfig
@@ -57,7 +82,9 @@ def main(argv=None) -> int:
                           prefix_caching=not args.no_prefix_caching)
     try:
         config.validate()
-        model, tokenizer = load_for_decoding(path, quantize="int8" if args.int8 else None)
+        mesh, dtype = placement_from_arguments(args)
+        model, tokenizer = load_for_decoding(path, quantize="int8" if args.int8 else None, mesh=mesh, dtype=dtype)
+        print(placement_summary(model), flush=True)
         template = (get_chat_template("internlm2_chat") if is_run_directory(path)
                     else chat_template_for_directory(path))
         engine = Engine(model, tokenizer, config)

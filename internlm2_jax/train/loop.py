@@ -25,12 +25,13 @@ from tqdm import tqdm
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.parallel import MeshConfig, batch_sharding, make_mesh
+from internlm2_jax.parallel.topology import memory_report, print_memory_report
 from internlm2_jax.artifacts import provenance
 from internlm2_jax.paths import is_url, open_append
 from internlm2_jax.train.checkpoint import Checkpointer
 from internlm2_jax.train.init_weights import initial_params
 from internlm2_jax.train.layout_checks import check_layout
-from internlm2_jax.train.metrics import PEAK_FLOPS, memory_report, mfu, peak_flops_key, print_memory_report
+from internlm2_jax.train.metrics import PEAK_FLOPS, mfu, peak_flops_key
 from internlm2_jax.train.objectives import LM, Objective
 from internlm2_jax.train.optim import OptimizerConfig, lr_schedules, make_optimizer
 from internlm2_jax.train.state import (abstract_train_state, init_train_state, model_graphdef, split_trainable,
@@ -353,8 +354,8 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
             if step_fn is None:
                 step_fn = program.compile(batch)
                 if jax.process_index() == 0:
-                    print_memory_report(memory_report(step_fn), f"{jax.device_count()} {jax.devices()[0].platform} "
-                                        f"devices, mesh {dict(mesh.shape)}")
+                    print_memory_report(memory_report(step_fn), f"compiled train step for {jax.device_count()} "
+                                        f"{jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}")
                 window_start = time.perf_counter()
             state, metrics = step_fn(state, batch)
             window.append(metrics)  # device arrays: reading them now would stall the asynchronous dispatch

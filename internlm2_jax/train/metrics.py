@@ -85,28 +85,3 @@ def mfu(flops_per_token: float, tokens_per_second: float, peak_flops: float | No
     if peak_flops is None:
         return None
     return flops_per_token * tokens_per_second / (peak_flops * num_chips)
-
-
-def memory_report(compiled, hbm_bytes: int | None = None) -> dict[str, float]:
-    """Per-device memory of a compiled step (`memory_analysis()`), and whether it fits `hbm_bytes`."""
-    m = compiled.memory_analysis()
-    report = {
-        "arguments_gib": m.argument_size_in_bytes / 2**30,
-        "outputs_gib": m.output_size_in_bytes / 2**30,
-        "aliased_gib": m.alias_size_in_bytes / 2**30,
-        "temporaries_gib": m.temp_size_in_bytes / 2**30,
-        "code_gib": m.generated_code_size_in_bytes / 2**30,
-    }
-    # Donated state is aliased to the outputs: it is counted once.
-    report["total_gib"] = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                           + m.temp_size_in_bytes + m.generated_code_size_in_bytes) / 2**30
-    if hbm_bytes:
-        report["hbm_gib"] = hbm_bytes / 2**30
-        report["fits"] = report["total_gib"] <= report["hbm_gib"]
-    return report
-
-
-def print_memory_report(report: dict, where: str) -> None:
-    print(f"compiled train step for {where}: per-device memory", flush=True)
-    for key, value in report.items():
-        print(f"  {key:<16} {value:.3f}" if isinstance(value, float) else f"  {key:<16} {value}", flush=True)
