@@ -1,6 +1,8 @@
-"""What every benchmark script shares: timing by median after a warm-up, and the bench-shape command line."""
+"""What every benchmark script shares: timing by median after a warm-up, the bench-shape command line, and the
+CPU split for a --mesh row."""
 
 import argparse
+import math
 import statistics
 import time
 
@@ -26,3 +28,15 @@ def shape_arguments(description: str) -> argparse.Namespace:
     if args.quick:
         args.batch, args.seq, args.runs = 2, 128, 2
     return args
+
+
+def split_cpu_for_mesh(parser: argparse.ArgumentParser, spec: str) -> None:
+    """Splits the CPU into the devices of the mesh `spec` (every axis sized, no -1), before JAX starts: a mesh row
+    on a CPU machine, where the devices share its cores (so its speed says nothing about an accelerator mesh)."""
+    from internlm2_jax.parallel import AXES, parse_mesh
+    from internlm2_jax.parallel.mesh import split_cpu
+
+    sizes = [getattr(parse_mesh(spec), axis) for axis in AXES]
+    if -1 in sizes:
+        parser.error("--mesh: give every axis's size here (no -1): the CPU is split into their product")
+    split_cpu(math.prod(sizes))

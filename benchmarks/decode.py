@@ -7,7 +7,9 @@ I1536) in fp32 on CPU at batch 1 and 16, then the same weights as bf16 and as in
 scales; on CPU through the C++ kernel of `kernels/int8_matmul.py`). On a GPU: `--preset internlm2_1_8b --dtype
 bfloat16 --no-torch` (the lent machines carry jax but not necessarily torch); `--quick` is a tiny smoke test of the
 script on CPU.
-Usage: python benchmarks/decode.py [--batch 1 16] [--prompt 128] [--new 128] [--runs 3] [--quick]
+`--mesh data=2,tensor=4` adds our row with the model on that mesh (the CPU split into 8 devices sharing its cores:
+correctness, not a speed that means anything for an accelerator mesh).
+Usage: python benchmarks/decode.py [--batch 1 16] [--prompt 128] [--new 128] [--runs 3] [--quick] [--mesh SPEC]
 """
 
 import argparse
@@ -19,14 +21,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_common import median_seconds  # noqa: E402
+from bench_common import median_seconds, split_cpu_for_mesh  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from internlm2_jax.config import preset  # noqa: E402
 from internlm2_jax.convert import load_pretrained, save_pretrained  # noqa: E402
 from internlm2_jax.decode import generate_ids  # noqa: E402
 from internlm2_jax.model import InternLM2ForCausalLM  # noqa: E402
+from internlm2_jax.model.kv_heads import shard_for_decoding  # noqa: E402
 from internlm2_jax.model.quantize import quantize_int8  # noqa: E402
+from internlm2_jax.parallel import inference_mesh  # noqa: E402
 
 
 def ours(model, prompts: np.ndarray, new: int, runs: int) -> tuple[float, list[list[int]]]:
@@ -75,7 +79,11 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true", help="ours only (a GPU machine without torch)")
     parser.add_argument("--quick", action="store_true", help="tiny preset, batch 2, 8+8 tokens: a smoke test")
+    parser.add_argument("--mesh", help="also ours with the model on this mesh, e.g. data=2,tensor=4 (the CPU is "
+                                       "split into as many devices; the other rows run on the first)")
     args = parser.parse_args()
+    if args.mesh:  # before anything starts JAX's backends
+        split_cpu_for_mesh(parser, args.mesh)
     if args.quick:
         args.preset, args.batch, args.prompt, args.new, args.runs = "tiny", [2], 8, 8, 1
     cfg = preset(args.preset, dtype=args.dtype, max_position_embeddings=max(args.prompt + args.new, 64))
@@ -92,10 +100,16 @@ def main():
             prompts = np.random.RandomState(batch).randint(3, cfg.vocab_size, (batch, args.prompt)).astype(np.int32)
             ours_s, ours_tokens = ours(model, prompts, args.new, args.runs)
             rows = [(f"ours (jax, static KV cache, {args.dtype})", ours_s, "")]
+            if args.mesh:
+                mesh_s, mesh_tokens = ours(shard_for_decoding(model, inference_mesh(args.mesh)), prompts, args.new,
+                                           args.runs)
+                rows.append((f"ours on mesh {args.mesh} ({jax.device_count()} CPU devices)", mesh_s,
+                             agreement(mesh_tokens, ours_tokens)))
             if not args.no_torch:
                 ref_s, ref_tokens = transformers_generate(tmp, prompts, args.new, args.runs)
                 rows = [("transformers generate fp32 (baseline)", ref_s, ""),
-                        (f"ours (jax, static KV cache, {args.dtype})", ours_s, agreement(ours_tokens, ref_tokens))]
+                        (f"ours (jax, static KV cache, {args.dtype})", ours_s, agreement(ours_tokens, ref_tokens)),
+                        *[(name, seconds, same + " (vs ours on one device)") for name, seconds, same in rows[1:]]]
                 if args.dtype == "float32":  # the same weights in fewer bytes: bf16, and int8 with fp32 scales
                     _, half = load_pretrained(tmp, dtype="bfloat16", param_dtype="bfloat16")
                     half_s, half_tokens = ours(half, prompts, args.new, args.runs)

@@ -20,7 +20,6 @@ Usage: python benchmarks/serving.py [--requests 200] [--rate 20] [--batch 16] [-
 """
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_common import split_cpu_for_mesh  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from internlm2_jax.config import preset  # noqa: E402
@@ -38,9 +38,8 @@ from internlm2_jax.decode.engine import Engine, EngineConfig  # noqa: E402
 from internlm2_jax.decode.streaming import completion_from_events  # noqa: E402
 from internlm2_jax.decode.requests import Request  # noqa: E402
 from internlm2_jax.model import InternLM2ForCausalLM  # noqa: E402
-from internlm2_jax.model.kv_heads import kv_head_factor, replicate_kv_heads  # noqa: E402
-from internlm2_jax.parallel import AXES, inference_mesh, state_shardings  # noqa: E402
-from internlm2_jax.parallel.mesh import parse_mesh, split_cpu  # noqa: E402
+from internlm2_jax.model.kv_heads import shard_for_decoding  # noqa: E402
+from internlm2_jax.parallel import inference_mesh  # noqa: E402
 
 
 def make_trace(args, vocab: int):
@@ -131,10 +130,7 @@ def check_against_solo(model, requests, completions, cache_dtype=None) -> tuple[
 def on_mesh(model, spec: str):
     """`model` placed on the mesh `spec` (first devices), its kv heads fitted to the tensor degree, as
     `load_for_decoding` places a served model."""
-    mesh = inference_mesh(spec)
-    graphdef, state = nnx.split(model)
-    placed = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
-    return replicate_kv_heads(placed, kv_head_factor(placed.cfg, dict(mesh.shape)["tensor"]))
+    return shard_for_decoding(model, inference_mesh(spec))
 
 
 def percentile(values, q):
@@ -163,10 +159,7 @@ def main():
         args.preset, args.requests, args.prompt, args.output, args.batch, args.max_running = \
             "tiny", 24, [2, 40], [2, 24], 4, 8
     if args.mesh:  # before anything starts JAX's backends
-        sizes = [getattr(parse_mesh(args.mesh), axis) for axis in AXES]
-        if -1 in sizes:
-            parser.error("--mesh: give every axis's size here (no -1): the CPU is split into their product")
-        split_cpu(math.prod(sizes))
+        split_cpu_for_mesh(parser, args.mesh)
     cfg = preset(args.preset)
     model = InternLM2ForCausalLM(cfg, rngs=nnx.Rngs(0))
     arrivals, requests = make_trace(args, cfg.vocab_size)

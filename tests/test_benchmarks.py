@@ -30,8 +30,11 @@ def test_decode_benchmark_quick_run_prints_its_table_and_matches_transformers():
     fp32_row = next(line for line in out.splitlines() if "| ours (jax, static KV cache, float32) |" in line)
     assert fp32_row.endswith("| 16/16 tokens before a difference |")  # 2 rows x 8 new tokens, all equal
     assert "bf16 weights" in out and "int8 weights" in out
-    gpu_form = run_benchmark("decode.py", "--quick", "--no-torch", "--dtype", "bfloat16")
+    gpu_form = run_benchmark("decode.py", "--quick", "--no-torch", "--dtype", "bfloat16", "--mesh", "data=2,tensor=2")
     assert "ours (jax, static KV cache, bfloat16)" in gpu_form
+    mesh_row = next(line for line in gpu_form.splitlines()
+                    if "| ours on mesh data=2,tensor=2 (4 CPU devices) |" in line)
+    assert mesh_row.endswith("| 16/16 tokens before a difference |")  # the same tokens as on one device
 
 
 @pytest.mark.slow

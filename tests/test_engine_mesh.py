@@ -13,8 +13,8 @@ from internlm2_jax.decode.engine import Engine, EngineConfig
 from internlm2_jax.decode.requests import Request
 from internlm2_jax.decode.sampling import SamplingConfig
 from internlm2_jax.model import InternLM2ForCausalLM
-from internlm2_jax.model.kv_heads import kv_head_factor, replicate_kv_heads
-from internlm2_jax.parallel import inference_mesh, state_shardings
+from internlm2_jax.model.kv_heads import shard_for_decoding
+from internlm2_jax.parallel import inference_mesh
 
 CFG = preset("tiny")  # 4 query heads, 2 kv heads
 # Few programs: pages of 16 tokens for sequences of 32 (one page-table width), one prefill shape, decode rows 1, 2.
@@ -43,10 +43,7 @@ def alone(model):
 
 
 def on_mesh(model, spec):
-    mesh = inference_mesh(spec)
-    graphdef, state = nnx.split(model)
-    placed = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
-    return replicate_kv_heads(placed, kv_head_factor(placed.cfg, dict(mesh.shape)["tensor"]))
+    return shard_for_decoding(model, inference_mesh(spec))
 
 
 @pytest.mark.parametrize("spec", ["tensor=4", "data=2,tensor=4", "fsdp=2,tensor=2"])

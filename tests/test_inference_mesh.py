@@ -10,10 +10,10 @@ from internlm2_jax.config import preset
 from internlm2_jax.decode import SamplingConfig, generate_ids
 from internlm2_jax.model import InternLM2ForCausalLM
 from internlm2_jax.model.kv_cache import init_cache
-from internlm2_jax.model.kv_heads import kv_head_factor, replicate_kv_heads
+from internlm2_jax.model.kv_heads import kv_head_factor, replicate_kv_heads, shard_for_decoding
 from internlm2_jax.model.paged_cache import init_paged_cache
 from internlm2_jax.model.quantize import quantize_int8
-from internlm2_jax.parallel import MeshConfig, inference_mesh, parse_mesh, state_shardings
+from internlm2_jax.parallel import MeshConfig, inference_mesh, parse_mesh
 
 PROMPTS = [[5, 9, 33, 2, 8, 71, 300], [100, 7], [42, 43, 44, 45]]  # three rows: padding on every data degree
 MESHES = ["tensor=4", "data=2,tensor=4", "fsdp=2,tensor=2"]
@@ -27,9 +27,7 @@ def model():
 
 def on_mesh(model, spec):
     mesh = inference_mesh(spec)
-    graphdef, state = nnx.split(model)
-    placed = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
-    return replicate_kv_heads(placed, kv_head_factor(placed.cfg, dict(mesh.shape)["tensor"])), mesh
+    return shard_for_decoding(model, mesh), mesh
 
 
 def assert_same(expected, got):

@@ -18,8 +18,8 @@ from internlm2_jax.decode.reward import score_ids
 from internlm2_jax.decode.scoring import score_shared_prefix
 from internlm2_jax.eval.perplexity import perplexity
 from internlm2_jax.model import InternLM2ForCausalLM, InternLM2ForRewardModel
-from internlm2_jax.model.kv_heads import kv_head_factor, replicate_kv_heads
-from internlm2_jax.parallel import MeshConfig, inference_mesh, make_mesh, state_shardings
+from internlm2_jax.model.kv_heads import shard_for_decoding
+from internlm2_jax.parallel import MeshConfig, inference_mesh, make_mesh
 from internlm2_jax.parallel.mesh import within_mesh_of
 from internlm2_jax.train import init_train_state
 from internlm2_jax.train.checkpoint import Checkpointer
@@ -30,10 +30,7 @@ TEXTS = ["def add(a, b):\n    return a + b\n" * 3, "import os\nprint(os.getcwd()
 def on_mesh(model, spec: str):
     """`model` placed on the mesh `spec` as the loader places it: parameters on their shardings, kv heads repeated
     up to the tensor degree."""
-    mesh = inference_mesh(spec)
-    graphdef, state = nnx.split(model)
-    placed = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
-    return replicate_kv_heads(placed, kv_head_factor(placed.cfg, dict(mesh.shape)["tensor"]))
+    return shard_for_decoding(model, inference_mesh(spec))
 
 
 def scores(model, reward_model, tokenizer):

@@ -68,3 +68,13 @@ def replicate_kv_heads(model: nnx.Module, factor: int, rules=None) -> nnx.Module
         kwargs = {} if rules is None else {"rules": rules}
         state = jax.device_put(state, state_shardings(abstract, mesh, **kwargs))
     return nnx.merge(graphdef, state)
+
+
+def shard_for_decoding(model: nnx.Module, mesh, rules=None) -> nnx.Module:
+    """A model in memory (a notebook's, a trainer's) placed on `mesh` for decoding, scoring or serving: each
+    parameter on its sharding by `rules` (default: the parameter rules), kv heads repeated up to the tensor degree
+    when it outnumbers them. Models loaded from disk get the same from `artifacts.load_for_decoding(..., mesh=)`."""
+    kwargs = {} if rules is None else {"rules": rules}
+    graphdef, state = nnx.split(model)
+    placed = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, **kwargs)))
+    return replicate_kv_heads(placed, kv_head_factor(placed.cfg, dict(mesh.shape).get("tensor", 1)), rules)
