@@ -299,16 +299,17 @@ def load_model(path: str | os.PathLike, *, mesh=None, rules=DEFAULT_RULES, quant
         raise ValueError(f"quantize: only 'int8' (weight-only, for decoding) is supported, got {quantize!r}")
     path = epath.Path(path)
     meta = None
+    tensor = dict(mesh.shape).get("tensor", 1) if fit_kv_heads and mesh is not None else 1
     if is_run_directory(path):
         _, model, meta = load_run(path, mesh=mesh, rules=rules, dtype=dtype)
     else:
         if dtype is not None:
             config_overrides = {**config_overrides, "param_dtype": dtype, "dtype": dtype}
-        _, model = load_pretrained(path, mesh=mesh, rules=rules, quantize=None if fit_kv_heads else quantize,
+        # Quantized as it is read (never whole in float), unless kv heads may need repeating first.
+        _, model = load_pretrained(path, mesh=mesh, rules=rules, quantize=quantize if tensor == 1 else None,
                                    **config_overrides)
-        quantize = quantize if fit_kv_heads else None  # load_pretrained quantized it as it read it
-    if fit_kv_heads and mesh is not None:
-        model = replicate_kv_heads(model, kv_head_factor(model.cfg, dict(mesh.shape).get("tensor", 1)), rules)
+        quantize = quantize if tensor > 1 else None
+    model = replicate_kv_heads(model, kv_head_factor(model.cfg, tensor), rules)
     model = quantize_int8(model) if quantize else model
     return model.cfg, model, meta
 
