@@ -49,6 +49,8 @@ def test_mesh_specs_parse_and_refuse_clearly():
         parse_mesh("data=-1,tensor=-1")
     with pytest.raises(ValueError, match="needs 16 devices, but 8 are available"):
         inference_mesh("data=4,tensor=4")
+    with pytest.raises(ValueError, match="not the sequence: got sequence=2"):
+        inference_mesh("sequence=2,tensor=2")
 
 
 def test_kv_heads_are_repeated_up_to_the_tensor_degree_not_to_all_query_heads(model):

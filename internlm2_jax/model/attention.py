@@ -8,7 +8,8 @@
 one query per row, i.e. decoding, goes to the C++ kernels of `kernels/decode_attention.py`); the
 target is the platform of the mesh set by `jax.set_mesh`, so an ahead-of-time compile for a TPU topology on a CPU
 machine gets the real TPU kernel. A Pallas impl asked for where the target is not that accelerator runs the kernel
-in interpret mode (how the tests check it on CPU); `interpret=` overrides.
+in interpret mode (how the tests check it on CPU); `interpret=` overrides. Under a mesh with `sequence > 1`,
+`attention` is context-parallel (model/context_parallel.py).
 """
 
 import functools
@@ -24,6 +25,7 @@ from internlm2_jax.kernels.decode_attention import (paged_kernel_applies, paged_
 from internlm2_jax.kernels.platform import target_platform
 from internlm2_jax.kernels.reference import attention_mask, paged_attention_reference, xla_attention
 from internlm2_jax.kernels.tiling import BlockSizes
+from internlm2_jax.model.context_parallel import check_strategy, context_parallel_attention, sequence_shards
 from internlm2_jax.parallel.sharding import ACTIVATION_RULES, logical_to_spec
 
 _PLATFORM = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
@@ -43,7 +45,8 @@ def _interpret(impl: str, interpret: bool | None) -> bool:
 
 def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal=True, impl="auto",
               scale=None, block_sizes: BlockSizes | None = None, interpret: bool | None = None,
-              shared_segment: int | None = None, gpu_flash_kernel: str = "triton") -> jax.Array:
+              shared_segment: int | None = None, gpu_flash_kernel: str = "triton",
+              context_parallel: str = "all_gather") -> jax.Array:
     """Causal grouped-query attention over packed rows.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim] (never repeated to all heads).
@@ -52,7 +55,9 @@ def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_i
     (default: kernels.flash_gpu.DEFAULT_BLOCKS on GPU, 512 x 512 on TPU). `shared_segment` (XLA back end only)
     makes that segment's keys visible to every segment: a tree mask, several branches scored on one shared prefix.
     `gpu_flash_kernel` picks what "pallas_gpu" runs: "triton" (kernels/flash_gpu.py) or "mosaic" (the Hopper
-    kernels of kernels/flash_mgpu.py, bf16/fp16 with head_dim a multiple of 64).
+    kernels of kernels/flash_mgpu.py, bf16/fp16 with head_dim a multiple of 64). Under a mesh with `sequence > 1`
+    the sequence dimension is split over `sequence` and `context_parallel` picks the strategy, "all_gather" or
+    "ulysses" (model/context_parallel.py).
     """
     impl = resolve_impl(impl)
     if gpu_flash_kernel not in GPU_FLASH_KERNELS:
@@ -61,23 +66,29 @@ def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_i
         raise ValueError(f"shared_segment is supported by the xla attention impl only, not {impl!r}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
-    kw = dict(q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
-              kv_segment_ids=kv_segment_ids, causal=causal, scale=scale)
+    check_strategy(context_parallel)
+    ids = (q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+    if impl == "xla":
+        run = functools.partial(xla_attention, causal=causal, scale=scale, shared_segment=shared_segment)
+    else:
+        if impl == "pallas_tpu":
+            kernel = flash_tpu.flash_attention
+        else:
+            kernel = flash_mgpu.flash_attention if gpu_flash_kernel == "mosaic" else flash_gpu.flash_attention
+        run = functools.partial(kernel, causal=causal, scale=scale, block_sizes=block_sizes,
+                                interpret=_interpret(impl, interpret))
+    if sequence_shards() > 1:
+        return context_parallel_attention(run, q, k, v, *ids, strategy=context_parallel)
     if impl == "xla" and q.shape[1] == 1 and target_platform() == "cpu":  # decoding: the CPU kernel
-        mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal, shared_segment)
+        mask = attention_mask(*ids, causal, shared_segment)
         rows, heads = _row_and_head_specs(q.shape[0], k.shape[2])
         return _shard_rows_and_heads(functools.partial(single_query_attention, scale=scale), (q, k, v, mask),
                                      in_specs=(P(rows, None, heads, None),) * 3 + (P(rows, None, None),),
                                      out_spec=P(rows, None, heads, None))
     if impl == "xla":
-        return xla_attention(q, k, v, shared_segment=shared_segment, **kw)
-    if impl == "pallas_tpu":
-        kernel = flash_tpu.flash_attention
-    else:
-        kernel = flash_mgpu.flash_attention if gpu_flash_kernel == "mosaic" else flash_gpu.flash_attention
-    run = functools.partial(kernel, causal=causal, scale=scale, block_sizes=block_sizes,
-                            interpret=_interpret(impl, interpret))
-    return _per_shard(run, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+        return run(q, k, v, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
+                   kv_segment_ids=kv_segment_ids)
+    return _per_shard(run, q, k, v, *ids)
 
 
 def _per_shard(kernel, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids):

@@ -90,6 +90,9 @@ def inference_mesh(config: MeshConfig | str | None = None, devices: Sequence[jax
     needs (all of them when an axis is -1); one device when `config` is None."""
     devices = list(devices) if devices is not None else jax.devices()
     config = parse_mesh(config) if isinstance(config, str) else config or MeshConfig(fsdp=1)
+    if config.sequence != 1:  # decoding appends one token at a time: nothing to split over `sequence`
+        raise ValueError(f"an inference mesh splits rows (data, fsdp) and heads (tensor), not the sequence: got "
+                         f"sequence={config.sequence} (context parallelism is for training long rows)")
     sizes = [getattr(config, a) for a in AXES]
     if -1 not in sizes:
         needed = math.prod(sizes)
