@@ -20,6 +20,8 @@ ATTENTION_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 # Which Pallas GPU flash kernels "pallas_gpu" runs for training/prefill: the Triton FlashAttention-2 kernels (any CUDA
 # GPU) or the Mosaic GPU kernels for Hopper (FlashAttention-3-style; bf16/fp16, head_dim a multiple of 64).
 GPU_FLASH_KERNELS = ("triton", "mosaic")
+# How attention splits over mesh.sequence > 1 (model/context_parallel.py): gather K/V, or trade sequence for heads.
+CONTEXT_PARALLEL = ("all_gather", "ulysses")
 
 
 class ConfigError(ValueError):
@@ -87,6 +89,7 @@ class ModelConfig:
     scan_layers: bool = False
     attention_impl: str = "auto"
     gpu_flash_kernel: str = "triton"  # GPU_FLASH_KERNELS; "mosaic" stays opt-in until it has been timed on a GPU
+    context_parallel: str = "all_gather"  # CONTEXT_PARALLEL: the strategy when mesh.sequence > 1
     lora: LoraConfig | None = None  # adapters on the projections (fine-tuning); merged away for export
 
     def __post_init__(self):
@@ -128,6 +131,8 @@ class ModelConfig:
             raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.gpu_flash_kernel not in GPU_FLASH_KERNELS:
             raise ConfigError(f"gpu_flash_kernel must be one of {GPU_FLASH_KERNELS}, got {self.gpu_flash_kernel!r}")
+        if self.context_parallel not in CONTEXT_PARALLEL:
+            raise ConfigError(f"context_parallel must be one of {CONTEXT_PARALLEL}, got {self.context_parallel!r}")
         if self.lora is not None and not isinstance(self.lora, LoraConfig):
             raise ConfigError(f"lora must be a LoraConfig or None, got {type(self.lora).__name__}")
 

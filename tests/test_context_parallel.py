@@ -163,3 +163,42 @@ def test_lengths_that_do_not_split_over_sequence_are_refused():
     with jax.set_mesh(make_mesh(MeshConfig(fsdp=1, sequence=4), jax.devices()[:4])):
         with pytest.raises(ValueError, match="mesh.sequence=4 needs the query length"):
             attention(x, x, x, q_positions=ids, kv_positions=ids, q_segment_ids=ids, kv_segment_ids=ids)
+
+
+@pytest.mark.parametrize("strategy", ["all_gather", "ulysses"])
+def test_the_whole_model_runs_context_parallel_by_its_config(strategy):
+    """`ModelConfig.context_parallel` reaches attention: the tiny model's loss and parameter gradients on
+    fsdp 2 x sequence 4 (activations split over `sequence` by the rules table) equal one device's, documents packed
+    across shard boundaries, dynamic NTK on."""
+    from flax import nnx
+
+    from internlm2_jax.config import ConfigError, preset
+    from internlm2_jax.model import InternLM2ForCausalLM
+    from internlm2_jax.parallel import state_shardings
+
+    with pytest.raises(ConfigError, match="context_parallel must be one of"):
+        preset("tiny", context_parallel="ring")
+    cfg = preset("tiny", context_parallel=strategy, attention_impl="xla")
+    model = InternLM2ForCausalLM(cfg, rngs=nnx.Rngs(4))
+    graphdef, params = nnx.split(model)
+    rng = np.random.RandomState(1)
+    ids = rng.randint(3, cfg.vocab_size, (2, 64)).astype(np.int32)
+    positions, segments = (np.stack(x) for x in zip(_documents([(1, 23), (2, 41)]), _documents([(1, 50), (0, 14)]),
+                                                    strict=True))
+    positions, segments = positions.astype(np.int32), segments.astype(np.int32)
+
+    def loss(params, ids, positions, segments):
+        logits = nnx.merge(graphdef, params)(ids, positions, segments)
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+        return -(picked * (segments[:, 1:] != 0)).mean()
+
+    expected = jax.jit(jax.value_and_grad(loss))(params, ids, positions, segments)
+    mesh = make_mesh(MeshConfig(fsdp=2, sequence=4), jax.devices()[:8])
+    rows = NamedSharding(mesh, P("fsdp", "sequence"))
+    with jax.set_mesh(mesh):
+        placed = jax.device_put(params, state_shardings(params, mesh))
+        got = jax.jit(jax.value_and_grad(loss))(placed, *(jax.device_put(x, rows) for x in (ids, positions, segments)))
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
+    for g, e in zip(jax.tree.leaves(got[1]), jax.tree.leaves(expected[1]), strict=True):
+        np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-4)

@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from internlm2_jax.config import CONTEXT_PARALLEL
 from internlm2_jax.parallel.sharding import ACTIVATION_RULES, logical_to_spec
 
 AXIS = "sequence"
-STRATEGIES = ("all_gather", "ulysses")
+STRATEGIES = CONTEXT_PARALLEL
 
 
 def sequence_shards() -> int:

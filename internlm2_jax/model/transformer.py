@@ -75,7 +75,7 @@ class Attention(nnx.Module):
         if cache is None:
             out = attention(q, k, v, q_positions=positions, kv_positions=positions, q_segment_ids=segment_ids,
                             kv_segment_ids=segment_ids, causal=True, impl=cfg.attention_impl,
-                            gpu_flash_kernel=cfg.gpu_flash_kernel)
+                            gpu_flash_kernel=cfg.gpu_flash_kernel, context_parallel=cfg.context_parallel)
         elif isinstance(cache[0], PagedKVCache):
             kv, layer = cache
             kv = kv.write(layer, k, v, positions, segment_ids)
