@@ -26,7 +26,7 @@ from internlm2_jax.artifacts import CheckpointMismatch, CheckpointRestoreError
 from internlm2_jax.experiment import Experiment, load_experiment
 from internlm2_jax.model import InternLM2ForRewardModel
 from internlm2_jax.overrides import apply_overrides, to_dict
-from internlm2_jax.parallel import AXES, batch_sharding, make_mesh
+from internlm2_jax.parallel import AXES, batch_shardings, make_mesh
 from internlm2_jax.parallel.mesh import split_cpu
 from internlm2_jax.parallel.topology import memory_report, print_memory_report, topology_hbm, tpu_devices
 from internlm2_jax.run import needs_reference_logprobs
@@ -37,16 +37,15 @@ from internlm2_jax.train.objectives import PAIR_ROWS, Objective
 
 def abstract_batch(exp: Experiment, mesh, objective: Objective) -> dict[str, jax.ShapeDtypeStruct]:
     """The shapes of one global batch of the experiment's rows, as `run_training` feeds them."""
-    shape, sharding = (exp.train.batch_size, exp.train.seq_len), batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
-             for k in ("input_ids", "targets", "positions", "segment_ids")}
-    batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
-    pairs = (exp.train.batch_size, exp.data.max_pairs)
+    rows, pairs = exp.train.batch_size, exp.data.max_pairs
+    shapes = {k: ((rows, exp.train.seq_len), jnp.int32) for k in ("input_ids", "targets", "positions", "segment_ids")}
+    shapes["loss_mask"] = ((rows, exp.train.seq_len), jnp.float32)
     if objective.rows in PAIR_ROWS:
-        batch["pair_mask"] = jax.ShapeDtypeStruct(pairs, jnp.float32, sharding=sharding)
+        shapes["pair_mask"] = ((rows, pairs), jnp.float32)
     if needs_reference_logprobs(exp, objective):
-        batch["reference_logps"] = jax.ShapeDtypeStruct((pairs[0], 2 * pairs[1]), jnp.float32, sharding=sharding)
-    return batch
+        shapes["reference_logps"] = ((rows, 2 * pairs), jnp.float32)
+    shardings = batch_shardings(mesh, shapes)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[k]) for k, (shape, dtype) in shapes.items()}
 
 
 def compile_train_step(exp: Experiment, devices=None):

@@ -15,7 +15,8 @@ from internlm2_jax.data_formats import data_iterators
 from internlm2_jax.experiment import Experiment
 from internlm2_jax.model import model_graphdef
 from internlm2_jax.overrides import to_dict
-from internlm2_jax.parallel import batch_sharding, make_mesh
+from internlm2_jax.parallel import make_mesh
+from internlm2_jax.parallel.sequence_layout import CONTIGUOUS, SequenceLayout, sequence_layout
 from internlm2_jax.paths import absolute
 from internlm2_jax.train.loop import RunResult, train
 from internlm2_jax.train.objectives import Objective, sequence_logprobs
@@ -42,8 +43,8 @@ class ReferenceLogprobs:
     the frozen starting weights (`reference_model`). LoRA DPO needs none of this: its reference is the policy with
     the adapters off, inside the step."""
 
-    def __init__(self, data, logprobs, mesh):
-        self.data, self.logprobs, self.mesh = data, logprobs, mesh
+    def __init__(self, data, logprobs, mesh, layout: SequenceLayout = CONTIGUOUS):
+        self.data, self.logprobs, self.mesh, self.layout = data, logprobs, mesh, layout
 
     def __next__(self):
         from jax.experimental import multihost_utils
@@ -51,11 +52,10 @@ class ReferenceLogprobs:
         from internlm2_jax.train.loop import to_global_batch
 
         batch = next(self.data)
-        sharding = batch_sharding(self.mesh)
         with jax.set_mesh(self.mesh):
-            out = self.logprobs(to_global_batch(batch, sharding))
+            out = self.logprobs(to_global_batch(batch, self.mesh, self.layout))
         batch["reference_logps"] = np.asarray(multihost_utils.global_array_to_host_local_array(
-            out, self.mesh, sharding.spec))
+            out, self.mesh, out.sharding.spec))
         return batch
 
     def __iter__(self):
@@ -100,10 +100,11 @@ def run_training(exp: Experiment, *, progress: bool = True) -> RunResult:
     objective = exp.objective.build()
     if needs_reference_logprobs(exp, objective):
         logprobs, mesh = reference_model(exp)
-        data = ReferenceLogprobs(data, logprobs, mesh)
+        layout = sequence_layout(exp.model.context_parallel, mesh)
+        data = ReferenceLogprobs(data, logprobs, mesh, layout)
         if eval_batches is not None:
             plain_eval = eval_batches
-            eval_batches = lambda: ReferenceLogprobs(iter(plain_eval()), logprobs, mesh)  # noqa: E731
+            eval_batches = lambda: ReferenceLogprobs(iter(plain_eval()), logprobs, mesh, layout)  # noqa: E731
     metadata = {"experiment": to_dict(exp), "tokenizer_sha256": tokenizer.sha256, "manifest_hash": data_hash,
                 "tokenizer_path": str(absolute(exp.data.tokenizer))}
     result = train(exp.model, exp.optimizer, exp.step, exp.mesh, exp.train, data, metadata=metadata,

@@ -161,7 +161,8 @@ def test_pallas_context_parallel_equals_one_device(impl, strategy, mesh_names):
 def test_lengths_that_do_not_split_over_sequence_are_refused():
     x, ids = jnp.ones((1, 6, 2, 16)), jnp.ones((1, 6), jnp.int32)
     with jax.set_mesh(make_mesh(MeshConfig(fsdp=1, sequence=4), jax.devices()[:4])):
-        with pytest.raises(ValueError, match="mesh.sequence=4 needs the query length"):
+        with pytest.raises(ValueError, match=r"query length: a zigzag layout over mesh.sequence=4 cuts each row "
+                                             r"into 2 x mesh.sequence = 8 chunks"):
             attention(x, x, x, q_positions=ids, kv_positions=ids, q_segment_ids=ids, kv_segment_ids=ids)
 
 

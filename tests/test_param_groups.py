@@ -105,7 +105,7 @@ def test_groups_have_their_own_learning_rate_and_frozen_models_no_optimizer_stat
     graphdef, _ = model_graphdef(CFG, PolicyValueReference)
     step = jit_train_step(make_train_step(graphdef, tx, lr_schedules(OPTIMIZER), objective=OBJECTIVE,
                                           trainable=OPTIMIZER.trained), state_shardings(state), mesh)
-    state, metrics = step(state, to_global_batch(batch_source(state, 0), batch_sharding(mesh)))
+    state, metrics = step(state, to_global_batch(batch_source(state, 0), mesh))
     assert float(metrics["lr/policy"]) == pytest.approx(1e-3) and float(metrics["lr/value"]) == pytest.approx(1e-1)
     after = jax.tree.map(np.asarray, state.params)
 
@@ -124,12 +124,6 @@ def state_shardings(state):
     return jax.tree.map(lambda x: x.sharding, state)
 
 
-def batch_sharding(mesh):
-    from internlm2_jax.parallel import batch_sharding as sharding
-
-    return sharding(mesh)
-
-
 def test_sharded_equals_one_device_and_a_resumed_run_equals_a_straight_one(tmp_path):
     straight = run(tmp_path / "straight", 4)
     first = run(tmp_path / "resumed", 2)
@@ -146,7 +140,7 @@ def test_sharded_equals_one_device_and_a_resumed_run_equals_a_straight_one(tmp_p
                                           trainable=OPTIMIZER.trained), state_shardings(state), mesh)
     losses = {}
     for i in range(4):
-        state, metrics = step(state, to_global_batch(batch_source(state, i), batch_sharding(mesh)))
+        state, metrics = step(state, to_global_batch(batch_source(state, i), mesh))
         losses[i + 1] = float(metrics["loss"])
     np.testing.assert_allclose(list(losses.values()), list(straight.losses.values()), rtol=2e-5)
 

@@ -64,10 +64,10 @@ def test_a_skipped_step_does_not_poison_the_window():
     assert math.isnan(window_summary([metrics(math.nan, True)])["loss"])
 
 
-def layout(mesh_cfg, batch_size=8, micro_batches=1, model=CFG, tolerance=0.05):
+def layout(mesh_cfg, batch_size=8, micro_batches=1, model=CFG, tolerance=0.05, seq_len=512):
     mesh = make_mesh(mesh_cfg)
     _, abstract = model_graphdef(model)
-    check_layout(model, TrainConfig(batch_size=batch_size, max_replicated_fraction=tolerance),
+    check_layout(model, TrainConfig(batch_size=batch_size, seq_len=seq_len, max_replicated_fraction=tolerance),
                  StepConfig(micro_batches=micro_batches), mesh, abstract, state_shardings(abstract, mesh))
 
 
@@ -77,8 +77,19 @@ def test_shapes_that_do_not_split_over_the_mesh_are_refused_by_name():
         layout(MeshConfig(data=2, fsdp=4), batch_size=12)
     with pytest.raises(LayoutError, match="step.micro_batches=4 gives micro-batches of 2 rows"):
         layout(MeshConfig(data=2, fsdp=4), batch_size=8, micro_batches=4)
-    with pytest.raises(LayoutError, match="mesh.sequence=2: sequence .* not implemented"):
-        layout(MeshConfig(fsdp=4, sequence=2))
+    with pytest.raises(LayoutError, match=r"mesh.data x mesh.fsdp = 2 x 4 = 8 chips: .* move chips from mesh.fsdp "
+                                          "to mesh.sequence"):
+        layout(MeshConfig(data=2, fsdp=4), batch_size=4)
+
+
+def test_rows_and_heads_that_do_not_split_over_sequence_are_refused_by_name():
+    layout(MeshConfig(fsdp=4, sequence=2), batch_size=4)
+    layout(MeshConfig(fsdp=2, sequence=4), batch_size=2, model=CFG.replace(context_parallel="ulysses"), seq_len=36)
+    with pytest.raises(LayoutError, match=r"context_parallel='all_gather': a zigzag layout over mesh.sequence=4 "
+                                          r"cuts each row into 2 x mesh.sequence = 8 chunks, but rows have 36 tokens"):
+        layout(MeshConfig(fsdp=2, sequence=4), batch_size=2, seq_len=36)
+    with pytest.raises(LayoutError, match=r"context_parallel='ulysses': .* query heads per tensor shard \(4\)"):
+        layout(MeshConfig(fsdp=1, sequence=8), batch_size=1, model=CFG.replace(context_parallel="ulysses"))
 
 
 def test_parameters_left_replicated_beyond_the_tolerance_are_refused():

@@ -14,11 +14,15 @@ repeated only up to the sequence degree.
 
 import functools
 
+import numpy as np
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from internlm2_jax.config import CONTEXT_PARALLEL
+from internlm2_jax.kernels.tiling import block_ranges, live_tiles
+from internlm2_jax.parallel.sequence_layout import CONTIGUOUS, SequenceLayout, natural_order, sequence_layout
 from internlm2_jax.parallel.sharding import ACTIVATION_RULES, logical_to_spec
 
 AXIS = "sequence"
@@ -37,43 +41,52 @@ def check_strategy(strategy: str) -> None:
 
 
 def context_parallel_attention(local_attention, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
-                               *, strategy: str = "all_gather"):
+                               *, strategy: str = "all_gather", layout: str | None = None):
     """`local_attention(q, k, v, q_positions=, kv_positions=, q_segment_ids=, kv_segment_ids=)` over the shards of
     the mesh set by `jax.set_mesh`, inputs and output sequence-sharded.
 
     Every axis is manual, as the Mosaic kernels need: the batch splits over the data-parallel axes and the kv heads
     (with their query-head groups) over `tensor`, as far as the sizes divide. `strategy`: "all_gather" (each shard's
     queries against the gathered K/V) or "ulysses" (an all-to-all trades the sequence split for a head split).
+    `layout` ("contiguous" | "zigzag", default: what the training pipeline gives this strategy,
+    parallel/sequence_layout.py) is how the rows are laid out. Masks come from positions, so any layout is exact; the
+    all-gather strategy un-permutes zigzag keys so the kernels' tile ranges stay tight.
     """
     check_strategy(strategy)
     mesh = jax.sharding.get_abstract_mesh()
     shards = dict(mesh.shape)[AXIS]
+    arranged = sequence_layout(strategy, mesh) if layout is None else SequenceLayout(layout, shards)
+    if strategy == "ulysses" and not arranged.identity:
+        raise ValueError("ulysses context parallelism takes contiguous rows: its shards hold whole sequences, and a "
+                         "zigzag layout would only loosen the kernels' tile ranges")
     for name, length in (("query", q.shape[1]), ("key/value", k.shape[1])):
-        if length % shards:
-            raise ValueError(f"context-parallel attention over mesh.sequence={shards} needs the {name} length to be "
-                             f"a multiple of it, got {length} (pad the rows, or use mesh.sequence=1)")
+        try:
+            arranged.check_length(length)
+        except ValueError as error:
+            raise ValueError(f"context-parallel attention, {name} length: {error}") from None
     batch, _, kv_heads, _ = logical_to_spec(("batch", None, "kv_heads", None), k.shape, dict(mesh.shape),
                                             ACTIVATION_RULES)
     heads, tokens = P(batch, AXIS, kv_heads, None), P(batch, AXIS)
     if strategy == "all_gather":
-        body = functools.partial(_all_gather, local_attention)
+        body = functools.partial(_all_gather, local_attention, arranged)
     else:
         ways = 1 if kv_heads is None else dict(mesh.shape)[kv_heads]
-        body = functools.partial(_ulysses, local_attention, _kv_repeats(q.shape[2] // ways, k.shape[2] // ways, shards))
+        body = functools.partial(_ulysses, local_attention, kv_repeats(q.shape[2] // ways, k.shape[2] // ways, shards))
     return jax.shard_map(body, mesh=mesh, in_specs=(heads,) * 3 + (tokens,) * 4, out_specs=heads,
                          check_vma=False)(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
 
 
-def _gather(x):
-    return jax.lax.all_gather(x, axis_name=AXIS, axis=1, tiled=True)
+def _gather(x, layout: SequenceLayout = CONTIGUOUS):
+    return natural_order(jax.lax.all_gather(x, axis_name=AXIS, axis=1, tiled=True), layout)
 
 
-def _all_gather(local_attention, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
-    return local_attention(q, _gather(k), _gather(v), q_positions=q_positions, kv_positions=_gather(kv_positions),
-                           q_segment_ids=q_segment_ids, kv_segment_ids=_gather(kv_segment_ids))
+def _all_gather(local_attention, layout, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
+    return local_attention(q, _gather(k, layout), _gather(v, layout), q_positions=q_positions,
+                           kv_positions=_gather(kv_positions, layout), q_segment_ids=q_segment_ids,
+                           kv_segment_ids=_gather(kv_segment_ids, layout))
 
 
-def _kv_repeats(heads: int, kv_heads: int, shards: int) -> int:
+def kv_repeats(heads: int, kv_heads: int, shards: int) -> int:
     """How many copies of each (local) kv head Ulysses sends, so every shard gets whole query groups with their kv
     head: none when the kv heads split over `sequence`, else just enough to reach the sequence degree (never to
     every query head, which would multiply the K/V traffic by the group size)."""
@@ -95,3 +108,21 @@ def _ulysses(local_attention, repeats, q, k, v, q_positions, kv_positions, q_seg
                           kv_positions=_gather(kv_positions), q_segment_ids=_gather(q_segment_ids),
                           kv_segment_ids=_gather(kv_segment_ids))
     return jax.lax.all_to_all(out, AXIS, split_axis=1, concat_axis=2, tiled=True)
+
+
+def tiles_per_shard(layout: SequenceLayout, length: int, block: int = 512, *, unpermute: bool = True):
+    """(live tiles, tiles visited) [shards] of one causal document of `length` tokens laid out by `layout`: each
+    sequence shard's query blocks against the gathered keys, as the all-gather strategy hands them to the flash
+    kernels (`unpermute=False`: in the gathered, laid-out order). Live tiles measure each shard's work (its balance);
+    visited tiles (each query block's contiguous kv block range) what the kernels actually compute."""
+    positions = jnp.asarray(layout.apply({"positions": np.arange(length, dtype=np.int32)[None]})["positions"])
+    keys = natural_order(positions, layout) if unpermute else positions
+    local = length // layout.shards
+    live, visited = [], []
+    for shard in range(layout.shards):
+        queries = positions[:, shard * local:(shard + 1) * local]
+        table = live_tiles(queries, keys, jnp.ones_like(queries), jnp.ones_like(keys), block, block, True)
+        lo, hi = block_ranges(table)
+        live.append(int(table.sum()))
+        visited.append(int(jnp.sum(hi - lo + 1)))
+    return np.asarray(live), np.asarray(visited)

@@ -134,29 +134,26 @@ def dynamic_ntk_base(theta: float, factor: float, max_positions: int, head_dim: 
     return jnp.where(length > max_positions, scaled, jnp.float32(theta))
 
 
-def _run_max(values: jax.Array, starts: jax.Array) -> jax.Array:
-    """Running max along axis 1 that restarts wherever `starts` is true."""
+def segment_max(values: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Per token [batch, seq], the largest of `values` over the tokens of its row that share its segment id.
 
-    def combine(a, b):
-        (a_val, a_start), (b_val, b_start) = a, b
-        return jnp.where(b_start, b_val, jnp.maximum(a_val, b_val)), a_start | b_start
-
-    out, _ = jax.lax.associative_scan(combine, (values, starts), axis=1)
-    return out
+    A reduction over segment ids, not over runs of neighbours, so it holds in any token order (a zigzag layout over
+    mesh.sequence moves a document's pieces apart). Segment ids name documents within a row, from 0 (padding) to at
+    most the row's length, as the packers number them.
+    """
+    batch, length = segment_ids.shape
+    slots = length + 1
+    ids = jnp.clip(segment_ids, 0, length) + slots * jnp.arange(batch, dtype=segment_ids.dtype)[:, None]
+    largest = jax.ops.segment_max(values.reshape(-1), ids.reshape(-1), num_segments=batch * slots)
+    return largest[ids]
 
 
 def document_lengths(positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """Per token, the length L of its own document: the largest position in its contiguous segment run, plus one.
+    """Per token, the length L of its own document: the largest position in its segment, plus one.
 
     Dynamic NTK must follow each packed document's own length, not the row's, or packing would change the logits.
     """
-    change = segment_ids[:, 1:] != segment_ids[:, :-1]
-    first = jnp.ones_like(segment_ids[:, :1], dtype=bool)
-    starts = jnp.concatenate([first, change], axis=1)
-    ends = jnp.concatenate([change, first], axis=1)
-    forward = _run_max(positions, starts)
-    backward = _run_max(positions[:, ::-1], ends[:, ::-1])[:, ::-1]
-    return jnp.maximum(forward, backward) + 1
+    return segment_max(positions, segment_ids) + 1
 
 
 def rotary_tables(cfg: ModelConfig, positions: jax.Array, segment_ids: jax.Array,

@@ -12,6 +12,7 @@ from flax import nnx
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.model.attention import attention, chunked_prefill_attention
+from internlm2_jax.model.context_parallel import sequence_shards
 from internlm2_jax.model.kv_cache import SHARED_SEGMENT, KVCache, constrain_cache
 from internlm2_jax.model.paged_cache import PagedKVCache
 from internlm2_jax.model.quantize import Int8Weight, int8_dense
@@ -180,8 +181,10 @@ class InternLM2Model(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones_like(input_ids)
         positions, segment_ids = jnp.asarray(positions, jnp.int32), jnp.asarray(segment_ids, jnp.int32)
-        x = jnp.take(self.tok_embeddings[...], input_ids, axis=0).astype(cfg.dtype)
-        x = constrain(x, ("batch", "length", "embed"))
+        # The table's embedding dimension is sharded like every parameter (FSDP): gather it whole first, so each
+        # chip looks up its own tokens; else XLA gathers every chip's token ids and looks up whole rows everywhere.
+        table = constrain(self.tok_embeddings[...], ("vocab", None))
+        x = constrain(jnp.take(table, input_ids, axis=0).astype(cfg.dtype), ("batch", "length", "embed"))
         cos, sin = rotary_tables(cfg, positions, segment_ids, rope_lengths)
         if cache is not None:
             return self._cached(x, cos, sin, positions, segment_ids, cache)
@@ -230,20 +233,30 @@ def token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, ch
 
     Computed chunk by chunk over the sequence (each chunk rematerialised in the backward pass when there are several),
     so a [batch, seq, vocab] fp32 logits tensor never exists: one 32K row of 92,544 logits is 12 GB. Training,
-    evaluation and serving all call this one function.
+    evaluation and serving all call this one function. Under mesh.sequence > 1 the chunks are cut inside each
+    sequence shard, so every chip computes the logits of its own tokens only.
     """
     batch, seq, embed = hidden.shape
-    chunk = min(chunk_size, seq)
-    pad = (-seq) % chunk
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(jnp.asarray(targets, jnp.int32), ((0, 0), (0, pad)))
-    n = (seq + pad) // chunk
-    hidden_chunks = hidden.reshape(batch, n, chunk, embed).swapaxes(0, 1)
-    target_chunks = targets.reshape(batch, n, chunk).swapaxes(0, 1)
+    shards = sequence_shards()
+    if seq % shards:
+        raise ValueError(f"token_logprobs over mesh.sequence={shards} needs the length to be a multiple of it, got "
+                         f"{seq}")
+    local = seq // shards
+    chunk = min(chunk_size, local)
+    pad = (-local) % chunk
+    n = (local + pad) // chunk
+
+    def chunked(x):  # [batch, seq, ...] -> [n, batch, shards, chunk, ...]
+        x = x.reshape(batch, shards, local, *x.shape[2:])
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3))
+        return jnp.moveaxis(x.reshape(batch, shards, n, chunk, *x.shape[3:]), 2, 0)
+
+    hidden_chunks = constrain(chunked(hidden), (None, "batch", "length", None, "embed"))
+    target_chunks = chunked(jnp.asarray(targets, jnp.int32))
 
     def one_chunk(args):
         h, t = args
-        logits = jnp.einsum("bce,ev->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bsce,ev->bscv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
         picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return picked - jax.nn.logsumexp(logits, axis=-1)
 
@@ -251,8 +264,8 @@ def token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, ch
     # it would only add a fourth vocab-sized matmul (a few percent of the bench train step on CPU).
     if n > 1:
         one_chunk = jax.checkpoint(one_chunk)
-    out = jax.lax.map(one_chunk, (hidden_chunks, target_chunks))
-    return out.swapaxes(0, 1).reshape(batch, seq + pad)[:, :seq]
+    out = jax.lax.map(one_chunk, (hidden_chunks, target_chunks))  # [n, batch, shards, chunk]
+    return jnp.moveaxis(out, 0, 2).reshape(batch, shards, n * chunk)[:, :, :local].reshape(batch, seq)
 
 
 class InternLM2ForCausalLM(nnx.Module):

@@ -1,7 +1,8 @@
 """Device meshes with the project's four axes, and placing pytrees of parameters onto them.
 
 Axes (conventions): `data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer state sharded,
-ZeRO-3 style), `tensor` (heads and MLP columns), `sequence` (stays 1 until sequence-parallel attention lands).
+ZeRO-3 style), `tensor` (heads and MLP columns), `sequence` (context parallelism: each chip holds a slice of every
+row, model/context_parallel.py).
 Axis types are Auto, so XLA propagates shardings from the inputs (jax.make_mesh defaults to Explicit).
 """
 
@@ -16,6 +17,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from internlm2_jax.parallel.sequence_layout import EXAMPLE_FIELDS
 from internlm2_jax.parallel.sharding import DEFAULT_RULES, Rules, param_sharding
 
 AXES = ("data", "fsdp", "tensor", "sequence")
@@ -127,6 +129,13 @@ def data_parallel_size(mesh: Mesh | None) -> int:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[batch, seq] arrays: batch over the data-parallel axes, sequence over `sequence`."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, "sequence"))
+
+
+def batch_shardings(mesh: Mesh, fields) -> dict[str, NamedSharding]:
+    """Per field of a training batch: per-token fields as `batch_sharding`, per-example ones ([batch, pairs]:
+    `sequence_layout.EXAMPLE_FIELDS`) over the data-parallel axes only."""
+    examples = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    return {k: examples if k in EXAMPLE_FIELDS else batch_sharding(mesh) for k in fields}
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:

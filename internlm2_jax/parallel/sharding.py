@@ -15,11 +15,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
 
-# Parameters: FSDP shards the embedding dimension of every matrix, tensor parallelism heads / MLP / vocab.
+# Parameters: FSDP shards the embedding dimension of every matrix, tensor parallelism heads / MLP / vocab. The
+# sequence shards hold different tokens of the same rows, so they shard the parameters and optimizer state too
+# (ZeRO-3 over fsdp x sequence): without it each chip's state would grow with mesh.sequence.
 DEFAULT_RULES: Rules = (
     ("layers", None),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "sequence")),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("qkv_group", None),

@@ -1,6 +1,6 @@
 """Refuse layouts that would run, but silently waste every chip: a batch that does not split over the data axes
-(activations replicated, the attention kernel run on the whole batch everywhere), a `sequence` axis nothing
-implements yet, and parameters a mesh leaves fully replicated beyond a tolerance."""
+(activations replicated, the attention kernel run on the whole batch everywhere), rows or heads that do not split
+over `sequence`, and parameters a mesh leaves fully replicated beyond a tolerance."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from internlm2_jax.config import ModelConfig
+from internlm2_jax.model.context_parallel import kv_repeats
 from internlm2_jax.parallel import replicated_parameters
+from internlm2_jax.parallel.sequence_layout import sequence_layout
 
 log = logging.getLogger("internlm2_jax.layout")
 
@@ -28,21 +30,35 @@ def replicated_fraction(params: nnx.State, shardings: nnx.State) -> tuple[float,
     return (sum(sizes[p] for p in replicated) / total if total else 0.0), replicated
 
 
+def check_sequence_split(model: ModelConfig, seq_len: int, shape: dict[str, int]) -> None:
+    """Rows and heads must split over mesh.sequence the way `model.context_parallel` cuts them."""
+    shards = shape.get("sequence", 1)
+    if shards == 1:
+        return
+    try:
+        sequence_layout(model.context_parallel, shape).check_length(seq_len)
+        if model.context_parallel == "ulysses":
+            # as attention splits them: kv heads (with their query groups) over `tensor` when they divide
+            kv_heads = model.num_key_value_heads
+            ways = shape.get("tensor", 1) if kv_heads % shape.get("tensor", 1) == 0 else 1
+            kv_repeats(model.num_attention_heads // ways, kv_heads // ways, shards)
+    except ValueError as error:
+        raise LayoutError(f"model.context_parallel={model.context_parallel!r}: {error}") from None
+
+
 def check_layout(model: ModelConfig, train, step, mesh: Mesh, params: nnx.State, shardings: nnx.State) -> None:
     """Raises LayoutError naming the fields; logs the replicated parameters (`train`: TrainConfig, `step`:
     StepConfig; `params`: abstract parameters, `shardings`: theirs)."""
     shape = dict(mesh.shape)
-    if shape.get("sequence", 1) > 1:
-        raise LayoutError(f"mesh.sequence={shape['sequence']}: sequence (context) parallelism is not implemented "
-                          "yet; every chip would hold the whole sequence. Use mesh.sequence=1 (the long-context "
-                          "issue adds it)")
+    check_sequence_split(model, train.seq_len, shape)
     ways = shape.get("data", 1) * shape.get("fsdp", 1)
     rows = train.batch_size // step.micro_batches
     if train.batch_size % step.micro_batches or rows % ways:
         raise LayoutError(f"train.batch_size={train.batch_size} over step.micro_batches={step.micro_batches} gives "
                           f"micro-batches of {train.batch_size / step.micro_batches:g} rows, which do not split over "
                           f"mesh.data x mesh.fsdp = {shape.get('data', 1)} x {shape.get('fsdp', 1)} = {ways} "
-                          "chips: change train.batch_size, step.micro_batches or the mesh")
+                          "chips: change train.batch_size, step.micro_batches or the mesh (long rows: move chips "
+                          "from mesh.fsdp to mesh.sequence, which splits each row instead)")
     if shape.get("fsdp", 1) * shape.get("tensor", 1) == 1:
         return  # pure data parallelism replicates the parameters by design
     fraction, replicated = replicated_fraction(params, shardings)

@@ -24,7 +24,8 @@ from etils import epath
 from tqdm import tqdm
 
 from internlm2_jax.config import ModelConfig
-from internlm2_jax.parallel import MeshConfig, batch_sharding, make_mesh
+from internlm2_jax.parallel import MeshConfig, batch_shardings, make_mesh
+from internlm2_jax.parallel.sequence_layout import CONTIGUOUS, SequenceLayout, sequence_layout
 from internlm2_jax.parallel.topology import memory_report, print_memory_report
 from internlm2_jax.artifacts import provenance
 from internlm2_jax.paths import is_url, open_append
@@ -211,23 +212,27 @@ class RunResult:
     eval: dict[str, float] | None = None
 
 
-def to_global_batch(batch: dict[str, np.ndarray | jax.Array], sharding) -> dict[str, jax.Array]:
-    """Process-local rows -> one global array per field (each process contributes its own slice); arrays that are
-    already global (made on the mesh, e.g. rollouts) are only placed on the batch sharding."""
-    return {k: jax.device_put(v, sharding) if isinstance(v, jax.Array)
-            else jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+def to_global_batch(batch: dict[str, np.ndarray | jax.Array], mesh,
+                    layout: SequenceLayout = CONTIGUOUS) -> dict[str, jax.Array]:
+    """Process-local rows -> one global array per field on `mesh` (each process contributes its own slice), their
+    tokens in `layout` over mesh.sequence; arrays that are already global (made on the mesh, e.g. rollouts) are only
+    laid out and placed on the batch shardings."""
+    batch = layout.apply(batch)
+    shardings = batch_shardings(mesh, batch)
+    return {k: jax.device_put(v, shardings[k]) if isinstance(v, jax.Array)
+            else jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
 
 
 def data_state_of(data: DataIterator | None) -> dict:
     return {} if data is None else data.get_state()
 
 
-def evaluate(eval_step, state, batches: Iterator[dict[str, np.ndarray]], sharding,
-             count_name: str = "tokens") -> dict[str, float]:
+def evaluate(eval_step, state, batches: Iterator[dict[str, np.ndarray]], mesh,
+             count_name: str = "tokens", layout: SequenceLayout = CONTIGUOUS) -> dict[str, float]:
     """Held-out loss (and perplexity, or the objective's metrics) over all `batches`, weighted by their count."""
     sums: dict[str, float] = {}
     for batch in batches:
-        out = jax.device_get(eval_step(state, to_global_batch(batch, sharding)))
+        out = jax.device_get(eval_step(state, to_global_batch(batch, mesh, layout)))
         for key, value in out.items():
             if key not in ("loss", "perplexity"):
                 sums[key] = sums.get(key, 0.0) + float(value)
@@ -249,12 +254,12 @@ class TrainProgram:
     graphdef: Any
     shardings: Any
     abstract_state: Any
-    step: Callable  # jax.jit of the pure train step (state donated)
+    step: Callable  # batch fields -> jax.jit of the pure train step (state donated)
 
     def compile(self, batch):
-        """The step compiled for `batch` (arrays or ShapeDtypeStructs with the batch sharding)."""
+        """The step compiled for `batch` (arrays or ShapeDtypeStructs with the batch shardings)."""
         with jax.set_mesh(self.mesh):
-            return self.step.lower(self.abstract_state, batch).compile()
+            return self.step(tuple(sorted(batch))).lower(self.abstract_state, batch).compile()
 
 
 def state_classes(optimizer: OptimizerConfig, objective: Objective) -> dict[str, Any]:
@@ -334,7 +339,7 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
             params = initial_params(cfg.init_weights, model, objective.model_class, mesh, seed=cfg.seed)
         start, state = 0, init_train_state(model, program.tx, mesh, seed=cfg.seed, params=params, **classes)
 
-    sharding = batch_sharding(mesh)
+    layout = sequence_layout(model.context_parallel, mesh)
     log = MetricsLog(run_dir)
     stop = StopRequest()
     peak = peak_flops(cfg.peak_flops, model)
@@ -350,7 +355,7 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
     try:
         window_start, window = time.perf_counter(), []
         while step < cfg.steps and not stop.stop_at(step):
-            batch = to_global_batch(next(data) if batch_source is None else batch_source(state, step), sharding)
+            batch = to_global_batch(next(data) if batch_source is None else batch_source(state, step), mesh, layout)
             if step_fn is None:
                 step_fn = program.compile(batch)
                 if jax.process_index() == 0:
@@ -378,7 +383,7 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
                 checkpointer.save(step, state, data_state=data_state_of(data), metadata=metadata)
             if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 evaluated_at = time.perf_counter()
-                log.write(step, evaluate(eval_fn, state, eval_batches(), sharding, objective.count_name))
+                log.write(step, evaluate(eval_fn, state, eval_batches(), mesh, objective.count_name, layout))
                 window_start += time.perf_counter() - evaluated_at  # evaluation time is not training throughput
         # At the end, or on SIGTERM: always leave a checkpoint of the last step.
         if step not in checkpointer.steps():
@@ -386,7 +391,7 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, step_cfg: StepConfig, 
         result = RunResult(state=state, final_step=step, losses=losses, interrupted=stop.requested,
                            run_dir=run_dir)
         if eval_fn is not None and not stop.requested:
-            result.eval = evaluate(eval_fn, state, eval_batches(), sharding, objective.count_name)
+            result.eval = evaluate(eval_fn, state, eval_batches(), mesh, objective.count_name, layout)
             log.write(step, result.eval)
     finally:
         bar.close()

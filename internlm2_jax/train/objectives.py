@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from internlm2_jax.model import InternLM2ForCausalLM, InternLM2ForRewardModel
+from internlm2_jax.model.layers import segment_max
 from internlm2_jax.model.lora import is_lora_path
 from internlm2_jax.train.loss import Batch, next_token_loss
 from internlm2_jax.train.metrics import train_flops_per_token
@@ -83,10 +84,10 @@ def segment_sums(values: jax.Array, segment_ids: jax.Array, num_segments: int) -
     return jnp.sum(jnp.where(onehot, values[..., None].astype(jnp.float32), 0.0), axis=1)
 
 
-def last_token_mask(segment_ids: jax.Array) -> jax.Array:
-    """True at the last token of every segment (padding excluded)."""
-    following = jnp.concatenate([segment_ids[:, 1:], jnp.zeros_like(segment_ids[:, :1])], axis=1)
-    return (segment_ids != 0) & (segment_ids != following)
+def last_token_mask(positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """True at the last token of every segment (padding excluded): the one with its segment's largest position, in
+    any token order (the zigzag layout puts a document's end anywhere in the row)."""
+    return (segment_ids != 0) & (positions == segment_max(positions, segment_ids))
 
 
 def pair_values(per_segment: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -106,7 +107,7 @@ def reward_scores(model: InternLM2ForRewardModel, batch: Batch, rng=None) -> tup
     """(chosen, rejected) scores [batch, max_pairs] of a packed pair batch."""
     scores = model(batch["input_ids"], batch["positions"], batch["segment_ids"], dropout_rng=rng)
     segments = batch["segment_ids"]
-    at_end = jnp.where(last_token_mask(segments), scores, 0.0)
+    at_end = jnp.where(last_token_mask(batch["positions"], segments), scores, 0.0)
     return pair_values(segment_sums(at_end, segments, 2 * batch["pair_mask"].shape[1]))
 
 

@@ -4,6 +4,7 @@ for any `Objective` (LM pretraining and SFT, reward model, DPO), full or with on
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -12,7 +13,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from internlm2_jax.parallel import batch_sharding
+from internlm2_jax.parallel import batch_shardings
 from internlm2_jax.train.loss import Batch
 from internlm2_jax.train.objectives import LM, Objective
 from internlm2_jax.train.state import TrainState, split_trainable
@@ -116,23 +117,30 @@ def make_eval_step(graphdef, cfg: StepConfig = StepConfig(), *,
 
 
 def jit_train_step(train_step, state_shardings: TrainState, mesh: Mesh):
-    """The step jitted once over the mesh: state donated and kept on its shardings, batch split over data axes."""
-    jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
-                     out_shardings=(state_shardings, None), donate_argnums=(0,))
+    """The step jitted over the mesh once per batch structure (a run has one): state donated and kept on its
+    shardings, batch split over the data axes (and its tokens over `sequence`). `run.jitted(fields)` is the jitted
+    step for a batch with those fields."""
+
+    @functools.cache
+    def jitted(fields: tuple[str, ...]):
+        return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings(mesh, fields)),
+                       out_shardings=(state_shardings, None), donate_argnums=(0,))
 
     def run(state, batch):
         with jax.set_mesh(mesh):  # lets the model's activation constraints see the mesh
-            return jitted(state, batch)
+            return jitted(tuple(sorted(batch)))(state, batch)
 
     run.jitted = jitted
     return run
 
 
 def jit_eval_step(eval_step, state_shardings: TrainState, mesh: Mesh):
-    jitted = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding(mesh)))
+    @functools.cache
+    def jitted(fields: tuple[str, ...]):
+        return jax.jit(eval_step, in_shardings=(state_shardings, batch_shardings(mesh, fields)))
 
     def run(state, batch):
         with jax.set_mesh(mesh):
-            return jitted(state, batch)
+            return jitted(tuple(sorted(batch)))(state, batch)
 
     return run
