@@ -6,4 +6,6 @@ runs curation or generates records, and writes what a run reads. Nothing below i
 - `stdlib_data`: the curated stdlib pretraining dataset (`prepare_stdlib_dataset`, `split_curated_shards`).
 - `finetune_data`: SFT conversations and preference pairs from the stdlib and checked doctests
   (`docstring_conversations`, `doctest_pairs`, `conditional_pairs`, `train_finetune_tokenizer`, `write_jsonl`).
+- `long_context_data`: the long-context mixture manifest from a curation run (repository documents in import order,
+  long documents up-weighted, a replay share of short ones); `long_context_stdlib` builds it from the stdlib (CLI).
 """
