@@ -21,7 +21,10 @@ from jax.sharding import PartitionSpec as P
 
 from internlm2_jax.kernels.tiling import BlockSizes
 from internlm2_jax.model import attention
+from internlm2_jax.kernels.reference import xla_attention
+from internlm2_jax.model.context_parallel import context_parallel_attention
 from internlm2_jax.parallel import MeshConfig, make_mesh
+from internlm2_jax.parallel.sequence_layout import SequenceLayout
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH, LENGTH, HEADS, KV_HEADS, HEAD_DIM = 4, 64, 8, 2, 16
@@ -74,11 +77,15 @@ def _unsharded(impl, kv_heads):
     return c, jax.jit(_output_and_grads(impl))(c["q"], c["k"], c["v"], c["cotangent"], c["positions"], c["segments"])
 
 
-def check_sharded_equals_unsharded(impl, mesh_name, kv_heads=KV_HEADS, strategy="all_gather"):
-    """Output and dq/dk/dv of the sequence-sharded attention on MESHES[mesh_name] against one device, to 1e-5."""
+def check_sharded_equals_unsharded(impl, mesh_name, kv_heads=KV_HEADS, strategy="all_gather", zigzag=False):
+    """Output and dq/dk/dv of the sequence-sharded attention on MESHES[mesh_name] against one device, to 1e-5.
+    `zigzag`: the rows are laid out zigzag first, as the training loop lays them out for the all-gather strategy,
+    and the results put back in natural order (the attention itself un-permutes the gathered keys)."""
     c, ((_, want_out), want_grads) = _unsharded(impl, kv_heads)
     args = (c["q"], c["k"], c["v"], c["cotangent"], c["positions"], c["segments"])
     config = MESHES[mesh_name]
+    layout = SequenceLayout("zigzag" if zigzag else "contiguous", config.sequence)
+    args = [x[:, layout.order(LENGTH)] for x in args]
     mesh = make_mesh(config, jax.devices()[:config.data * config.fsdp * config.sequence * config.tensor])
     tokens = P(("data", "fsdp"), "sequence")
     placed = [jax.device_put(x, NamedSharding(mesh, P(*tokens, *(None,) * (x.ndim - 2)))) for x in args]
@@ -87,11 +94,33 @@ def check_sharded_equals_unsharded(impl, mesh_name, kv_heads=KV_HEADS, strategy=
     assert out.sharding.shard_shape(out.shape)[1] == LENGTH // config.sequence, out.sharding
     assert out.sharding.spec[1] == "sequence", out.sharding.spec
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (want_out, *want_grads), strict=True):
-        got, want = np.asarray(got), np.asarray(want)
+        got, want = layout.restore(np.asarray(got)), np.asarray(want)
         assert np.all(np.isfinite(got)), name
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"{impl} {strategy} on {mesh_name}: {name}")
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5,
+                                   err_msg=f"{impl} {strategy} {layout.kind} on {mesh_name}: {name}")
     padding = np.asarray(c["segments"]) == 0
-    assert np.all(np.asarray(out)[padding] == 0), "padding queries (whole padding shards too) must give zeros"
+    assert np.all(layout.restore(np.asarray(out))[padding] == 0), "padding queries (whole padding shards too) give 0"
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_zigzag_rows_give_the_same_attention_as_natural_order(mesh_name):
+    """The layout the loop gives the all-gather strategy: the gathered keys are put back in order inside."""
+    check_sharded_equals_unsharded("xla", mesh_name, zigzag=True)
+
+
+def test_all_gather_over_contiguous_rows_said_so_equals_one_device():
+    """The all-gather strategy told the rows are contiguous skips the un-permute (and is exact either way)."""
+    c, ((_, want_out), _) = _unsharded("xla", KV_HEADS)
+    mesh = make_mesh(MESHES["sequence4"], jax.devices()[:4])
+    run = functools.partial(xla_attention, causal=True)
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda q, k, v, pos, seg: context_parallel_attention(
+            run, q, k, v, pos, pos, seg, seg, strategy="all_gather", layout="contiguous"))(
+            c["q"], c["k"], c["v"], c["positions"], c["segments"])
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), atol=1e-5, rtol=1e-5)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="ulysses context parallelism takes contiguous rows"):
+        context_parallel_attention(run, c["q"], c["k"], c["v"], c["positions"], c["positions"], c["segments"],
+                                   c["segments"], strategy="ulysses", layout="zigzag")
 
 
 @pytest.mark.parametrize("strategy", ["all_gather", "ulysses"])
@@ -131,7 +160,8 @@ PALLAS_SCRIPT = textwrap.dedent("""
     from test_context_parallel import check_sharded_equals_unsharded
     impl, strategy, *mesh_names = sys.argv[1:]
     for mesh_name in mesh_names:
-        check_sharded_equals_unsharded(impl, mesh_name, strategy=strategy)
+        # the all-gather strategy on rows laid out as the loop lays them out (zigzag), Ulysses on contiguous ones
+        check_sharded_equals_unsharded(impl, mesh_name, strategy=strategy, zigzag=strategy == "all_gather")
         print(impl, mesh_name, "ok", flush=True)
 """)
 
