@@ -3,7 +3,8 @@
 Order of operations (as vLLM and HF apply them): penalties on the raw logits -> temperature -> top-k, top-p and
 min-p truncation -> a draw from each row's own key. Temperature 0 is greedy. Log-probabilities reported for the
 chosen and top-n tokens are those of the model's distribution (before penalties and truncation), which is what
-OpenAI's `logprobs` and log-likelihood clients read.
+OpenAI's `logprobs` and log-likelihood clients read; `report="tempered"` reports log_softmax(logits / temperature)
+instead (still before truncation), the quantity RL training recomputes for the sampled tokens.
 """
 
 from __future__ import annotations
@@ -93,23 +94,36 @@ def truncate(logits, params: SamplingParams):
     return jnp.where(scaled >= cut, scaled, _MASKED)
 
 
-def sample(logits, params: SamplingParams, step, counts, seen, top_n: int = 0, rows=None):
+REPORTS = ("model", "tempered")
+
+
+def sample(logits, params: SamplingParams, step, counts, seen, top_n: int = 0, rows=None, report: str = "model"):
     """(tokens [batch], their log-probs [batch], top-n ids and log-probs [batch, top_n]) for fp32 `logits`.
 
     counts/seen hold the penalty state of these rows, or, with `rows` [batch], of all slots (this batch's rows are
-    gathered only when some row uses penalties).
+    gathered only when some row uses penalties); both None for a caller that keeps no penalty state (RL rollouts),
+    whose rows must then ask for no penalties.
+
+    `report`: "model" reports the model's log-probs, "tempered" log_softmax(logits / temperature) (greedy rows: 1),
+    both before penalties and truncation.
 
     Row i draws with `fold_in(keys[i], step[i])` (`step` a scalar or [batch]: the index of the token being drawn),
     so its tokens depend on its own seed and step only, not on the batch it runs in.
     """
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    if report not in REPORTS:
+        raise ValueError(f"report={report!r}: must be one of {REPORTS}")
+    if report == "tempered":
+        logprobs = jax.nn.log_softmax(logits / jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None],
+                                      axis=-1)
+    else:
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
     # Each stage runs only when some row asks for it: the sort behind top-k/top-p/min-p cost more than the whole
     # forward of a 57M model at batch 16 on CPU, and a greedy batch needs none of it.
-    penalised = jax.lax.cond((params.repetition_penalty != 1).any() | (params.presence_penalty != 0).any()
-                             | (params.frequency_penalty != 0).any(),
-                             lambda: apply_penalties(logits, params, *((counts, seen) if rows is None else
-                                                                       (counts[rows], seen[rows]))),
-                             lambda: logits)
+    penalised = logits if counts is None else jax.lax.cond(
+        (params.repetition_penalty != 1).any() | (params.presence_penalty != 0).any()
+        | (params.frequency_penalty != 0).any(),
+        lambda: apply_penalties(logits, params, *((counts, seen) if rows is None else (counts[rows], seen[rows]))),
+        lambda: logits)
     sampled = params.temperature > 0
     needs_cut = (sampled & ((params.top_k > 0) | (params.top_p < 1) | (params.min_p > 0))).any()
 

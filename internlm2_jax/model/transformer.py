@@ -228,14 +228,18 @@ class InternLM2Model(nnx.Module):
         return self.norm(x), constrain_cache(kv)
 
 
-def token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
-    """log p(targets) [batch, seq] in fp32 from final hidden states and the [embed, vocab] head.
+def token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, chunk_size: int = 1024,
+                   temperature: float = 1.0) -> jax.Array:
+    """log p(targets) [batch, seq] in fp32 from final hidden states and the [embed, vocab] head, the logits divided
+    by `temperature` first (RL trains on the tempered distribution its rollouts sampled from, decode/rollout.py).
 
     Computed chunk by chunk over the sequence (each chunk rematerialised in the backward pass when there are several),
     so a [batch, seq, vocab] fp32 logits tensor never exists: one 32K row of 92,544 logits is 12 GB. Training,
     evaluation and serving all call this one function. Under mesh.sequence > 1 the chunks are cut inside each
     sequence shard, so every chip computes the logits of its own tokens only.
     """
+    if isinstance(temperature, int | float) and not temperature > 0:
+        raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
     batch, seq, embed = hidden.shape
     shards = sequence_shards()
     if seq % shards:
@@ -257,6 +261,7 @@ def token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, ch
     def one_chunk(args):
         h, t = args
         logits = jnp.einsum("bsce,ev->bscv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = logits / temperature
         picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return picked - jax.nn.logsumexp(logits, axis=-1)
 
@@ -296,11 +301,12 @@ class InternLM2ForCausalLM(nnx.Module):
             return int8_dense(hidden, head, 1)
         return jnp.einsum("...e,ev->...v", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
-    def token_logprobs(self, hidden: jax.Array, targets: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
+    def token_logprobs(self, hidden: jax.Array, targets: jax.Array, *, chunk_size: int = 1024,
+                       temperature: float = 1.0) -> jax.Array:
         head = self.head_weight()
         if isinstance(head, Int8Weight):  # evaluation of a quantized model: the head in float, once
             head = head.dequantize(hidden.dtype)
-        return token_logprobs(hidden, head, targets, chunk_size=chunk_size)
+        return token_logprobs(hidden, head, targets, chunk_size=chunk_size, temperature=temperature)
 
 
 class InternLM2ForRewardModel(nnx.Module):
