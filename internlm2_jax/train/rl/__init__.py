@@ -1,4 +1,6 @@
-"""Online RLHF (COOL RLHF's PPO and GRPO, docs/rlhf.md): the pure formulas first; rollout, experience and loop later."""
+"""Online RLHF (COOL RLHF's PPO and GRPO, docs/rlhf.md): the pure formulas (`core`), experience rows and their
+advantages (`experience`), and the actor/critic objectives that train through `make_train_step` (`objectives`,
+registered as "ppo_actor" and "ppo_critic"). The rollout is `decode/rollout.py`; the loop comes next."""
 
 from internlm2_jax.train.rl.core import (
     AdaptiveKL,
@@ -19,6 +21,7 @@ from internlm2_jax.train.rl.core import (
     value_loss,
     weighted_sums,
 )
+from internlm2_jax.train.rl import experience, objectives  # noqa: F401  (importing registers ppo_actor, ppo_critic)
 
 __all__ = ["AdaptiveKL", "RLLossConfig", "RunningMoments", "aggregate", "aggregation_weights", "entropy_from_logits",
            "gae", "group_advantages", "kl_controller", "kl_estimate", "last_response_position", "masked_whiten",
