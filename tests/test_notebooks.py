@@ -1,5 +1,5 @@
-"""notebooks/quickstart.ipynb, data_and_decoding.ipynb, reward_model.ipynb and serving.ipynb execute top to bottom
-through a real Jupyter kernel (nbclient + ipykernel).
+"""notebooks/quickstart.ipynb, data_and_decoding.ipynb, reward_model.ipynb, serving.ipynb and long_context.ipynb
+execute top to bottom through a real Jupyter kernel (nbclient + ipykernel).
 
 The kernel is this interpreter: a kernelspec naming `sys.executable` is written to a temporary folder put first on
 JUPYTER_PATH, so neither a `python3` kernel installed elsewhere on the machine nor a missing one changes what runs.
@@ -99,3 +99,16 @@ def test_serving_notebook_loads_a_run_onto_a_mesh_and_serves_the_openai_client(k
     assert "models: ['tiny']" in text and "32 requests, 0 failed" in text, text
     assert re.search(r"time to first token: p50 \d+\.\d+ s", text), text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the latency percentiles
+
+
+def test_long_context_notebook_shows_the_layout_the_tile_balance_and_the_heat_maps(kernel_name, tmp_path):
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(REPO / "notebooks" / "long_context.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name=kernel_name,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on a failing cell
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "8 devices" in text and "zigzag:  0  1  2  3 28 29 30 31" in text, text
+    assert re.search(r"sp=4 +zigzag: .* max/min 1\.0\d", text) and "phase 2 went on to step 30" in text, text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5  # layout, tiles, three heat maps

@@ -98,7 +98,8 @@ def test_an_experiment_objective_is_a_registered_name_or_a_config_and_set_reache
         apply_overrides(exp, ["objective.beta=0"])
     with pytest.raises(OverrideError, match="init=False"):  # the name says which objective: not a setting
         apply_overrides(exp, ["objective.name=lm"])
-    with pytest.raises(ValueError, match="unknown objective 'ppo'; registered: dpo, lm, orpo, reward"):
+    with pytest.raises(ValueError, match="unknown objective 'ppo'; registered: dpo, lm, orpo, ppo_actor, ppo_critic, "
+                                         "reward"):
         experiment(objective="ppo")
     with pytest.raises(ValueError, match="objective='orpo' does not go with data.format='pretrain': it trains on "
                                          "policy_pairs rows, which pairs"):

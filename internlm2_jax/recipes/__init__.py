@@ -8,4 +8,6 @@ runs curation or generates records, and writes what a run reads. Nothing below i
   (`docstring_conversations`, `doctest_pairs`, `conditional_pairs`, `train_finetune_tokenizer`, `write_jsonl`).
 - `long_context_data`: the long-context mixture manifest from a curation run (repository documents in import order,
   long documents up-weighted, a replay share of short ones); `long_context_stdlib` builds it from the stdlib (CLI).
+- `passkey_data`: passkey haystacks and copy documents for the tiny long-context recipe
+  (`experiments/long_context_tiny.py`).
 """

@@ -24,12 +24,12 @@ def _definition(value: Any) -> str:
 class Registry:
     """Names -> registered values, filled at import time.
 
-    `builtins` names the module whose import registers the built-in entries; it is imported on the first lookup, so
-    they are there however the registry was reached. Registering a name again with the same definition (an
-    experiment file loaded twice) replaces the entry; another definition under a taken name is an error, so a typo
-    cannot silently shadow a built-in."""
+    `builtins` names the modules whose import registers the built-in entries; they are imported on the first lookup,
+    so the built-ins are all there however the registry was reached. Registering a name again with the same
+    definition (an experiment file loaded twice) replaces the entry; another definition under a taken name is an
+    error, so a typo cannot silently shadow a built-in."""
 
-    def __init__(self, kind: str, builtins: str | None = None):
+    def __init__(self, kind: str, builtins: tuple[str, ...] = ()):
         self.kind, self._builtins, self._entries = kind, builtins, {}
 
     def register(self, name: str, value: Any) -> Any:
@@ -43,8 +43,8 @@ class Registry:
         return value
 
     def names(self) -> tuple[str, ...]:
-        if self._builtins:
-            importlib.import_module(self._builtins)
+        for module in self._builtins:
+            importlib.import_module(module)
         return tuple(sorted(self._entries))
 
     def get(self, name: str) -> Any:
@@ -54,7 +54,7 @@ class Registry:
         return self._entries[name]
 
 
-OBJECTIVES = Registry("objective", builtins="internlm2_jax.train.objectives")
+OBJECTIVES = Registry("objective", builtins=("internlm2_jax.train.objectives", "internlm2_jax.train.rl.objectives"))
 
 
 def register_objective(name: str, factory: Callable[[], Any]) -> Callable[[], Any]:
