@@ -110,5 +110,8 @@ def test_long_context_notebook_shows_the_layout_the_tile_balance_and_the_heat_ma
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
     text = "".join(o.get("text", "") for o in outputs)
     assert "8 devices" in text and "zigzag:  0  1  2  3 28 29 30 31" in text, text
-    assert re.search(r"sp=4 +zigzag: .* max/min 1\.0\d", text) and "phase 2 went on to step 30" in text, text
+    assert re.search(r"sp=4 +zigzag: .* max/min 1\.0\d", text), text
+    phases = re.search(r"phase 1: (\d+) steps at (\d+) tokens; phase 2 went on to step (\d+) at (\d+) tokens", text)
+    assert phases, text  # phase 2 restored phase 1's step and went on, at 4x the length
+    assert int(phases[3]) > int(phases[1]) and int(phases[4]) == 4 * int(phases[2]), phases[0]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5  # layout, tiles, three heat maps
