@@ -16,6 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = "internlm2-jax-tests"
+EIGHT_DEVICES = 'jax.config.update("jax_num_cpu_devices", 8)'
 
 
 @pytest.fixture
@@ -32,18 +33,24 @@ def kernel_name(tmp_path, monkeypatch):
     return KERNEL
 
 
-def test_quickstart_notebook_executes(kernel_name, tmp_path):
+def run_notebook(name: str, kernel_name: str, workdir: Path, timeout: int, first_cell: str | None = None):
+    """Executes notebooks/`name` in `workdir` (raises on a failing cell): (its outputs, their text). `first_cell`:
+    a line its first code cell must hold."""
     from nbclient import NotebookClient
 
-    notebook = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
-    first = next(c for c in notebook.cells if c.cell_type == "code")
-    assert 'jax.config.update("jax_num_cpu_devices", 8)' in first.source
+    notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    if first_cell is not None:
+        assert first_cell in next(c for c in notebook.cells if c.cell_type == "code").source
+    NotebookClient(notebook, timeout=timeout, kernel_name=kernel_name,
+                   resources={"metadata": {"path": str(workdir)}}).execute()
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    return outputs, "".join(o.get("text", "") for o in outputs)
+
+
+def test_quickstart_notebook_executes(kernel_name, tmp_path):
     workdir = tmp_path / "cwd"
     workdir.mkdir()
-    NotebookClient(notebook, timeout=240, kernel_name=kernel_name,
-                   resources={"metadata": {"path": str(workdir)}}).execute()  # raises on a failing cell
-    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
-    text = "".join(o.get("text", "") for o in outputs)
+    outputs, text = run_notebook("quickstart.ipynb", kernel_name, workdir, 240, first_cell=EIGHT_DEVICES)
     assert "8 devices" in text
     assert "bitwise equal = True" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the inline loss plot
@@ -52,13 +59,7 @@ def test_quickstart_notebook_executes(kernel_name, tmp_path):
 
 
 def test_data_and_decoding_notebook_executes(kernel_name, tmp_path):
-    from nbclient import NotebookClient
-
-    notebook = nbformat.read(REPO / "notebooks" / "data_and_decoding.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=240, kernel_name=kernel_name,
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on a failing cell
-    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
-    text = "".join(o.get("text", "") for o in outputs)
+    outputs, text = run_notebook("data_and_decoding.ipynb", kernel_name, tmp_path, 240)
     markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
     assert "| fuzzy_dedup |" in markdown
     assert "exact_duplicate" in text and "duplicate of " in text and "malformed_json" in text
@@ -69,13 +70,7 @@ def test_data_and_decoding_notebook_executes(kernel_name, tmp_path):
 def test_reward_model_notebook_trains_and_inspects_the_tiny_reward_model(kernel_name, tmp_path):
     """Acceptance for the conditional reward model: held-out accuracy well above chance, and the margin between the
     detailed answer and the refusal flips sign with the system prompt on held-out requests."""
-    from nbclient import NotebookClient
-
-    notebook = nbformat.read(REPO / "notebooks" / "reward_model.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name=kernel_name,
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on a failing cell
-    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
-    text = "".join(o.get("text", "") for o in outputs)
+    outputs, text = run_notebook("reward_model.ipynb", kernel_name, tmp_path, 600)
     assert "8 devices" in text and "[UNUSED_TOKEN_130]" in text
     accuracy = float(re.search(r"held-out pairwise accuracy (\d\.\d+)", text).group(1))
     flip = float(re.search(r"conditional flip rate (\d\.\d+)", text).group(1))
@@ -85,15 +80,7 @@ def test_reward_model_notebook_trains_and_inspects_the_tiny_reward_model(kernel_
 
 
 def test_serving_notebook_loads_a_run_onto_a_mesh_and_serves_the_openai_client(kernel_name, tmp_path):
-    from nbclient import NotebookClient
-
-    notebook = nbformat.read(REPO / "notebooks" / "serving.ipynb", as_version=4)
-    first = next(c for c in notebook.cells if c.cell_type == "code")
-    assert 'jax.config.update("jax_num_cpu_devices", 8)' in first.source
-    NotebookClient(notebook, timeout=300, kernel_name=kernel_name,
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on a failing cell
-    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
-    text = "".join(o.get("text", "") for o in outputs)
+    outputs, text = run_notebook("serving.ipynb", kernel_name, tmp_path, 300, first_cell=EIGHT_DEVICES)
     assert "8 devices" in text and "on mesh {'data': 2, 'fsdp': 1, 'tensor': 4, 'sequence': 1}" in text, text
     assert "same tokens as generate: [True, True, True]" in text, text
     assert "models: ['tiny']" in text and "32 requests, 0 failed" in text, text
@@ -102,13 +89,7 @@ def test_serving_notebook_loads_a_run_onto_a_mesh_and_serves_the_openai_client(k
 
 
 def test_long_context_notebook_shows_the_layout_the_tile_balance_and_the_heat_maps(kernel_name, tmp_path):
-    from nbclient import NotebookClient
-
-    notebook = nbformat.read(REPO / "notebooks" / "long_context.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name=kernel_name,
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on a failing cell
-    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
-    text = "".join(o.get("text", "") for o in outputs)
+    outputs, text = run_notebook("long_context.ipynb", kernel_name, tmp_path, 300)
     assert "8 devices" in text and "zigzag:  0  1  2  3 28 29 30 31" in text, text
     assert re.search(r"sp=4 +zigzag: .* max/min 1\.0\d", text), text
     phases = re.search(r"phase 1: (\d+) steps at (\d+) tokens; phase 2 went on to step (\d+) at (\d+) tokens", text)
