@@ -210,6 +210,7 @@ def main(argv=None) -> int:
                 probes[row["probe"]] = row
                 record("PROBE", row)
         print(flops_table(probes))
+        report_errors(probes.values(), "probe")
         return 0 if all(r["status"] == "compiled" for r in probes.values()) else 1
 
     rows = []
@@ -223,7 +224,15 @@ def main(argv=None) -> int:
         record("ROW", row)
     if not args.in_process or len(rows) > 1:
         print(markdown(rows))
+    report_errors(rows, "case")
     return 0 if all(r["status"] == ("refused" if r["expect"] == "refused" else "compiled") for r in rows) else 1
+
+
+def report_errors(rows, key: str) -> None:
+    """A failed compile is a row of the table ("compile error"); its error goes to stderr whole."""
+    for row in rows:
+        if row["status"] == "error":
+            print(f"{row[key]}: {row['message']}", file=sys.stderr)
 
 
 def _static(name: str) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh
 
@@ -86,7 +87,7 @@ class SequenceLayout:
         if self.identity:
             return x
         inverse = np.argsort(self.order(x.shape[axis]))
-        return x.take(inverse, axis=axis) if hasattr(x, "take") else x[(slice(None),) * axis + (inverse,)]
+        return x.take(inverse, axis=axis)  # numpy and jax arrays alike
 
 
 CONTIGUOUS = SequenceLayout()
@@ -95,8 +96,6 @@ CONTIGUOUS = SequenceLayout()
 def natural_order(x, layout: SequenceLayout, axis: int = 1):
     """A gathered zigzag sequence (every shard's tokens, shard by shard) back in natural order, as 2·sp static
     slices (no gather op): inside the attention, so the kernels see keys sorted by position."""
-    import jax.numpy as jnp
-
     if layout.identity:
         return x
     chunk = x.shape[axis] // (2 * layout.shards)
