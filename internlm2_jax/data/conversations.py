@@ -134,7 +134,7 @@ def _new_stats() -> dict[str, Any]:
             "bad_examples": {}}
 
 
-class _ConversationIterator:
+class ConversationIterator:
     """Records from JSONL files (indexed, read lazily) -> a mixture over the files -> examples (`_encode`, per
     subclass) -> whole-example packed batches."""
 
@@ -249,7 +249,7 @@ class _ConversationIterator:
 
     # ---- batches ----------------------------------------------------------------------------------------------
 
-    def __iter__(self) -> _ConversationIterator:
+    def __iter__(self) -> ConversationIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -319,7 +319,7 @@ class _ConversationIterator:
             reader.close()
 
 
-class SFTDataIterator(_ConversationIterator):
+class SFTDataIterator(ConversationIterator):
     """Supervised fine-tuning batches: dicts of numpy arrays `[batch_size, seq_len]` (`input_ids`, `targets`,
     `positions`, `segment_ids`, `loss_mask`; see packing.py), one conversation per segment, loss on assistant turns.
     `format` is "messages" or "alpaca"; `weights` are the files' shares of the examples drawn (module docstring)."""
@@ -350,7 +350,7 @@ class SFTDataIterator(_ConversationIterator):
         return ([(ids, mask)], "truncated") if any(mask[1:]) else (None, "no_trained_tokens")
 
 
-class PairDataIterator(_ConversationIterator):
+class PairDataIterator(ConversationIterator):
     """Preference batches: the SFT fields plus `pair_mask [batch_size, max_pairs]`; row slot k holds the k-th pair
     as segments 2k + 1 (chosen) and 2k + 2 (rejected). `kind="reward"` renders reward-model samples (domain system
     turn, reward token; `domain_prompts` defaults to DOMAIN_PROMPTS, `default_domain` serves records without one),

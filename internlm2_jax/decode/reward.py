@@ -29,7 +29,8 @@ from internlm2_jax.parallel.mesh import within_mesh_of
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _scores(graphdef, params, tokens, lengths):
+def score_rows(graphdef, params, tokens, lengths):
+    """Scores [rows] of right-padded reward-model rows (`lengths` real tokens each, the reward token last)."""
     model = nnx.merge(graphdef, params)
     segments = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
     return last_token_scores(model(tokens, None, segments), segments)
@@ -57,7 +58,7 @@ def score_ids(model: InternLM2ForRewardModel, sequences: Sequence[Sequence[int]]
             tokens[row, :len(sequences[i])] = sequences[i]
             lengths[row] = len(sequences[i])
         with within_mesh_of(params):
-            out[chunk] = np.asarray(_scores(graphdef, params, tokens, lengths))[:len(chunk)]
+            out[chunk] = np.asarray(score_rows(graphdef, params, tokens, lengths))[:len(chunk)]
     return out
 
 
