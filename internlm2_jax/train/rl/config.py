@@ -1,0 +1,68 @@
+"""The configuration of an online RL run (docs/rlhf.md §2.9): one frozen dataclass that the loop, the experiment
+files and `--set` share. The formulas' knobs live in `RLLossConfig` (`loss`), the sampling ones in
+`RolloutConfig` (`rollout`); everything that must agree between them, or divide the mesh, is checked here or at the
+start of the run, never discovered as NaNs (verl #2505)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from internlm2_jax.config import ConfigError
+from internlm2_jax.decode.rollout import RolloutConfig
+from internlm2_jax.train.rl.core import RLLossConfig
+
+ALGORITHMS = ("ppo", "grpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    algorithm: str = "ppo"  # "ppo": actor + critic (GAE); "grpo": group advantages, no critic
+    iterations: int = 400  # rollout batches ([R]: ~200k queries in ~400 iterations)
+    prompts_per_iteration: int = 512  # the prompt source's batch size
+    rollout: RolloutConfig = RolloutConfig()
+    loss: RLLossConfig = RLLossConfig()  # GRPO: RLLossConfig.grpo()
+    ppo_epochs: int = 1  # passes over one experience batch ([X] policy_learn_time=1)
+    minibatches: int = 1  # optimizer steps per epoch; GRPO groups are never split between them
+    critic_warmup_iterations: int = 50  # [R]: critic-only iterations before the actor moves (PPO)
+    seed: int = 0  # rollout keys and mini-batch shuffles derive from (seed, iteration[, epoch])
+    chunk_size: int = 1024  # sequence chunk of the log-prob computations (bounds the fp32 logits)
+    log_every: int = 1
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 3
+    dump_every: int = 0  # write samples/iter_{k}.jsonl every this many iterations (0: never)
+    run_dir: str = "runs/rl"
+
+    def __post_init__(self):
+        def need(ok, field, why):
+            if not ok:
+                raise ConfigError(f"rl.{field}={getattr(self, field)!r}: {why}")
+
+        need(self.algorithm in ALGORITHMS, "algorithm", f"must be one of {ALGORITHMS}")
+        for name in ("iterations", "prompts_per_iteration", "ppo_epochs", "minibatches", "chunk_size", "log_every",
+                     "checkpoint_every", "keep_checkpoints"):
+            need(getattr(self, name) >= 1, name, "must be >= 1")
+        need(self.critic_warmup_iterations >= 0, "critic_warmup_iterations", "must be >= 0")
+        need(self.dump_every >= 0, "dump_every", "must be >= 0")
+        group = self.rollout.samples_per_prompt
+        if self.algorithm == "grpo":
+            need(group >= 2, "rollout", "GRPO needs rollout.samples_per_prompt >= 2 (a group of one has no "
+                                        "baseline)")
+            need(not (self.loss.kl_placement == "reward" and self.loss.kl_coef > 0), "loss",
+                 "GRPO's group advantages see only the sequence score, so a per-token KL reward would be dropped: "
+                 "use RLLossConfig.grpo() (k3 in the loss) or kl_coef=0")
+            need(self.prompts_per_iteration % self.minibatches == 0, "minibatches",
+                 f"GRPO keeps each prompt's {group} samples in one mini-batch, so the {self.prompts_per_iteration} "
+                 "prompts must split evenly")
+        need((self.prompts_per_iteration * group) % self.minibatches == 0, "minibatches",
+             f"the {self.prompts_per_iteration * group} rows of an iteration do not split into that many")
+        need(not (self.loss.kl_target is not None and self.loss.kl_placement == "loss"), "loss",
+             "an adaptive KL coefficient (kl_target) is only applied to the KL reward (kl_placement='reward')")
+
+    @property
+    def rows(self) -> int:
+        """Samples per iteration: prompts x samples per prompt."""
+        return self.prompts_per_iteration * self.rollout.samples_per_prompt
+
+    @property
+    def group_size(self) -> int:
+        return self.rollout.samples_per_prompt if self.algorithm == "grpo" else 1

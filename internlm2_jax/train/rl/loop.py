@@ -1,0 +1,265 @@
+"""The online RL loop (docs/rlhf.md §2.12): rollout, rewards, experience, PPO epochs of actor and critic steps.
+
+`rl_iteration(program, state, prompts, reward, cfg)` is one iteration: the actor samples responses to a batch of
+prompts (`decode.rollout`, with the parameters it trains: there is no second copy to keep in sync), a reward source
+scores them on the host (`train/rl/rewards.py`: the conditional reward model on spliced ids, or a rule), one jitted
+pass builds the experience (`train/rl/experience.py`), then `ppo_epochs` passes over shuffled mini-batches take a
+critic step and, after the critic's warm-up, an actor step, both through `make_train_step`.
+
+`train_rl` runs iterations to `cfg.iterations` and owns what a run needs around them, like `train.loop.train`: the
+progress bar, per-iteration metrics (JSONL, tensorboard, a PNG of the curves), sample dumps, checkpoints of `RLState`
+and the prompt iterator's state, resuming from the newest one, and stopping cleanly on SIGTERM. Everything random
+derives from (seed, iteration[, epoch]), so a resumed run repeats a straight one's metrics bit for bit on CPU.
+
+Not yet (later slices): the pre-training (PTX) rows beside the prompts, packed experience rows, resharding the
+actor's weights for decoding (`ROLLOUT_RULES`), sequence parallelism (refused), the COOL monitors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from tqdm import tqdm
+
+from internlm2_jax.artifacts import provenance
+from internlm2_jax.data.prompts import PromptBatch
+from internlm2_jax.decode.rollout import Rollout, rollout, rollout_keys
+from internlm2_jax.parallel import MeshConfig, make_mesh
+from internlm2_jax.train.checkpoint import Checkpointer
+from internlm2_jax.train.loop import MetricsLog, StopRequest, to_global_batch, window_summary
+from internlm2_jax.train.rl.config import RLConfig
+from internlm2_jax.train.rl.core import aggregation_weights, kl_controller
+from internlm2_jax.train.rl.experience import ExperienceConfig, build_rows, make_experience
+from internlm2_jax.train.rl.objectives import ACTOR_FIELDS, CRITIC_FIELDS
+from internlm2_jax.train.rl.state import (ModelSetup, RLProgram, RLState, build_rl_program, init_rl_state,
+                                          reference_params)
+from internlm2_jax.train.step import StepConfig
+
+RewardFn = Callable[[PromptBatch, Rollout], np.ndarray]
+
+
+def minibatch_order(cfg: RLConfig, iteration: int, epoch: int) -> np.ndarray:
+    """The rows of one epoch in shuffled order, from (seed, iteration, epoch) only; GRPO moves whole groups, so no
+    group is split between mini-batches (its advantages were computed over all of it)."""
+    group = cfg.group_size
+    rng = np.random.default_rng([cfg.seed, iteration, epoch])
+    groups = rng.permutation(cfg.rows // group)
+    return (groups[:, None] * group + np.arange(group)[None, :]).reshape(-1)
+
+
+@partial(jax.jit, static_argnames=("loss_agg", "max_len"))
+def _select(experience: dict, rows: jax.Array, *, loss_agg: str, max_len: int | None) -> dict:
+    """The mini-batch of `rows`, with its aggregation weights recomputed over exactly its rows (the weights are
+    exact only over the rows they were computed on, `core.aggregation_weights`)."""
+    batch = jax.tree.map(lambda x: x[rows], experience)
+    batch["pg_w"] = aggregation_weights(batch["response_mask"], loss_agg, max_len)
+    return batch
+
+
+def _fields(batch: dict, names) -> dict:
+    return {name: batch[name] for name in names}
+
+
+def rl_iteration(program: RLProgram, state: RLState, prompts: PromptBatch, reward: RewardFn, cfg: RLConfig, *,
+                 ref_params=None, pad_id: int = 0) -> tuple[RLState, dict[str, float], dict]:
+    """One iteration: (new state, metrics as floats, the host-side samples: rollout arrays and scores)."""
+    if prompts.size != cfg.prompts_per_iteration:
+        raise ValueError(f"the prompt source gave {prompts.size} prompts; rl.prompts_per_iteration is "
+                         f"{cfg.prompts_per_iteration} (give the source that batch size)")
+    mesh, iteration = program.mesh, int(state.iteration)
+    actor_graphdef = program.actor.graphdef
+    times = {}
+
+    start = time.perf_counter()
+    keys = rollout_keys(cfg.seed, iteration, cfg.rows)
+    roll = jax.device_get(rollout(actor_graphdef, state.actor.params, prompts.prompt_ids, prompts.prompt_lengths,
+                                  keys, cfg=cfg.rollout))
+    times["rollout"] = time.perf_counter() - start
+    start = time.perf_counter()
+    scores = np.asarray(reward(prompts, roll), np.float32)
+    if scores.shape != (cfg.rows,) or not np.isfinite(scores).all():
+        raise ValueError(f"the reward source returned {scores.dtype}{list(scores.shape)} with "
+                         f"{int((~np.isfinite(scores)).sum()) if scores.ndim else 0} non-finite values; expected "
+                         f"[{cfg.rows}] finite scores (one per sample)")
+    times["reward"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    rows = to_global_batch(build_rows(prompts.prompt_ids, prompts.prompt_lengths, roll, pad_id), mesh)
+    exp_cfg = ExperienceConfig(cfg.algorithm, cfg.rollout.temperature, group_size=cfg.group_size,
+                               max_response_len=cfg.rollout.max_new_tokens, chunk_size=cfg.chunk_size)
+    critic_kw = {} if state.critic is None else dict(critic_graphdef=program.critic.graphdef,
+                                                      critic_params=state.critic.params)
+    with jax.set_mesh(mesh):
+        experience, moments, exp_metrics = make_experience(
+            actor_graphdef, state.actor.params, rows, scores, roll.stopped, state.reward_moments,
+            loss_cfg=cfg.loss, cfg=exp_cfg, ref_params=ref_params, kl_coef=state.kl_coef, **critic_kw)
+    exp_metrics = jax.device_get(exp_metrics)
+    times["experience"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    actor, critic = state.actor, state.critic
+    actor_fields = ACTOR_FIELDS + (("ref_logp",) if cfg.loss.kl_placement == "loss" else ())
+    train_actor = cfg.algorithm == "grpo" or iteration >= cfg.critic_warmup_iterations
+    size = cfg.rows // cfg.minibatches
+    actor_window, critic_window = [], []
+    with jax.set_mesh(mesh):
+        for epoch in range(cfg.ppo_epochs):
+            order = minibatch_order(cfg, iteration, epoch)
+            for k in range(cfg.minibatches):
+                batch = _select(experience, jnp.asarray(order[k * size:(k + 1) * size]), loss_agg=cfg.loss.loss_agg,
+                                max_len=cfg.rollout.max_new_tokens)
+                if critic is not None:
+                    critic_batch = to_global_batch(_fields(batch, CRITIC_FIELDS), mesh)
+                    critic, metrics = program.critic.step(tuple(sorted(critic_batch)))(critic, critic_batch)
+                    critic_window.append(metrics)
+                if train_actor:
+                    actor_batch = to_global_batch(_fields(batch, actor_fields), mesh)
+                    actor, metrics = program.actor.step(tuple(sorted(actor_batch)))(actor, actor_batch)
+                    actor_window.append(metrics)
+    values = {}
+    for prefix, window in (("actor", actor_window), ("critic", critic_window)):
+        if window:
+            summary = window_summary(jax.device_get(window))
+            values.update({f"{prefix}/{name}": value for name, value in summary.items()
+                           if name not in ("lr", "real_tokens")})
+    times["update"] = time.perf_counter() - start
+
+    kl_coef = state.kl_coef
+    controller = kl_controller(cfg.loss)
+    if controller is not None:
+        kl_coef = controller.update(kl_coef, jnp.float32(exp_metrics["kl"]), cfg.rows)
+    state = state.replace(actor=actor, critic=critic, reward_moments=moments, kl_coef=kl_coef,
+                          iteration=state.iteration + 1)
+    lengths = np.asarray(roll.lengths)
+    values.update({name: float(value) for name, value in exp_metrics.items()})
+    values.update({"kl_coef": float(kl_coef), "stop_rate": float(np.mean(roll.stopped)),
+                   "response_length_p95": float(np.percentile(lengths, 95)), "actor_trained": float(train_actor),
+                   "rollout_tokens_per_s": float(lengths.sum()) / max(times["rollout"], 1e-9),
+                   **{f"time/{name}": value for name, value in times.items()}})
+    return state, values, {"rollout": roll, "scores": scores}
+
+
+@dataclasses.dataclass
+class RLResult:
+    state: RLState
+    iterations: int
+    metrics: dict[int, dict[str, float]]  # per iteration (1-based: after that many), as logged
+    interrupted: bool
+    run_dir: epath.Path
+
+
+def dump_samples(path: epath.Path, prompts: PromptBatch, samples: dict, tokenizer, group: int) -> None:
+    """One JSON line per sample: prompt and response text (ids without a tokenizer), score, length, stop."""
+    roll, lines = samples["rollout"], []
+    for row in range(len(samples["scores"])):
+        b, n = row // group, int(roll.lengths[row])
+        prompt = prompts.prompt_ids[b, :int(prompts.prompt_lengths[b])].tolist()
+        response = np.asarray(roll.tokens[row, :n]).tolist()
+        if tokenizer is not None:
+            prompt, response = tokenizer.decode(prompt), tokenizer.decode(response)
+        lines.append(json.dumps({"row": row, "domain_id": int(prompts.domain_ids[b]), "meta": prompts.metas[b],
+                                 "prompt": prompt, "response": response, "score": float(samples["scores"][row]),
+                                 "length": n, "stopped": bool(roll.stopped[row])}, default=str))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+CURVES = (("score", "RM / rule score"), ("kl", "KL to the reference (per token)"),
+          ("response_length", "response length"), ("actor/clipfrac", "clip fraction"),
+          ("critic/loss", "value loss"), ("actor/entropy", "entropy"))
+
+
+def plot_rl_curves(metrics_path: epath.Path, out_path: epath.Path) -> epath.Path | None:
+    """A PNG of the per-iteration curves (score, KL, length, clip fraction, value loss, entropy) that exist."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    latest = {row["step"]: row for row in rows}  # a resumed run re-logs the iterations after its checkpoint
+    present = [(key, title) for key, title in CURVES if any(key in row for row in latest.values())]
+    if not present:
+        return None
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch under a notebook
+
+    fig = Figure(figsize=(4 * len(present), 3.2))
+    for ax, (key, title) in zip(np.atleast_1d(fig.subplots(1, len(present))), present, strict=True):
+        points = sorted((step, row[key]) for step, row in latest.items() if key in row)
+        ax.plot(*zip(*points, strict=True), ".-")
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with out_path.open("wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    return out_path
+
+
+def train_rl(cfg: RLConfig, actor: ModelSetup, prompts, reward: RewardFn, *, critic: ModelSetup | None = None,
+             mesh_cfg: MeshConfig = MeshConfig(), step_cfg: StepConfig = StepConfig(), pad_id: int = 0,
+             tokenizer=None, metadata: dict[str, Any] | None = None, progress: bool = True) -> RLResult:
+    """Runs (or resumes) online RL to `cfg.iterations`.
+
+    `prompts` is a prompt source (`data.prompts.PromptDataIterator`: `PromptBatch`es of
+    `cfg.prompts_per_iteration`, `get_state`/`set_state`); `reward(prompts, rollout) -> [rows]` scores the samples.
+    The actor starts from `actor` (the SFT model; it is also the frozen reference), the critic (PPO) from `critic`
+    (the reward model). Checkpoints hold `RLState` and the prompt source's state; `metadata` adds what they should
+    record about the run (the experiment config, data hashes).
+    """
+    if mesh_cfg.sequence != 1:
+        raise ValueError(f"mesh.sequence={mesh_cfg.sequence}: RL rows are not split over the sequence yet (GAE runs "
+                         "along each row); use the data and fsdp axes")
+    run_dir = epath.Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(mesh_cfg)
+    program = build_rl_program(cfg, actor, critic, mesh, step_cfg)
+    metadata = provenance(model=dataclasses.asdict(actor.model), optimizer=dataclasses.asdict(actor.optimizer),
+                          objective=f"rl_{cfg.algorithm}", model_class="RLState", seed=cfg.seed,
+                          rl=dataclasses.asdict(cfg), **(metadata or {}))
+    checkpointer = Checkpointer(run_dir / "checkpoints", save_every=cfg.checkpoint_every,
+                                keep=cfg.keep_checkpoints)
+    restored = checkpointer.restore_latest(program.abstract_state(), metadata)
+    if restored is not None:
+        _, state, data_state, _ = restored
+        prompts.set_state(data_state["prompts"])
+    else:
+        state = init_rl_state(program, cfg, actor, critic)
+    ref_params = reference_params(actor, mesh, cfg.seed)
+    log, stop = MetricsLog(run_dir), StopRequest()
+    history: dict[int, dict[str, float]] = {}
+    iteration = int(state.iteration)
+    bar = tqdm(total=cfg.iterations, initial=iteration, desc=f"rl {cfg.algorithm}", unit="iter",
+               disable=not progress or jax.process_index() != 0)
+    try:
+        while iteration < cfg.iterations and not stop.stop_at(iteration):
+            batch = next(prompts)
+            state, values, samples = rl_iteration(program, state, batch, reward, cfg, ref_params=ref_params,
+                                                  pad_id=pad_id)
+            iteration += 1
+            history[iteration] = values
+            if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
+                log.write(iteration, values)
+            if cfg.dump_every and iteration % cfg.dump_every == 0 and jax.process_index() == 0:
+                dump_samples(run_dir / "samples" / f"iter_{iteration}.jsonl", batch, samples, tokenizer,
+                             cfg.rollout.samples_per_prompt)
+            bar.set_postfix(score=f"{values['score']:.3f}", kl=f"{values['kl']:.4f}",
+                            len=f"{values['response_length']:.1f}", tok_s=f"{values['rollout_tokens_per_s']:.0f}")
+            bar.update(1)
+            if checkpointer.manager.should_save(iteration):
+                checkpointer.save(iteration, state, data_state={"prompts": prompts.get_state()}, metadata=metadata)
+        if iteration not in checkpointer.steps():
+            checkpointer.save(iteration, state, data_state={"prompts": prompts.get_state()}, metadata=metadata,
+                              force=True)
+    finally:
+        bar.close()
+        stop.close()
+        checkpointer.close()
+        log.close()
+    if jax.process_index() == 0:
+        plot_rl_curves(log.path, run_dir / "rl_curves.png")
+    return RLResult(state=state, iterations=iteration, metrics=history, interrupted=stop.requested, run_dir=run_dir)
