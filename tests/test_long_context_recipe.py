@@ -29,6 +29,7 @@ def run_recipe(tmp_path: Path, sets: list[str], depths=None, phase2_share=None) 
     return module, module.main(exp)
 
 
+@pytest.mark.slow  # the long-context notebook runs the same miniature recipe in the default run
 def test_miniature_recipe_runs_both_phases_on_a_sequence_mesh_and_writes_its_heat_maps(tmp_path):
     module, summary = run_recipe(tmp_path, ["train.steps=4", "train.batch_size=8", "train.seq_len=64",
                                             "train.log_every=2", "train.checkpoint_every=4",
