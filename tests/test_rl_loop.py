@@ -97,6 +97,40 @@ class Prompts:
         self.served = state["served"]
 
 
+class PtxRows:
+    """LM rows of the SFT data ('prompt A STOP', every token trained), one rotation per batch: the PTX source."""
+
+    def __init__(self):
+        self.served = 0
+
+    def __next__(self):
+        rows = {k: np.zeros((PROMPTS, WIDTH + 2), np.int32) for k in ("input_ids", "targets", "positions",
+                                                                      "segment_ids")}
+        rows["loss_mask"] = np.zeros((PROMPTS, WIDTH + 2), np.float32)
+        for row, b in enumerate(np.roll(np.arange(PROMPTS), self.served)):
+            p = int(LENGTHS[b])
+            sequence = np.concatenate([PROMPT_IDS[b, :p], [A, STOP]])
+            rows["input_ids"][row, :p + 2] = sequence
+            rows["targets"][row, :p + 1] = sequence[1:]
+            rows["positions"][row, :p + 2] = np.arange(p + 2)
+            rows["segment_ids"][row, :p + 2] = 1
+            rows["loss_mask"][row, :p + 1] = 1
+        self.served += 1
+        return rows
+
+    def get_state(self):
+        return {"served": self.served}
+
+    def set_state(self, state):
+        self.served = state["served"]
+
+
+def lm_nll(graphdef, params, rows) -> float:
+    logp = policy_logprobs(nnx.merge(graphdef, jax.device_get(params)), {k: jnp.asarray(v) for k, v in rows.items()},
+                           temperature=1.0, chunk_size=64)
+    return float(-(np.asarray(logp) * rows["loss_mask"]).sum() / rows["loss_mask"].sum())
+
+
 def reward_a(batch, rollout):
     return (np.asarray(rollout.tokens)[:, 0] == A).astype(np.float32)
 
@@ -111,11 +145,11 @@ def config(tmp_path, algorithm="ppo", beta=1.0, iterations=10, **overrides):
     return RLConfig(**{**fields, **overrides})
 
 
-def run(sft, cfg, lr=1e-3, prompts=None, reward=reward_a):
+def run(sft, cfg, lr=1e-3, prompts=None, reward=reward_a, ptx=None):
     graphdef, params = sft
     critic = ModelSetup(CFG, constant(5 * lr)) if cfg.algorithm == "ppo" else None
     return train_rl(cfg, ModelSetup(CFG, constant(lr), params=params), prompts or Prompts(), reward, critic=critic,
-                    progress=False)
+                    ptx=ptx, progress=False)
 
 
 def kl_optimum(p0, beta):
@@ -160,16 +194,19 @@ def test_the_critic_warms_up_alone_and_a_resumed_run_repeats_a_straight_one_bitw
     def timeless(metrics):
         return {k: v for k, v in metrics.items() if not k.startswith("time/") and k != "rollout_tokens_per_s"}
 
-    straight = run(sft, config(tmp_path / "straight", iterations=4, critic_warmup_iterations=1))
-    # The critic warms up alone: the actor's first step comes in the second iteration.
+    straight = run(sft, config(tmp_path / "straight", iterations=4, critic_warmup_iterations=1), ptx=PtxRows())
+    # The critic warms up alone: the actor's first step comes in the second iteration, from the SFT weights, so its
+    # PTX term is ptx_coef x the SFT model's token-mean NLL on the first PTX batch.
     assert [straight.metrics[k]["actor_trained"] for k in (1, 2)] == [0.0, 1.0]
     assert "actor/loss" not in straight.metrics[1] and "critic/loss" in straight.metrics[1]
     assert int(straight.state.actor.step) == 3 and int(straight.state.critic.step) == 4
-    run(sft, config(tmp_path / "resumed", iterations=2, checkpoint_every=2, critic_warmup_iterations=1))
-    prompts = Prompts()
+    np.testing.assert_allclose(straight.metrics[2]["actor/ptx_loss"], 0.5 * lm_nll(*sft, next(PtxRows())), rtol=1e-4)
+    run(sft, config(tmp_path / "resumed", iterations=2, checkpoint_every=2, critic_warmup_iterations=1),
+        ptx=PtxRows())
+    prompts, ptx = Prompts(), PtxRows()
     resumed = run(sft, config(tmp_path / "resumed", iterations=4, checkpoint_every=2, critic_warmup_iterations=1),
-                  prompts=prompts)
-    assert prompts.served == 4  # the source's state came back from the checkpoint
+                  prompts=prompts, ptx=ptx)
+    assert prompts.served == 4 and ptx.served == 3  # both sources' states came back from the checkpoint
     assert sorted(resumed.metrics) == [3, 4]
     for k in (3, 4):
         assert timeless(resumed.metrics[k]) == timeless(straight.metrics[k]), k

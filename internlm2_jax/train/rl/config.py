@@ -24,6 +24,7 @@ class RLConfig:
     ppo_epochs: int = 1  # passes over one experience batch ([X] policy_learn_time=1)
     minibatches: int = 1  # optimizer steps per epoch; GRPO groups are never split between them
     critic_warmup_iterations: int = 50  # [R]: critic-only iterations before the actor moves (PPO)
+    ptx_coef: float = 0.5  # [R]: the pre-training loss's weight when PTX data is given (train_rl(ptx=...))
     seed: int = 0  # rollout keys and mini-batch shuffles derive from (seed, iteration[, epoch])
     chunk_size: int = 1024  # sequence chunk of the log-prob computations (bounds the fp32 logits)
     log_every: int = 1
@@ -43,6 +44,7 @@ class RLConfig:
             need(getattr(self, name) >= 1, name, "must be >= 1")
         need(self.critic_warmup_iterations >= 0, "critic_warmup_iterations", "must be >= 0")
         need(self.dump_every >= 0, "dump_every", "must be >= 0")
+        need(self.ptx_coef >= 0, "ptx_coef", "must be >= 0")
         group = self.rollout.samples_per_prompt
         if self.algorithm == "grpo":
             need(group >= 2, "rollout", "GRPO needs rollout.samples_per_prompt >= 2 (a group of one has no "

@@ -98,16 +98,14 @@ def build_rows(prompts, prompt_lengths, rollout: Rollout, pad_id: int, length: i
     return out
 
 
-def ptx_weights(loss_mask, response_tokens, coef: float) -> np.ndarray:
+def ptx_weights(loss_mask, response_tokens, coef: float) -> jax.Array:
     """`ptx_w` of pre-training rows mixed into an actor mini-batch: c_ptx * N_resp / N_ptx on their trained tokens,
-    so that the step's division by the response-token count makes the PTX term c_ptx x their token mean (§1.7)."""
-    loss_mask = np.asarray(loss_mask, np.float32)
-    n_ptx = loss_mask.sum()
-    if n_ptx == 0:
-        raise ValueError("loss_mask: the pre-training rows have no trained tokens")
+    so that the step's division by the response-token count makes the PTX term c_ptx x their token mean (§1.7).
+    Traceable (the loop computes it on device, where N_resp is); rows without trained tokens get weight 0."""
     if coef < 0:
         raise ValueError(f"coef={coef!r}: the PTX coefficient must be >= 0")
-    return loss_mask * (coef * float(response_tokens) / n_ptx)
+    loss_mask = jnp.asarray(loss_mask, jnp.float32)
+    return loss_mask * (coef * jnp.asarray(response_tokens, jnp.float32) / jnp.maximum(loss_mask.sum(), 1.0))
 
 
 # ---------------------------------------------------------------------------------------------------- the jit

@@ -11,7 +11,7 @@ progress bar, per-iteration metrics (JSONL, tensorboard, a PNG of the curves), s
 and the prompt iterator's state, resuming from the newest one, and stopping cleanly on SIGTERM. Everything random
 derives from (seed, iteration[, epoch]), so a resumed run repeats a straight one's metrics bit for bit on CPU.
 
-Not yet (later slices): the pre-training (PTX) rows beside the prompts, packed experience rows, resharding the
+Not yet (later slices): packed experience rows, resharding the
 actor's weights for decoding (`ROLLOUT_RULES`), sequence parallelism (refused), the COOL monitors.
 """
 
@@ -34,11 +34,12 @@ from internlm2_jax.artifacts import provenance
 from internlm2_jax.data.prompts import PromptBatch
 from internlm2_jax.decode.rollout import Rollout, rollout, rollout_keys
 from internlm2_jax.parallel import MeshConfig, make_mesh
+from internlm2_jax.parallel.mesh import data_parallel_size
 from internlm2_jax.train.checkpoint import Checkpointer
 from internlm2_jax.train.loop import MetricsLog, StopRequest, to_global_batch, window_summary
 from internlm2_jax.train.rl.config import RLConfig
 from internlm2_jax.train.rl.core import aggregation_weights, kl_controller
-from internlm2_jax.train.rl.experience import ExperienceConfig, build_rows, make_experience
+from internlm2_jax.train.rl.experience import ExperienceConfig, build_rows, make_experience, ptx_weights
 from internlm2_jax.train.rl.objectives import ACTOR_FIELDS, CRITIC_FIELDS
 from internlm2_jax.train.rl.state import (ModelSetup, RLProgram, RLState, build_rl_program, init_rl_state,
                                           reference_params)
@@ -69,9 +70,43 @@ def _fields(batch: dict, names) -> dict:
     return {name: batch[name] for name in names}
 
 
+PTX_FIELDS = ("input_ids", "targets", "positions", "segment_ids", "loss_mask")
+
+
+def check_ptx(rows: dict, length: int, mesh) -> None:
+    missing = [name for name in PTX_FIELDS if name not in rows]
+    if missing:
+        raise ValueError(f"the pre-training (PTX) batch lacks {missing}: it must be an LM batch (SFTDataIterator, "
+                         "PretrainDataIterator)")
+    if np.shape(rows["input_ids"])[1] != length:
+        raise ValueError(f"the PTX rows are {np.shape(rows['input_ids'])[1]} tokens long but the experience rows are "
+                         f"{length} (prompt width + rollout.max_new_tokens): give the PTX iterator that seq_len")
+    if np.shape(rows["input_ids"])[0] % data_parallel_size(mesh):
+        raise ValueError(f"the PTX batch has {np.shape(rows['input_ids'])[0]} rows, which do not split over the "
+                         f"mesh's {data_parallel_size(mesh)} data-parallel shards")
+    if not np.asarray(rows["loss_mask"]).any():
+        raise ValueError("the PTX batch has no trained tokens (loss_mask is all 0)")
+
+
+@partial(jax.jit, static_argnames="coef")
+def _with_ptx(batch: dict, ptx: dict, *, coef: float) -> dict:
+    """The actor mini-batch with the pre-training rows appended: their tokens train through `ptx_w` only (zero
+    response mask, advantages and policy weights), weighted so the PTX term is `coef` x their token-mean NLL."""
+    rows = ptx["input_ids"].shape[0]
+    out = {name: jnp.concatenate([value, ptx[name].astype(value.dtype) if name in ptx else
+                                  jnp.zeros((rows, *value.shape[1:]), value.dtype)])
+           for name, value in batch.items()}
+    out["ptx_w"] = jnp.concatenate([jnp.zeros_like(batch["response_mask"]),
+                                    ptx_weights(ptx["loss_mask"], batch["response_mask"].sum(), coef)])
+    return out
+
+
 def rl_iteration(program: RLProgram, state: RLState, prompts: PromptBatch, reward: RewardFn, cfg: RLConfig, *,
-                 ref_params=None, pad_id: int = 0) -> tuple[RLState, dict[str, float], dict]:
-    """One iteration: (new state, metrics as floats, the host-side samples: rollout arrays and scores)."""
+                 ref_params=None, pad_id: int = 0, ptx=None) -> tuple[RLState, dict[str, float], dict]:
+    """One iteration: (new state, metrics as floats, the host-side samples: rollout arrays and scores).
+
+    `ptx`: an LM data iterator whose next batch is appended to every actor mini-batch (PPO-ptx, §1.7: InternLM2
+    mixes pre-training data of about half the PPO volume at coefficient `cfg.ptx_coef` = 0.5), or None."""
     if prompts.size != cfg.prompts_per_iteration:
         raise ValueError(f"the prompt source gave {prompts.size} prompts; rl.prompts_per_iteration is "
                          f"{cfg.prompts_per_iteration} (give the source that batch size)")
@@ -122,7 +157,13 @@ def rl_iteration(program: RLProgram, state: RLState, prompts: PromptBatch, rewar
                     critic, metrics = program.critic.step(tuple(sorted(critic_batch)))(critic, critic_batch)
                     critic_window.append(metrics)
                 if train_actor:
-                    actor_batch = to_global_batch(_fields(batch, actor_fields), mesh)
+                    actor_batch = _fields(batch, actor_fields)
+                    if ptx is not None:
+                        ptx_rows = next(ptx)
+                        check_ptx(ptx_rows, batch["input_ids"].shape[1], mesh)
+                        actor_batch = _with_ptx(actor_batch, to_global_batch(_fields(ptx_rows, PTX_FIELDS), mesh),
+                                                coef=cfg.ptx_coef)
+                    actor_batch = to_global_batch(actor_batch, mesh)
                     actor, metrics = program.actor.step(tuple(sorted(actor_batch)))(actor, actor_batch)
                     actor_window.append(metrics)
     values = {}
@@ -201,15 +242,16 @@ def plot_rl_curves(metrics_path: epath.Path, out_path: epath.Path) -> epath.Path
 
 
 def train_rl(cfg: RLConfig, actor: ModelSetup, prompts, reward: RewardFn, *, critic: ModelSetup | None = None,
-             mesh_cfg: MeshConfig = MeshConfig(), step_cfg: StepConfig = StepConfig(), pad_id: int = 0,
+             ptx=None, mesh_cfg: MeshConfig = MeshConfig(), step_cfg: StepConfig = StepConfig(), pad_id: int = 0,
              tokenizer=None, metadata: dict[str, Any] | None = None, progress: bool = True) -> RLResult:
     """Runs (or resumes) online RL to `cfg.iterations`.
 
     `prompts` is a prompt source (`data.prompts.PromptDataIterator`: `PromptBatch`es of
     `cfg.prompts_per_iteration`, `get_state`/`set_state`); `reward(prompts, rollout) -> [rows]` scores the samples.
     The actor starts from `actor` (the SFT model; it is also the frozen reference), the critic (PPO) from `critic`
-    (the reward model). Checkpoints hold `RLState` and the prompt source's state; `metadata` adds what they should
-    record about the run (the experiment config, data hashes).
+    (the reward model). `ptx` (optional) is an LM data iterator (`SFTDataIterator`, rows of prompt width +
+    max_new_tokens) whose batches join the actor's mini-batches (`rl_iteration`). Checkpoints hold `RLState` and the
+    prompt and PTX sources' states; `metadata` adds what they should record (the experiment config, data hashes).
     """
     if mesh_cfg.sequence != 1:
         raise ValueError(f"mesh.sequence={mesh_cfg.sequence}: RL rows are not split over the sequence yet (GAE runs "
@@ -227,10 +269,20 @@ def train_rl(cfg: RLConfig, actor: ModelSetup, prompts, reward: RewardFn, *, cri
     if restored is not None:
         _, state, data_state, _ = restored
         prompts.set_state(data_state["prompts"])
+        if ("ptx" in data_state) != (ptx is not None):
+            said = lambda yes: "with" if yes else "without"  # noqa: E731
+            raise ValueError(f"{run_dir}: the checkpoint was saved by a run {said('ptx' in data_state)} PTX data and "
+                             f"this run is {said(ptx is not None)}: resuming would change the run (use a new run_dir)")
+        if ptx is not None:
+            ptx.set_state(data_state["ptx"])
     else:
         state = init_rl_state(program, cfg, actor, critic)
     ref_params = reference_params(actor, mesh, cfg.seed)
     log, stop = MetricsLog(run_dir), StopRequest()
+
+    def sources_state() -> dict:
+        return {"prompts": prompts.get_state(), **({} if ptx is None else {"ptx": ptx.get_state()})}
+
     history: dict[int, dict[str, float]] = {}
     iteration = int(state.iteration)
     bar = tqdm(total=cfg.iterations, initial=iteration, desc=f"rl {cfg.algorithm}", unit="iter",
@@ -239,7 +291,7 @@ def train_rl(cfg: RLConfig, actor: ModelSetup, prompts, reward: RewardFn, *, cri
         while iteration < cfg.iterations and not stop.stop_at(iteration):
             batch = next(prompts)
             state, values, samples = rl_iteration(program, state, batch, reward, cfg, ref_params=ref_params,
-                                                  pad_id=pad_id)
+                                                  pad_id=pad_id, ptx=ptx)
             iteration += 1
             history[iteration] = values
             if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
@@ -251,10 +303,9 @@ def train_rl(cfg: RLConfig, actor: ModelSetup, prompts, reward: RewardFn, *, cri
                             len=f"{values['response_length']:.1f}", tok_s=f"{values['rollout_tokens_per_s']:.0f}")
             bar.update(1)
             if checkpointer.manager.should_save(iteration):
-                checkpointer.save(iteration, state, data_state={"prompts": prompts.get_state()}, metadata=metadata)
+                checkpointer.save(iteration, state, data_state=sources_state(), metadata=metadata)
         if iteration not in checkpointer.steps():
-            checkpointer.save(iteration, state, data_state={"prompts": prompts.get_state()}, metadata=metadata,
-                              force=True)
+            checkpointer.save(iteration, state, data_state=sources_state(), metadata=metadata, force=True)
     finally:
         bar.close()
         stop.close()
