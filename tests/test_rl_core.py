@@ -373,7 +373,7 @@ def test_defaults_are_internlm2s():
 
 def trl_masked_whiten(values, mask, shift_mean=True):
     """numpy transcription of TRL masked_mean/masked_var(unbiased=True)/masked_whiten (trl @f2cd5771,
-    trl/experimental/ppo/ppo_trainer.py); trl is not installed in this venv, so the formula is inlined."""
+    trl/experimental/ppo/ppo_trainer.py); TRL 1.16 no longer ships its PPO trainer, so the formula is inlined."""
     mean = (values * mask).sum() / mask.sum()
     variance = (((values - mean) ** 2) * mask).sum() / mask.sum()
     variance = variance * mask.sum() / (mask.sum() - 1)
