@@ -214,11 +214,36 @@ def test_micro_batches_change_nothing(which, models, ppo_batch, actor_steps, cri
                                    atol=1e-6, err_msg=key)
 
 
-def test_an_actor_step_on_a_mesh_equals_one_device(models, ppo_batch, actor_steps):
-    sharded, _, _ = step_runs(ACTOR, models[1], ppo_batch[0], trained=ACTOR_TRAINED, mesh_shape=(2, 1, 2, 1))
-    for key in ("loss", "grad_norm", "pg_loss", "entropy", "approx_kl"):
-        np.testing.assert_allclose(float(sharded[0][key]), float(actor_steps[0][0][key]), rtol=1e-5, atol=1e-7,
-                                   err_msg=key)
+@pytest.mark.parametrize("mesh_shape", [(4, 1, 1, 1), (2, 2, 2, 1)])  # the 4 rows over 4 data shards
+def test_actor_and_critic_steps_on_a_mesh_equal_one_device(models, ppo_batch, actor_steps, critic_steps, mesh_shape):
+    for cfg, params, trained, one, keys in (
+            (ACTOR, models[1], ACTOR_TRAINED, actor_steps, ("loss", "grad_norm", "pg_loss", "entropy", "approx_kl")),
+            (CRITIC, models[2], CRITIC_TRAINED, critic_steps, ("loss", "grad_norm", "value_mean"))):
+        sharded, _, after = step_runs(cfg, params, ppo_batch[0], trained=trained, mesh_shape=mesh_shape)
+        for key in keys:
+            # approx_kl is rounding noise around 0 on policy: an absolute tolerance
+            np.testing.assert_allclose(float(sharded[0][key]), float(one[0][0][key]), rtol=1e-5, atol=1e-6,
+                                       err_msg=key)
+
+
+@pytest.mark.parametrize("mesh_shape", [(4, 1, 1, 1), (2, 2, 2, 1)])  # the 4 rows over 4 data shards
+def test_experience_on_a_mesh_equals_one_device(models, ppo_batch, mesh_shape):
+    from internlm2_jax.parallel import state_shardings
+    from internlm2_jax.train.loop import to_global_batch
+
+    mesh = make_mesh(MeshConfig(*mesh_shape), jax.devices()[: int(np.prod(mesh_shape))])
+    place = lambda pair: (pair[0], jax.device_put(pair[1], state_shardings(pair[1], mesh)))  # noqa: E731
+    _, actor, critic = models
+    prompts, prompt_lengths, rollout = prompts_and_rollout()
+    rows = to_global_batch(build_rows(prompts, prompt_lengths, rollout, PAD), mesh)
+    batch, _, metrics = make_experience(*place(actor), rows, SCORES, rollout.stopped, RunningMoments.init(),
+                                        loss_cfg=ACTOR, cfg=PPO_EXPERIENCE, critic_graphdef=critic[0],
+                                        critic_params=place(critic)[1])
+    want, want_metrics = ppo_batch
+    for key in ("old_logp", "ref_logp", "values", "advantages", "returns", "pg_w"):
+        np.testing.assert_allclose(np.asarray(batch[key]), want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for key, value in jax.device_get(metrics).items():
+        np.testing.assert_allclose(value, want_metrics[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 def test_the_ptx_term_adds_its_coefficient_times_the_token_mean_nll_at_temperature_one(models, ppo_batch):
