@@ -61,6 +61,7 @@ def test_prompts_render_as_the_template_s_generation_prompt_right_padded(trained
     for row in range(2):
         assert (batch.prompt_ids[row, batch.prompt_lengths[row]:] == trained.pad_id).all()
     assert batch.metas == ({"answer": "blue"}, None)
+    assert batch.records == (conversation, "What is 2 + 2?")  # as written: what COOL's patch pairs reuse
     stats = iterator.stats
     assert (stats["batches"], stats["rows"], stats["tokens"]) == (1, 2, int(batch.prompt_lengths.sum()))
 

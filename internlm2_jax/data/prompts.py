@@ -32,11 +32,15 @@ class PromptBatch:
     prompt_lengths: np.ndarray  # [B] int32, 1..P real tokens
     domain_ids: np.ndarray  # [B] int32: index into the source's `domains` tuple, -1 = none
     metas: tuple[Any, ...]  # [B] the records' "meta" values (None when absent), for rule rewards
+    # [B] the records' prompts as written ("messages" or "prompt"), for sample dumps and COOL's patch pairs (which
+    # the reward model's pair iterator reads back); None from sources without records
+    records: tuple[Any, ...] | None = None
 
     def __post_init__(self):
         rows = np.shape(self.prompt_ids)[0]
         if np.ndim(self.prompt_ids) != 2 or np.shape(self.prompt_lengths) != (rows,) or \
-                np.shape(self.domain_ids) != (rows,) or len(self.metas) != rows:
+                np.shape(self.domain_ids) != (rows,) or len(self.metas) != rows or \
+                (self.records is not None and len(self.records) != rows):
             raise ValueError(f"PromptBatch: prompt_ids must be [B, P] with prompt_lengths, domain_ids and metas of "
                              f"B entries; got {list(np.shape(self.prompt_ids))}, {list(np.shape(self.prompt_lengths))}"
                              f", {list(np.shape(self.domain_ids))}, {len(self.metas)}")
@@ -74,6 +78,7 @@ class _Prompt(NamedTuple):
     ids: list[int]
     domain_id: int
     meta: Any
+    prompt: Any  # the record's "messages" or "prompt", as written
 
 
 class PromptDataIterator(ConversationIterator):
@@ -129,7 +134,8 @@ class PromptDataIterator(ConversationIterator):
         ids, _ = self.template.encode(messages, self.tokenizer, add_generation_prompt=True)
         if len(ids) > self.seq_len:
             return None, "too_long"
-        return _Prompt(ids, -1 if domain is None else self.domains.index(domain), record.get("meta")), None
+        prompt = record["messages"] if "messages" in record else record["prompt"]
+        return _Prompt(ids, -1 if domain is None else self.domains.index(domain), record.get("meta"), prompt), None
 
     def __next__(self) -> PromptBatch:
         if self._finished:
@@ -153,4 +159,4 @@ class PromptDataIterator(ConversationIterator):
         stats["padding_tokens"] += self.batch_size * self.seq_len - int(lengths.sum())
         stats["padding_fraction"] = stats["padding_tokens"] / (stats["rows"] * self.seq_len)
         return PromptBatch(prompt_ids, lengths, np.asarray([prompt.domain_id for prompt in prompts], np.int32),
-                           tuple(prompt.meta for prompt in prompts))
+                           tuple(prompt.meta for prompt in prompts), tuple(prompt.prompt for prompt in prompts))

@@ -72,7 +72,8 @@ def take_prompts(batch: PromptBatch, rollout: Rollout, prompts: Sequence[int]) -
     prompts = np.asarray(prompts, np.int64)
     rows = (prompts[:, None] * group + np.arange(group)).ravel()
     sub_batch = PromptBatch(np.asarray(batch.prompt_ids)[prompts], np.asarray(batch.prompt_lengths)[prompts],
-                            np.asarray(batch.domain_ids)[prompts], tuple(batch.metas[i] for i in prompts))
+                            np.asarray(batch.domain_ids)[prompts], tuple(batch.metas[i] for i in prompts),
+                            None if batch.records is None else tuple(batch.records[i] for i in prompts))
     sub_rollout = Rollout(*(np.asarray(getattr(rollout, f.name))[rows] for f in dataclasses.fields(Rollout)))
     return sub_batch, sub_rollout
 
