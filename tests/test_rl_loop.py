@@ -145,11 +145,11 @@ def config(tmp_path, algorithm="ppo", beta=1.0, iterations=10, **overrides):
     return RLConfig(**{**fields, **overrides})
 
 
-def run(sft, cfg, lr=1e-3, prompts=None, reward=reward_a, ptx=None):
+def run(sft, cfg, lr=1e-3, prompts=None, reward=reward_a, ptx=None, gold=None):
     graphdef, params = sft
     critic = ModelSetup(CFG, constant(5 * lr)) if cfg.algorithm == "ppo" else None
     return train_rl(cfg, ModelSetup(CFG, constant(lr), params=params), prompts or Prompts(), reward, critic=critic,
-                    ptx=ptx, progress=False)
+                    ptx=ptx, gold=gold, progress=False)
 
 
 def kl_optimum(p0, beta):
@@ -239,3 +239,21 @@ def test_bad_configurations_are_refused_by_name(sft, tmp_path):
                  mesh_cfg=MeshConfig(fsdp=4, sequence=2), progress=False)
     with pytest.raises(ValueError, match=r"expected \[8\] finite scores"):
         run(sft, config(tmp_path / "nan", iterations=1), reward=lambda batch, rollout: np.full(8, np.nan))
+
+
+def test_a_length_hacked_reward_trips_the_monitors_and_ends_the_round(sft, tmp_path):
+    """A reward that pays for length (the hackable RM of rlhf §3.7) with beta 0: the policy stops stopping, the
+    stop-rate monitor fires and ends the round; the gold check (answering A) is logged beside it, samples dumped."""
+    from internlm2_jax.train.rl.hacking import MonitorConfig, read_samples
+
+    cfg = config(tmp_path, "ppo", beta=0.0, iterations=40, dump_every=1,
+                 rollout=RolloutConfig(max_new_tokens=4, top_p=1.0, stop_ids=(STOP,)),
+                 monitor=MonitorConfig(window=2, stop_round_on=("stop_rate_drop",)))
+    result = run(sft, cfg, lr=3e-3, reward=lambda batch, rollout: np.asarray(rollout.lengths, np.float32),
+                 gold=reward_a)
+    assert result.stopped_by == "stop_rate_drop" and result.iterations < 40
+    assert result.metrics[result.iterations]["alert/stop_rate_drop"] == 1.0
+    assert result.metrics[1]["stop_rate"] > 0.8 > result.metrics[result.iterations]["stop_rate"]
+    assert "gold" in result.metrics[1] and (result.run_dir / "checkpoints" / str(result.iterations)).exists()
+    dumped = read_samples(result.run_dir / "samples" / "iter_1.jsonl")
+    assert len(dumped) == PROMPTS and {"response_ids", "score", "gold", "stopped", "record"} <= set(dumped[0])

@@ -10,6 +10,7 @@ import dataclasses
 from internlm2_jax.config import ConfigError
 from internlm2_jax.decode.rollout import RolloutConfig
 from internlm2_jax.train.rl.core import RLLossConfig
+from internlm2_jax.train.rl.hacking import MonitorConfig
 
 ALGORITHMS = ("ppo", "grpo")
 
@@ -31,6 +32,7 @@ class RLConfig:
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
     dump_every: int = 0  # write samples/iter_{k}.jsonl every this many iterations (0: never)
+    monitor: MonitorConfig = MonitorConfig()  # reward-hacking alerts (logged; stop the round on monitor.stop_round_on)
     run_dir: str = "runs/rl"
 
     def __post_init__(self):

@@ -11,8 +11,11 @@ progress bar, per-iteration metrics (JSONL, tensorboard, a PNG of the curves), s
 and the prompt iterator's state, resuming from the newest one, and stopping cleanly on SIGTERM. Everything random
 derives from (seed, iteration[, epoch]), so a resumed run repeats a straight one's metrics bit for bit on CPU.
 
-Not yet (later slices): packed experience rows, resharding the
-actor's weights for decoding (`ROLLOUT_RULES`), sequence parallelism (refused), the COOL monitors.
+The COOL monitors (`hacking.check_hacking`) watch the per-iteration metrics, with an optional `gold` reward source
+logged beside the optimised one; their alerts are logged and can end the round.
+
+Not yet (later slices): packed experience rows, resharding the actor's weights for decoding (`ROLLOUT_RULES`),
+sequence parallelism (refused).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from internlm2_jax.train.checkpoint import Checkpointer
 from internlm2_jax.train.loop import MetricsLog, StopRequest, to_global_batch, window_summary
 from internlm2_jax.train.rl.config import RLConfig
 from internlm2_jax.train.rl.core import aggregation_weights, kl_controller
+from internlm2_jax.train.rl.hacking import Alert, check_hacking
 from internlm2_jax.train.rl.experience import ExperienceConfig, build_rows, make_experience, ptx_weights
 from internlm2_jax.train.rl.objectives import ACTOR_FIELDS, CRITIC_FIELDS
 from internlm2_jax.train.rl.state import (ModelSetup, RLProgram, RLState, build_rl_program, init_rl_state,
@@ -102,11 +106,13 @@ def _with_ptx(batch: dict, ptx: dict, *, coef: float) -> dict:
 
 
 def rl_iteration(program: RLProgram, state: RLState, prompts: PromptBatch, reward: RewardFn, cfg: RLConfig, *,
-                 ref_params=None, pad_id: int = 0, ptx=None) -> tuple[RLState, dict[str, float], dict]:
+                 ref_params=None, pad_id: int = 0, ptx=None,
+                 gold: RewardFn | None = None) -> tuple[RLState, dict[str, float], dict]:
     """One iteration: (new state, metrics as floats, the host-side samples: rollout arrays and scores).
 
     `ptx`: an LM data iterator whose next batch is appended to every actor mini-batch (PPO-ptx, §1.7: InternLM2
-    mixes pre-training data of about half the PPO volume at coefficient `cfg.ptx_coef` = 0.5), or None."""
+    mixes pre-training data of about half the PPO volume at coefficient `cfg.ptx_coef` = 0.5), or None. `gold`: a
+    reward source that is logged ("gold", its mean) but never optimised: the check a hacked reward drifts from."""
     if prompts.size != cfg.prompts_per_iteration:
         raise ValueError(f"the prompt source gave {prompts.size} prompts; rl.prompts_per_iteration is "
                          f"{cfg.prompts_per_iteration} (give the source that batch size)")
@@ -125,6 +131,7 @@ def rl_iteration(program: RLProgram, state: RLState, prompts: PromptBatch, rewar
         raise ValueError(f"the reward source returned {scores.dtype}{list(scores.shape)} with "
                          f"{int((~np.isfinite(scores)).sum()) if scores.ndim else 0} non-finite values; expected "
                          f"[{cfg.rows}] finite scores (one per sample)")
+    gold_scores = None if gold is None else np.asarray(gold(prompts, roll), np.float32)
     times["reward"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -182,39 +189,66 @@ def rl_iteration(program: RLProgram, state: RLState, prompts: PromptBatch, rewar
                           iteration=state.iteration + 1)
     lengths = np.asarray(roll.lengths)
     values.update({name: float(value) for name, value in exp_metrics.items()})
+    if gold_scores is not None:
+        values["gold"] = float(gold_scores.mean())
     values.update({"kl_coef": float(kl_coef), "stop_rate": float(np.mean(roll.stopped)),
                    "response_length_p95": float(np.percentile(lengths, 95)), "actor_trained": float(train_actor),
                    "rollout_tokens_per_s": float(lengths.sum()) / max(times["rollout"], 1e-9),
                    **{f"time/{name}": value for name, value in times.items()}})
-    return state, values, {"rollout": roll, "scores": scores}
+    return state, values, {"rollout": roll, "scores": scores, "gold": gold_scores}
 
 
 @dataclasses.dataclass
 class RLResult:
     state: RLState
     iterations: int
-    metrics: dict[int, dict[str, float]]  # per iteration (1-based: after that many), as logged
+    metrics: dict[int, dict[str, float]]  # this call's iterations (1-based: after that many), as logged
     interrupted: bool
     run_dir: epath.Path
+    alerts: list[Alert] = dataclasses.field(default_factory=list)  # the hacking monitors' alerts of this call
+    stopped_by: str | None = None  # the alert that ended the round (`monitor.stop_round_on`)
 
 
-def dump_samples(path: epath.Path, prompts: PromptBatch, samples: dict, tokenizer, group: int) -> None:
-    """One JSON line per sample: prompt and response text (ids without a tokenizer), score, length, stop."""
+def dump_samples(path: epath.Path, prompts: PromptBatch, samples: dict, tokenizer, group: int,
+                 reward: RewardFn | None = None) -> None:
+    """One JSON line per sample: the prompt (ids and, with a tokenizer, text; its record as written when the source
+    keeps records), the response, score, gold score, length and stop. With a conditional RM as the reward, also the
+    row's score under every domain (COOL's cross-domain matrix: a response that games one domain's prompt shows up
+    as scoring high under all of them)."""
     roll, lines = samples["rollout"], []
+    by_domain = {}
+    if reward is not None and hasattr(reward, "scores_under"):
+        by_domain = {name: reward.scores_under(prompts, roll, name) for name in reward.domains}
     for row in range(len(samples["scores"])):
         b, n = row // group, int(roll.lengths[row])
         prompt = prompts.prompt_ids[b, :int(prompts.prompt_lengths[b])].tolist()
         response = np.asarray(roll.tokens[row, :n]).tolist()
+        line = {"row": row, "domain_id": int(prompts.domain_ids[b]), "meta": prompts.metas[b],
+                "record": None if prompts.records is None else prompts.records[b],
+                "prompt_ids": prompt, "response_ids": response, "score": float(samples["scores"][row]),
+                "length": n, "stopped": bool(roll.stopped[row])}
         if tokenizer is not None:
-            prompt, response = tokenizer.decode(prompt), tokenizer.decode(response)
-        lines.append(json.dumps({"row": row, "domain_id": int(prompts.domain_ids[b]), "meta": prompts.metas[b],
-                                 "prompt": prompt, "response": response, "score": float(samples["scores"][row]),
-                                 "length": n, "stopped": bool(roll.stopped[row])}, default=str))
+            stop = int(bool(roll.stopped[row]))
+            line.update(prompt=tokenizer.decode(prompt), response=tokenizer.decode(response[:n - stop]))
+        if samples.get("gold") is not None:
+            line["gold"] = float(samples["gold"][row])
+        if by_domain:
+            line["score_by_domain"] = {name: float(scores[row]) for name, scores in by_domain.items()}
+        lines.append(json.dumps(line, default=str))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
 
-CURVES = (("score", "RM / rule score"), ("kl", "KL to the reference (per token)"),
+def logged_history(metrics_path: epath.Path, up_to: int) -> dict[int, dict[str, float]]:
+    """The metrics a run logged for iterations 1..up_to (the last line of each: a resumed run re-logs the
+    iterations after its checkpoint), so the monitors of a resumed run see what a straight one saw."""
+    if not metrics_path.exists():
+        return {}
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    return {row["step"]: {k: v for k, v in row.items() if k != "step"} for row in rows if row["step"] <= up_to}
+
+
+CURVES = (("score", "RM / rule score"), ("gold", "gold check"), ("kl", "KL to the reference (per token)"),
           ("response_length", "response length"), ("actor/clipfrac", "clip fraction"),
           ("critic/loss", "value loss"), ("actor/entropy", "entropy"))
 
@@ -242,8 +276,9 @@ def plot_rl_curves(metrics_path: epath.Path, out_path: epath.Path) -> epath.Path
 
 
 def train_rl(cfg: RLConfig, actor: ModelSetup, prompts, reward: RewardFn, *, critic: ModelSetup | None = None,
-             ptx=None, mesh_cfg: MeshConfig = MeshConfig(), step_cfg: StepConfig = StepConfig(), pad_id: int = 0,
-             tokenizer=None, metadata: dict[str, Any] | None = None, progress: bool = True) -> RLResult:
+             ptx=None, gold: RewardFn | None = None, mesh_cfg: MeshConfig = MeshConfig(),
+             step_cfg: StepConfig = StepConfig(), pad_id: int = 0, tokenizer=None,
+             metadata: dict[str, Any] | None = None, progress: bool = True) -> RLResult:
     """Runs (or resumes) online RL to `cfg.iterations`.
 
     `prompts` is a prompt source (`data.prompts.PromptDataIterator`: `PromptBatch`es of
@@ -252,6 +287,9 @@ def train_rl(cfg: RLConfig, actor: ModelSetup, prompts, reward: RewardFn, *, cri
     (the reward model). `ptx` (optional) is an LM data iterator (`SFTDataIterator`, rows of prompt width +
     max_new_tokens) whose batches join the actor's mini-batches (`rl_iteration`). Checkpoints hold `RLState` and the
     prompt and PTX sources' states; `metadata` adds what they should record (the experiment config, data hashes).
+    `gold` is a reward source logged beside the optimised one (never trained on), for the hacking monitors
+    (`cfg.monitor`): their alerts are logged every iteration, and one named in `monitor.stop_round_on` ends the
+    round after a checkpoint (`RLResult.stopped_by`).
     """
     if mesh_cfg.sequence != 1:
         raise ValueError(f"mesh.sequence={mesh_cfg.sequence}: RL rows are not split over the sequence yet (GAE runs "
@@ -285,25 +323,36 @@ def train_rl(cfg: RLConfig, actor: ModelSetup, prompts, reward: RewardFn, *, cri
 
     history: dict[int, dict[str, float]] = {}
     iteration = int(state.iteration)
+    watched = logged_history(log.path, iteration)  # what the monitors compare: the whole round, resumes included
+    alerts, stopped_by = [], None
     bar = tqdm(total=cfg.iterations, initial=iteration, desc=f"rl {cfg.algorithm}", unit="iter",
                disable=not progress or jax.process_index() != 0)
     try:
         while iteration < cfg.iterations and not stop.stop_at(iteration):
             batch = next(prompts)
             state, values, samples = rl_iteration(program, state, batch, reward, cfg, ref_params=ref_params,
-                                                  pad_id=pad_id, ptx=ptx)
+                                                  pad_id=pad_id, ptx=ptx, gold=gold)
             iteration += 1
+            watched[iteration] = values
+            for found in check_hacking(watched, cfg.monitor):
+                alerts.append(found)
+                values[f"alert/{found.name}"] = 1.0
+                bar.write(f"iteration {iteration}: {found.name}: {found.message}")
+                if found.name in cfg.monitor.stop_round_on and stopped_by is None:
+                    stopped_by = found.name
             history[iteration] = values
             if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
                 log.write(iteration, values)
             if cfg.dump_every and iteration % cfg.dump_every == 0 and jax.process_index() == 0:
                 dump_samples(run_dir / "samples" / f"iter_{iteration}.jsonl", batch, samples, tokenizer,
-                             cfg.rollout.samples_per_prompt)
+                             cfg.rollout.samples_per_prompt, reward)
             bar.set_postfix(score=f"{values['score']:.3f}", kl=f"{values['kl']:.4f}",
                             len=f"{values['response_length']:.1f}", tok_s=f"{values['rollout_tokens_per_s']:.0f}")
             bar.update(1)
             if checkpointer.manager.should_save(iteration):
                 checkpointer.save(iteration, state, data_state=sources_state(), metadata=metadata)
+            if stopped_by is not None:
+                break
         if iteration not in checkpointer.steps():
             checkpointer.save(iteration, state, data_state=sources_state(), metadata=metadata, force=True)
     finally:
@@ -313,4 +362,5 @@ def train_rl(cfg: RLConfig, actor: ModelSetup, prompts, reward: RewardFn, *, cri
         log.close()
     if jax.process_index() == 0:
         plot_rl_curves(log.path, run_dir / "rl_curves.png")
-    return RLResult(state=state, iterations=iteration, metrics=history, interrupted=stop.requested, run_dir=run_dir)
+    return RLResult(state=state, iterations=iteration, metrics=history, interrupted=stop.requested, run_dir=run_dir,
+                    alerts=alerts, stopped_by=stopped_by)
