@@ -7,6 +7,7 @@ policy, rollouts follow the updated weights, the critic warms up alone, a resume
 bit, and bad configurations are refused by name."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -168,6 +169,7 @@ def test_ppo_lands_on_the_kl_regularised_optimum(sft, tmp_path):
     # log-probs are what training recomputes.
     assert abs(first["actor/approx_kl"]) < 1e-6 and first["actor/clipfrac"] == 0.0
     assert all(m["rollout_logp_error_max"] < 1e-4 for m in result.metrics.values())  # rollouts use fresh weights
+    assert [result.metrics[k]["params_version"] for k in (1, 2, 3)] == [0.0, 1.0, 2.0]  # one actor step each
     assert (result.run_dir / "rl_curves.png").exists()
     logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in logged] == list(range(1, 101))
@@ -194,18 +196,18 @@ def test_the_critic_warms_up_alone_and_a_resumed_run_repeats_a_straight_one_bitw
     def timeless(metrics):
         return {k: v for k, v in metrics.items() if not k.startswith("time/") and k != "rollout_tokens_per_s"}
 
-    straight = run(sft, config(tmp_path / "straight", iterations=4, critic_warmup_iterations=1), ptx=PtxRows())
+    cfg = config(tmp_path, iterations=4, checkpoint_every=2, keep_checkpoints=5, critic_warmup_iterations=1)
+    straight = run(sft, cfg, ptx=PtxRows())
     # The critic warms up alone: the actor's first step comes in the second iteration, from the SFT weights, so its
     # PTX term is ptx_coef x the SFT model's token-mean NLL on the first PTX batch.
     assert [straight.metrics[k]["actor_trained"] for k in (1, 2)] == [0.0, 1.0]
     assert "actor/loss" not in straight.metrics[1] and "critic/loss" in straight.metrics[1]
     assert int(straight.state.actor.step) == 3 and int(straight.state.critic.step) == 4
     np.testing.assert_allclose(straight.metrics[2]["actor/ptx_loss"], 0.5 * lm_nll(*sft, next(PtxRows())), rtol=1e-4)
-    run(sft, config(tmp_path / "resumed", iterations=2, checkpoint_every=2, critic_warmup_iterations=1),
-        ptx=PtxRows())
+    # As if killed after the checkpoint of iteration 2: the newer one is gone, the run starts again.
+    shutil.rmtree(straight.run_dir / "checkpoints" / "4")
     prompts, ptx = Prompts(), PtxRows()
-    resumed = run(sft, config(tmp_path / "resumed", iterations=4, checkpoint_every=2, critic_warmup_iterations=1),
-                  prompts=prompts, ptx=ptx)
+    resumed = run(sft, cfg, prompts=prompts, ptx=ptx)
     assert prompts.served == 4 and ptx.served == 3  # both sources' states came back from the checkpoint
     assert sorted(resumed.metrics) == [3, 4]
     for k in (3, 4):
@@ -257,3 +259,25 @@ def test_a_length_hacked_reward_trips_the_monitors_and_ends_the_round(sft, tmp_p
     assert "gold" in result.metrics[1] and (result.run_dir / "checkpoints" / str(result.iterations)).exists()
     dumped = read_samples(result.run_dir / "samples" / "iter_1.jsonl")
     assert len(dumped) == PROMPTS and {"response_ids", "score", "gold", "stopped", "record"} <= set(dumped[0])
+
+
+def test_the_weight_sync_is_a_reshard_that_changes_no_number(sft, tmp_path):
+    """Rollouts decode with the actor's weights resharded once (ROLLOUT_RULES: whole over the data axes): element
+    for element the trained ones (fp32 here), and the same samples as decoding with the FSDP layout directly."""
+    from internlm2_jax.decode.rollout import rollout, rollout_keys
+    from internlm2_jax.train.rl.state import build_rl_program, init_rl_state
+
+    cfg = config(tmp_path, "grpo")
+    program = build_rl_program(cfg, ModelSetup(CFG, constant(1e-3), params=sft[1]), None, make_mesh(MeshConfig()))
+    state = init_rl_state(program, cfg, ModelSetup(CFG, constant(1e-3), params=sft[1]), None)
+    gathered = program.rollout_params(state.actor.params)
+    for (path, trained), (_, synced) in zip(nnx.to_flat_state(state.actor.params), nnx.to_flat_state(gathered),
+                                            strict=True):
+        np.testing.assert_array_equal(np.asarray(synced.get_value()), np.asarray(trained.get_value()))
+        assert "fsdp" not in str(synced.get_value().sharding.spec), path
+    assert any("fsdp" in str(v.get_value().sharding.spec) for _, v in nnx.to_flat_state(state.actor.params))
+    keys = rollout_keys(0, 0, PROMPTS * 8)
+    a, b = (jax.device_get(rollout(program.actor.graphdef, params, PROMPT_IDS, LENGTHS, keys, cfg=cfg.rollout))
+            for params in (gathered, state.actor.params))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)

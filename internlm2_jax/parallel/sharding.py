@@ -29,6 +29,10 @@ DEFAULT_RULES: Rules = (
     ("mlp", "tensor"),
 )
 
+# Decoding weights (RL rollouts): whole over the data-parallel axes, split by tensor parallelism only. FSDP weights
+# would be all-gathered layer by layer at every generated token; one reshard per rollout gathers them once.
+ROLLOUT_RULES: Rules = tuple((name, None if name == "embed" else axes) for name, axes in DEFAULT_RULES)
+
 # Activations: the batch is split over both data-parallel axes; the embedding dimension stays whole.
 ACTIVATION_RULES: Rules = (
     ("batch", ("data", "fsdp")),

@@ -13,6 +13,7 @@ from internlm2_jax.train.rl.core import RLLossConfig
 from internlm2_jax.train.rl.hacking import MonitorConfig
 
 ALGORITHMS = ("ppo", "grpo")
+ROLLOUT_WEIGHTS = ("gathered", "as_trained")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,10 @@ class RLConfig:
     ptx_coef: float = 0.5  # [R]: the pre-training loss's weight when PTX data is given (train_rl(ptx=...))
     seed: int = 0  # rollout keys and mini-batch shuffles derive from (seed, iteration[, epoch])
     chunk_size: int = 1024  # sequence chunk of the log-prob computations (bounds the fp32 logits)
+    # The weights rollouts decode with: "gathered" reshards the actor's once per iteration to ROLLOUT_RULES (whole
+    # over the data axes, in the compute dtype: the "weight sync", §2.3); "as_trained" decodes with the FSDP layout
+    # (no copy in memory, an all-gather of every layer at every token).
+    rollout_weights: str = "gathered"
     log_every: int = 1
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
@@ -41,6 +46,7 @@ class RLConfig:
                 raise ConfigError(f"rl.{field}={getattr(self, field)!r}: {why}")
 
         need(self.algorithm in ALGORITHMS, "algorithm", f"must be one of {ALGORITHMS}")
+        need(self.rollout_weights in ROLLOUT_WEIGHTS, "rollout_weights", f"must be one of {ROLLOUT_WEIGHTS}")
         for name in ("iterations", "prompts_per_iteration", "ppo_epochs", "minibatches", "chunk_size", "log_every",
                      "checkpoint_every", "keep_checkpoints"):
             need(getattr(self, name) >= 1, name, "must be >= 1")

@@ -14,8 +14,7 @@ derives from (seed, iteration[, epoch]), so a resumed run repeats a straight one
 The COOL monitors (`hacking.check_hacking`) watch the per-iteration metrics, with an optional `gold` reward source
 logged beside the optimised one; their alerts are logged and can end the round.
 
-Not yet (later slices): packed experience rows, resharding the actor's weights for decoding (`ROLLOUT_RULES`),
-sequence parallelism (refused).
+Not yet (later slices): packed experience rows, sequence parallelism (refused), a rollout mesh of its own shape.
 """
 
 from __future__ import annotations
@@ -122,8 +121,12 @@ def rl_iteration(program: RLProgram, state: RLState, prompts: PromptBatch, rewar
 
     start = time.perf_counter()
     keys = rollout_keys(cfg.seed, iteration, cfg.rows)
-    roll = jax.device_get(rollout(actor_graphdef, state.actor.params, prompts.prompt_ids, prompts.prompt_lengths,
-                                  keys, cfg=cfg.rollout))
+    params_version = int(state.actor.step)  # the actor steps taken: the weights this rollout samples from
+    decode_params = state.actor.params if program.rollout_params is None else program.rollout_params(
+        state.actor.params)
+    roll = jax.device_get(rollout(actor_graphdef, decode_params, prompts.prompt_ids, prompts.prompt_lengths, keys,
+                                  cfg=cfg.rollout))
+    del decode_params  # freed before the experience and the updates need the memory
     times["rollout"] = time.perf_counter() - start
     start = time.perf_counter()
     scores = np.asarray(reward(prompts, roll), np.float32)
@@ -192,6 +195,7 @@ def rl_iteration(program: RLProgram, state: RLState, prompts: PromptBatch, rewar
     if gold_scores is not None:
         values["gold"] = float(gold_scores.mean())
     values.update({"kl_coef": float(kl_coef), "stop_rate": float(np.mean(roll.stopped)),
+                   "params_version": float(params_version),
                    "response_length_p95": float(np.percentile(lengths, 95)), "actor_trained": float(train_actor),
                    "rollout_tokens_per_s": float(lengths.sum()) / max(times["rollout"], 1e-9),
                    **{f"time/{name}": value for name, value in times.items()}})

@@ -13,6 +13,7 @@ objective: clipping, accumulation, non-finite skipping and the sharded layout co
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -23,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.model import InternLM2ForCausalLM, InternLM2ForRewardModel, model_graphdef
-from internlm2_jax.parallel import state_shardings
+from internlm2_jax.parallel import ROLLOUT_RULES, state_shardings
 from internlm2_jax.train.init_weights import initial_params
 from internlm2_jax.train.loop import TrainProgram, build_program, state_classes
 from internlm2_jax.train.objectives import Objective
@@ -75,6 +76,7 @@ class RLProgram:
     critic: TrainProgram | None
     actor_objective: Objective
     critic_objective: Objective | None
+    rollout_params: Callable[[nnx.State], nnx.State] | None  # the jitted reshard for decoding (None: as trained)
 
     def abstract_state(self) -> RLState:
         """ShapeDtypeStructs with shardings: what a checkpoint is restored onto."""
@@ -96,7 +98,21 @@ def build_rl_program(cfg: RLConfig, actor: ModelSetup, critic: ModelSetup | None
     actor_program = build_program(actor.model, actor.optimizer, step_cfg, mesh, actor_objective)
     critic_program = None if critic is None else build_program(critic.model, critic.optimizer, step_cfg, mesh,
                                                                critic_objective)
-    return RLProgram(mesh, actor_program, critic_program, actor_objective, critic_objective)
+    reshard = None
+    if cfg.rollout_weights == "gathered":
+        reshard = rollout_reshard(actor.model, mesh)
+    return RLProgram(mesh, actor_program, critic_program, actor_objective, critic_objective, reshard)
+
+
+def rollout_reshard(model: ModelConfig, mesh) -> Callable[[nnx.State], nnx.State]:
+    """The "weight sync" of RL as one jitted reshard (§2.3): the actor's training weights -> a copy in the compute
+    dtype laid out by ROLLOUT_RULES (whole over the data axes, split by tensor parallelism), which rollouts decode
+    with. One all-gather per iteration instead of one per layer per generated token; nothing to keep in sync."""
+    _, abstract = model_graphdef(model, InternLM2ForCausalLM)
+    dtype = jnp.dtype(model.dtype)
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+    return jax.jit(lambda params: jax.tree.map(cast, params),
+                   out_shardings=state_shardings(abstract, mesh, ROLLOUT_RULES))
 
 
 def starting_params(setup: ModelSetup, model_class, mesh, seed: int) -> nnx.State:

@@ -1,0 +1,173 @@
+"""Every phase of one RL iteration compiled from shapes alone (docs/rlhf.md §2.8, §3.10): does the run fit before
+anything is rented or loaded?
+
+`compile_rl_phases(cfg, actor, critic, mesh, prompt_width)` compiles the four programs `rl_iteration` runs, with the
+arguments it gives them, as ShapeDtypeStructs carrying the shardings the loop's arrays have (no weight is
+materialised; the mesh may be made of abstract TPU devices, `parallel.topology.tpu_devices`):
+
+- "rollout": `decode.rollout._rollout`, the jitted body of `rollout()` (prefill + one decode while-loop of
+  `max_new_tokens`; the KV cache is born inside, so it is in the temporaries), on the actor's training parameters.
+- "experience": `train.rl.experience._experience`, the jitted body of `make_experience` (old and reference
+  log-probs, the critic's values, GAE or group advantages) over all `cfg.rows` rows of `build_rows`.
+- "critic_step" (PPO only) and "actor_step": the `make_train_step` programs of `build_rl_program`, on one mini-batch
+  (`cfg.rows // cfg.minibatches` rows) of the fields the loop passes (`CRITIC_FIELDS`; `ACTOR_FIELDS`, plus
+  `ref_logp` when the KL is in the loss).
+
+`phase_memory_table(...)` compiles them one at a time and gives one row per phase: `memory_report` of the compiled
+program (per-chip arguments, temporaries, total, whether it fits the HBM), compile seconds, or the error beside the
+phase's name. The phases run one after another and only the RL state stays between them, so the run fits when every
+row fits: each row's arguments already hold what its phase needs of the state.
+
+Array placement mirrors the loop: the state's parameters on `RLProgram.abstract_state()`'s shardings; the frozen
+reference (full fine-tuning) as `state.reference_params` makes it, the actor's parameters cast to the compute dtype on
+the same shardings; rows and mini-batch fields on `parallel.batch_shardings`; host arrays the loop hands over as
+numpy (prompts, rollout keys, scores, stop flags) replicated; the reward moments and KL coefficient replicated.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from internlm2_jax.decode.rollout import _rollout
+from internlm2_jax.parallel import batch_shardings
+from internlm2_jax.parallel.topology import memory_report
+from internlm2_jax.train.rl.config import RLConfig
+from internlm2_jax.train.rl.experience import ROW_FIELDS, ExperienceConfig, _experience
+from internlm2_jax.train.rl.objectives import ACTOR_FIELDS, CRITIC_FIELDS
+from internlm2_jax.train.rl.state import ModelSetup, RLProgram, build_rl_program
+from internlm2_jax.train.step import StepConfig
+
+PHASES = ("rollout", "experience", "critic_step", "actor_step")
+FLOAT_FIELDS = ("response_mask", "rollout_logp", "old_logp", "ref_logp", "values", "returns", "advantages", "pg_w")
+
+
+def per_chip_bytes(tree) -> int:
+    """Bytes one chip holds of a tree of ShapeDtypeStructs (or arrays) with shardings: the sum of its shards, the
+    replicated leaves whole (the unpadded size; the compiler's layouts may pad small dimensions)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _replicated(mesh, shape, dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+
+def abstract_rows(mesh, fields, rows: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """[rows, length] fields as `to_global_batch` places them (`batch_shardings`): fp32 masks, log-probs, values
+    and weights, int32 ids and positions."""
+    shardings = batch_shardings(mesh, fields)
+    return {name: jax.ShapeDtypeStruct((rows, length), jnp.float32 if name in FLOAT_FIELDS else jnp.int32,
+                                       sharding=shardings[name]) for name in fields}
+
+
+def abstract_reference(actor: ModelSetup, actor_params):
+    """What `state.reference_params` returns, as shapes: None under LoRA; otherwise the actor's parameters cast to
+    the model's compute dtype (floating leaves only) on the same shardings."""
+    if actor.model.lora is not None:
+        return None
+    dtype = jnp.dtype(actor.model.dtype)
+
+    def cast(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
+                                    sharding=x.sharding)
+
+    return jax.tree.map(cast, actor_params)
+
+
+def experience_config(cfg: RLConfig) -> ExperienceConfig:
+    """The `ExperienceConfig` `rl_iteration` builds from the run's config."""
+    return ExperienceConfig(cfg.algorithm, cfg.rollout.temperature, group_size=cfg.group_size,
+                            max_response_len=cfg.rollout.max_new_tokens, chunk_size=cfg.chunk_size)
+
+
+def actor_fields(cfg: RLConfig) -> tuple[str, ...]:
+    """The fields of the actor's mini-batch in `rl_iteration`."""
+    return ACTOR_FIELDS + (("ref_logp",) if cfg.loss.kl_placement == "loss" else ())
+
+
+def rl_phase_lowerings(cfg: RLConfig, actor: ModelSetup, critic: ModelSetup | None, mesh, prompt_width: int,
+                       step_cfg: StepConfig = StepConfig(), program: RLProgram | None = None
+                       ) -> dict[str, Callable[[], object]]:
+    """{phase: a function that lowers it} (nothing traced until called), in `PHASES` order; GRPO has no
+    critic step."""
+    program = program or build_rl_program(cfg, actor, critic, mesh, step_cfg)
+    state = program.abstract_state()
+    rows = cfg.rows
+    length = prompt_width + cfg.rollout.max_new_tokens  # build_rows' default width
+    actor_graphdef = program.actor.graphdef
+
+    def rollout():
+        prompts = _replicated(mesh, (cfg.prompts_per_iteration, prompt_width), jnp.int32)
+        prompt_lengths = _replicated(mesh, (cfg.prompts_per_iteration,), jnp.int32)
+        keys = _replicated(mesh, (rows, 2), jnp.uint32)
+        with jax.set_mesh(mesh):
+            return _rollout.lower(actor_graphdef, state.actor.params, prompts, prompt_lengths, keys,
+                                  cfg=cfg.rollout)
+
+    def experience():
+        critic_graphdef = None if program.critic is None else program.critic.graphdef
+        critic_params = None if state.critic is None else state.critic.params
+        batch = abstract_rows(mesh, ROW_FIELDS, rows, length)
+        with jax.set_mesh(mesh):
+            return _experience.lower(actor_graphdef, critic_graphdef, state.actor.params,
+                                     abstract_reference(actor, state.actor.params), critic_params, batch,
+                                     _replicated(mesh, (rows,), jnp.float32), _replicated(mesh, (rows,), jnp.bool_),
+                                     state.reward_moments, state.kl_coef, loss_cfg=cfg.loss,
+                                     cfg=experience_config(cfg))
+
+    def step(train_program, fields):
+        batch = abstract_rows(mesh, fields, rows // cfg.minibatches, length)
+
+        def lower():
+            with jax.set_mesh(mesh):
+                return train_program.step(tuple(sorted(batch))).lower(train_program.abstract_state, batch)
+
+        return lower
+
+    phases = {"rollout": rollout, "experience": experience}
+    if program.critic is not None:
+        phases["critic_step"] = step(program.critic, CRITIC_FIELDS)
+    phases["actor_step"] = step(program.actor, actor_fields(cfg))
+    return phases
+
+
+def compile_rl_phases(cfg: RLConfig, actor: ModelSetup, critic: ModelSetup | None, mesh, prompt_width: int,
+                      step_cfg: StepConfig = StepConfig()) -> dict[str, jax.stages.Compiled]:
+    """{phase: compiled program} for every phase of one iteration (module docstring), built from shapes only."""
+    return {name: lower().compile()
+            for name, lower in rl_phase_lowerings(cfg, actor, critic, mesh, prompt_width, step_cfg).items()}
+
+
+def phase_memory_table(cfg: RLConfig, actor: ModelSetup, critic: ModelSetup | None, mesh, prompt_width: int,
+                       hbm_bytes: int | None = None, step_cfg: StepConfig = StepConfig(),
+                       phases: tuple[str, ...] | None = None, on_row: Callable[[dict], None] | None = None
+                       ) -> list[dict]:
+    """One row per phase (or per one of `phases`), compiled one at a time: {"phase", "status": "compiled" |
+    "error", "seconds"} and `memory_report`'s per-chip figures when compiled, "message" when not (an over-HBM
+    compile says RESOURCE_EXHAUSTED). `on_row` sees each row as soon as its phase is done."""
+    table = []
+    for name, lower in rl_phase_lowerings(cfg, actor, critic, mesh, prompt_width, step_cfg).items():
+        if phases is not None and name not in phases:
+            continue
+        start = time.perf_counter()
+        try:
+            compiled = lower().compile()
+        except Exception as e:  # noqa: BLE001 - over HBM or a compiler error: the row says which
+            row = {"phase": name, "status": "error", "message": f"{type(e).__name__}: {str(e).strip()[:2000]}"}
+        else:
+            row = {"phase": name, "status": "compiled", **memory_report(compiled, hbm_bytes)}
+            del compiled
+        row["seconds"] = time.perf_counter() - start
+        table.append(row)
+        if on_row is not None:
+            on_row(row)
+    return table
