@@ -1,6 +1,8 @@
 """Online RLHF (COOL RLHF's PPO and GRPO, docs/rlhf.md): the pure formulas (`core`), experience rows and their
-advantages (`experience`), and the actor/critic objectives that train through `make_train_step` (`objectives`,
-registered as "ppo_actor" and "ppo_critic"). The rollout is `decode/rollout.py`; the loop comes next."""
+advantages (`experience`), the actor/critic objectives that train through `make_train_step` (`objectives`,
+registered as "ppo_actor" and "ppo_critic"), reward sources (`rewards`: the conditional RM on spliced ids, rules),
+the run's configuration and state (`config`, `state`), the loop (`loop.train_rl`) and COOL's reward-hacking tooling
+(`hacking`: monitors, patch pairs). The rollout is `decode/rollout.py`, the prompts `data/prompts.py`."""
 
 from internlm2_jax.train.rl.core import (
     AdaptiveKL,
