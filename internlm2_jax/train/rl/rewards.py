@@ -10,8 +10,8 @@ prompt-major as the rollout's (row b * G + g is sample g of prompt b, G = rows /
   canonical generation (the response ids are the tokenisation of their text) the splice *is* `reward_sequence` of the
   decoded conversation (tested).
 - `RuleReward`: a Python function of (metas, decoded texts, stopped), e.g. the registered `rule("exact", tok)` and
-  `rule("doctest", tok)` (the response's code run against the prompt's doctest in `eval/sandbox.py`). Rule rewards are
-  how GRPO is normally run and how the tiny tasks are checked.
+  `rule("doctest", tok)` (the response's code run against the prompt's doctest in `internlm2_jax/sandbox.py`). Rule
+  rewards are how GRPO is normally run and how the tiny tasks are checked.
 - `mixed_reward`: per-domain dispatch, `{"code": rule("doctest", tok), "*": rm}`.
 
 Everything here runs on the host except the RM forward (one jitted call per `batch_size` rows, on the RM parameters'
@@ -37,7 +37,7 @@ from internlm2_jax.data.prompts import PromptBatch
 from internlm2_jax.decode.reward import score_rows
 from internlm2_jax.decode.rollout import Rollout
 from internlm2_jax.decode.scoring import padded_rows
-from internlm2_jax.eval.sandbox import run_program
+from internlm2_jax.sandbox import run_program
 from internlm2_jax.model import InternLM2ForRewardModel
 from internlm2_jax.parallel.mesh import within_mesh_of
 
@@ -317,7 +317,7 @@ def doctest_program(meta: str, text: str) -> str:
 def doctest_passes(metas: Sequence[Any], texts: Sequence[str], stopped: np.ndarray, *, timeout_s: float = 10.0,
                    workers: int | None = None) -> np.ndarray:
     """1.0 where the response's code passes its prompt's doctest (meta: the stub or bare examples), run in
-    `eval/sandbox.py` (own process, limits, no network), else 0.0 (failed, timed out, or did not compile)."""
+    `internlm2_jax/sandbox.py` (own process, limits, no network), else 0.0 (failed, timed out, or did not compile)."""
     programs = []
     for row, (meta, text) in enumerate(zip(metas, texts, strict=True)):
         if not isinstance(meta, str) or ">>>" not in doctest_examples(meta):
