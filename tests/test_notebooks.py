@@ -96,3 +96,12 @@ def test_long_context_notebook_shows_the_layout_the_tile_balance_and_the_heat_ma
     assert phases, text  # phase 2 restored phase 1's step and went on, at 4x the length
     assert int(phases[3]) > int(phases[1]) and int(phases[4]) == 4 * int(phases[2]), phases[0]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5  # layout, tiles, three heat maps
+
+
+def test_rlhf_notebook_runs_a_ppo_round_with_its_curves_and_samples(kernel_name, tmp_path):
+    """Issue 21 acceptance 9: one PPO round on the tiny model, the reward/KL curves, samples before and after."""
+    outputs, text = run_notebook("rlhf.ipynb", kernel_name, tmp_path, 900, first_cell=EIGHT_DEVICES)
+    found = re.search(r"held-out pass@1: SFT (\d\.\d+) -> PPO (\d\.\d+)", text)
+    assert found and float(found[2]) > float(found[1]), text
+    assert "== before (iteration 1)" in text and "== after (iteration 20)" in text, text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the curves, and the loop's own PNG
