@@ -267,7 +267,7 @@ def test_the_weight_sync_is_a_reshard_that_changes_no_number(sft, tmp_path):
     from internlm2_jax.decode.rollout import rollout, rollout_keys
     from internlm2_jax.train.rl.state import build_rl_program, init_rl_state
 
-    cfg = config(tmp_path, "grpo")
+    cfg = config(tmp_path, "grpo", rollout_weights="gathered")
     program = build_rl_program(cfg, ModelSetup(CFG, constant(1e-3), params=sft[1]), None, make_mesh(MeshConfig()))
     state = init_rl_state(program, cfg, ModelSetup(CFG, constant(1e-3), params=sft[1]), None)
     gathered = program.rollout_params(state.actor.params)

@@ -89,7 +89,7 @@ def rollout(graphdef, params, prompts, prompt_lengths, keys, *, cfg: RolloutConf
     prompts, prompt_lengths, keys = jnp.asarray(prompts), jnp.asarray(prompt_lengths), jnp.asarray(keys)
     _check_inputs(nnx.merge(graphdef, params).cfg, params, prompts, prompt_lengths, keys, cfg)
     with within_mesh_of(params):
-        return _rollout(graphdef, params, prompts, prompt_lengths, keys, cfg=cfg)
+        return rollout_program(graphdef, params, prompts, prompt_lengths, keys, cfg=cfg)
 
 
 def _check_inputs(model_cfg, params, prompts, prompt_lengths, keys, cfg: RolloutConfig) -> None:
@@ -116,7 +116,9 @@ def _check_inputs(model_cfg, params, prompts, prompt_lengths, keys, cfg: Rollout
 
 
 @partial(jax.jit, static_argnums=0, static_argnames="cfg")
-def _rollout(graphdef, params, prompts, prompt_lengths, keys, *, cfg: RolloutConfig) -> Rollout:
+def rollout_program(graphdef, params, prompts, prompt_lengths, keys, *, cfg: RolloutConfig) -> Rollout:
+    """The jitted body of `rollout` (no input checks: they read concrete values), which `--compile-only` lowers
+    from shapes."""
     model_cfg = nnx.merge(graphdef, params).cfg
     group = cfg.samples_per_prompt
     prompts = constrain(jnp.repeat(prompts.astype(jnp.int32), group, axis=0), ("batch", None))

@@ -1,13 +1,16 @@
 """Every phase of one RL iteration compiled from shapes alone (docs/rlhf.md §2.8, §3.10): does the run fit before
 anything is rented or loaded?
 
-`compile_rl_phases(cfg, actor, critic, mesh, prompt_width)` compiles the four programs `rl_iteration` runs, with the
-arguments it gives them, as ShapeDtypeStructs carrying the shardings the loop's arrays have (no weight is
-materialised; the mesh may be made of abstract TPU devices, `parallel.topology.tpu_devices`):
+`compile_rl_phases(cfg, actor, critic, mesh, prompt_width)` compiles the programs `rl_iteration` runs (four; five
+with the weight sync), with the arguments it gives them, as ShapeDtypeStructs carrying the shardings the loop's
+arrays have (no weight is materialised; the mesh may be made of abstract TPU devices, `parallel.topology.tpu_devices`):
 
-- "rollout": `decode.rollout._rollout`, the jitted body of `rollout()` (prefill + one decode while-loop of
-  `max_new_tokens`; the KV cache is born inside, so it is in the temporaries), on the actor's training parameters.
-- "experience": `train.rl.experience._experience`, the jitted body of `make_experience` (old and reference
+- "weight_sync" (`rl.rollout_weights="gathered"`): `RLProgram.rollout_params`, the jitted reshard of the actor's
+  training parameters to the decoding copy (compute dtype, `ROLLOUT_RULES`: whole over the data axes).
+- "rollout": `decode.rollout.rollout_program`, the jitted body of `rollout()` (prefill + one decode while-loop of
+  `max_new_tokens`; the KV cache is born inside, so it is in the temporaries), on the parameters the loop decodes
+  with: that copy, or the training parameters themselves (`rollout_weights="as_trained"`).
+- "experience": `train.rl.experience.experience_program`, the jitted body of `make_experience` (old and reference
   log-probs, the critic's values, GAE or group advantages) over all `cfg.rows` rows of `build_rows`.
 - "critic_step" (PPO only) and "actor_step": the `make_train_step` programs of `build_rl_program`, on one mini-batch
   (`cfg.rows // cfg.minibatches` rows) of the fields the loop passes (`CRITIC_FIELDS`; `ACTOR_FIELDS`, plus
@@ -15,13 +18,16 @@ materialised; the mesh may be made of abstract TPU devices, `parallel.topology.t
 
 `phase_memory_table(...)` compiles them one at a time and gives one row per phase: `memory_report` of the compiled
 program (per-chip arguments, temporaries, total, whether it fits the HBM), compile seconds, or the error beside the
-phase's name. The phases run one after another and only the RL state stays between them, so the run fits when every
-row fits: each row's arguments already hold what its phase needs of the state.
+phase's name. The phases run one after another; between them only the RL state (and the frozen reference) stays on
+the chips, so each row also gives what of it is held beside the phase without being one of its arguments
+("resident_gib", `phase_residents`), and the run fits when every phase's compiled total plus that fits ("peak_gib").
 
 Array placement mirrors the loop: the state's parameters on `RLProgram.abstract_state()`'s shardings; the frozen
 reference (full fine-tuning) as `state.reference_params` makes it, the actor's parameters cast to the compute dtype on
 the same shardings; rows and mini-batch fields on `parallel.batch_shardings`; host arrays the loop hands over as
 numpy (prompts, rollout keys, scores, stop flags) replicated; the reward moments and KL coefficient replicated.
+Not compiled here: the reward model's forward (a reward source's own program; give its resident parameters as
+`resident_extra_bytes`) and the small mini-batch gather (`loop._select`).
 """
 
 from __future__ import annotations
@@ -34,16 +40,16 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from internlm2_jax.decode.rollout import _rollout
+from internlm2_jax.decode.rollout import rollout_program
 from internlm2_jax.parallel import batch_shardings
 from internlm2_jax.parallel.topology import memory_report
 from internlm2_jax.train.rl.config import RLConfig
-from internlm2_jax.train.rl.experience import ROW_FIELDS, ExperienceConfig, _experience
-from internlm2_jax.train.rl.objectives import ACTOR_FIELDS, CRITIC_FIELDS
-from internlm2_jax.train.rl.state import ModelSetup, RLProgram, build_rl_program
+from internlm2_jax.train.rl.experience import ROW_FIELDS, experience_program
+from internlm2_jax.train.rl.objectives import CRITIC_FIELDS
+from internlm2_jax.train.rl.state import ModelSetup, RLProgram, build_rl_program, to_compute_dtype
 from internlm2_jax.train.step import StepConfig
 
-PHASES = ("rollout", "experience", "critic_step", "actor_step")
+PHASES = ("weight_sync", "rollout", "experience", "critic_step", "actor_step")
 FLOAT_FIELDS = ("response_mask", "rollout_logp", "old_logp", "ref_logp", "values", "returns", "advantages", "pg_w")
 
 
@@ -70,28 +76,22 @@ def abstract_rows(mesh, fields, rows: int, length: int) -> dict[str, jax.ShapeDt
 
 
 def abstract_reference(actor: ModelSetup, actor_params):
-    """What `state.reference_params` returns, as shapes: None under LoRA; otherwise the actor's parameters cast to
-    the model's compute dtype (floating leaves only) on the same shardings."""
+    """What `state.reference_params` returns, as shapes: None under LoRA; otherwise the actor's parameters in the
+    compute dtype (`state.to_compute_dtype`) on the same shardings."""
     if actor.model.lora is not None:
         return None
-    dtype = jnp.dtype(actor.model.dtype)
-
-    def cast(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
-                                    sharding=x.sharding)
-
-    return jax.tree.map(cast, actor_params)
+    shapes = jax.eval_shape(to_compute_dtype(actor.model), actor_params)
+    return jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p.sharding), shapes,
+                        actor_params)
 
 
-def experience_config(cfg: RLConfig) -> ExperienceConfig:
-    """The `ExperienceConfig` `rl_iteration` builds from the run's config."""
-    return ExperienceConfig(cfg.algorithm, cfg.rollout.temperature, group_size=cfg.group_size,
-                            max_response_len=cfg.rollout.max_new_tokens, chunk_size=cfg.chunk_size)
-
-
-def actor_fields(cfg: RLConfig) -> tuple[str, ...]:
-    """The fields of the actor's mini-batch in `rl_iteration`."""
-    return ACTOR_FIELDS + (("ref_logp",) if cfg.loss.kl_placement == "loss" else ())
+def decode_params(program: RLProgram):
+    """The parameters `rl_iteration` decodes with, as shapes: the `rollout_params` copy, or the training ones."""
+    params = program.abstract_state().actor.params
+    if program.rollout_params is None:
+        return params
+    with jax.set_mesh(program.mesh):
+        return jax.eval_shape(program.rollout_params, params)  # keeps the reshard's out_shardings
 
 
 def rl_phase_lowerings(cfg: RLConfig, actor: ModelSetup, critic: ModelSetup | None, mesh, prompt_width: int,
@@ -105,12 +105,16 @@ def rl_phase_lowerings(cfg: RLConfig, actor: ModelSetup, critic: ModelSetup | No
     length = prompt_width + cfg.rollout.max_new_tokens  # build_rows' default width
     actor_graphdef = program.actor.graphdef
 
+    def weight_sync():
+        with jax.set_mesh(mesh):
+            return program.rollout_params.lower(state.actor.params)
+
     def rollout():
         prompts = _replicated(mesh, (cfg.prompts_per_iteration, prompt_width), jnp.int32)
         prompt_lengths = _replicated(mesh, (cfg.prompts_per_iteration,), jnp.int32)
         keys = _replicated(mesh, (rows, 2), jnp.uint32)
         with jax.set_mesh(mesh):
-            return _rollout.lower(actor_graphdef, state.actor.params, prompts, prompt_lengths, keys,
+            return rollout_program.lower(actor_graphdef, decode_params(program), prompts, prompt_lengths, keys,
                                   cfg=cfg.rollout)
 
     def experience():
@@ -118,11 +122,11 @@ def rl_phase_lowerings(cfg: RLConfig, actor: ModelSetup, critic: ModelSetup | No
         critic_params = None if state.critic is None else state.critic.params
         batch = abstract_rows(mesh, ROW_FIELDS, rows, length)
         with jax.set_mesh(mesh):
-            return _experience.lower(actor_graphdef, critic_graphdef, state.actor.params,
+            return experience_program.lower(actor_graphdef, critic_graphdef, state.actor.params,
                                      abstract_reference(actor, state.actor.params), critic_params, batch,
                                      _replicated(mesh, (rows,), jnp.float32), _replicated(mesh, (rows,), jnp.bool_),
                                      state.reward_moments, state.kl_coef, loss_cfg=cfg.loss,
-                                     cfg=experience_config(cfg))
+                                     cfg=cfg.experience)
 
     def step(train_program, fields):
         batch = abstract_rows(mesh, fields, rows // cfg.minibatches, length)
@@ -133,10 +137,11 @@ def rl_phase_lowerings(cfg: RLConfig, actor: ModelSetup, critic: ModelSetup | No
 
         return lower
 
-    phases = {"rollout": rollout, "experience": experience}
+    phases = {} if program.rollout_params is None else {"weight_sync": weight_sync}
+    phases |= {"rollout": rollout, "experience": experience}
     if program.critic is not None:
         phases["critic_step"] = step(program.critic, CRITIC_FIELDS)
-    phases["actor_step"] = step(program.actor, actor_fields(cfg))
+    phases["actor_step"] = step(program.actor, cfg.actor_fields)
     return phases
 
 
@@ -147,15 +152,40 @@ def compile_rl_phases(cfg: RLConfig, actor: ModelSetup, critic: ModelSetup | Non
             for name, lower in rl_phase_lowerings(cfg, actor, critic, mesh, prompt_width, step_cfg).items()}
 
 
+def phase_residents(cfg: RLConfig, actor: ModelSetup, program: RLProgram) -> dict[str, int]:
+    """{phase: bytes per chip of what stays on the chips while it runs but is not among its arguments}: the RL
+    state (both `TrainState`s, optimizer moments included) and the frozen reference live through the whole
+    iteration, so a phase's peak is its compiled total plus these (the compiled program does not see them). The
+    decoding copy of the weights lives from the weight sync to the end of the rollout only (the loop drops it), so
+    it is one of the rollout's arguments and no phase's resident."""
+    state = program.abstract_state()
+    reference = per_chip_bytes(abstract_reference(actor, state.actor.params))
+    held = per_chip_bytes(state) + reference
+    passed = {"rollout": per_chip_bytes(state.actor.params) if program.rollout_params is None else 0,
+              "experience": per_chip_bytes((state.actor.params, state.reward_moments, state.kl_coef)) + reference,
+              "actor_step": per_chip_bytes(state.actor)}
+    if program.rollout_params is not None:
+        passed["weight_sync"] = per_chip_bytes(state.actor.params)
+    if state.critic is not None:
+        passed["experience"] += per_chip_bytes(state.critic.params)
+        passed["critic_step"] = per_chip_bytes(state.critic)
+    return {name: held - size for name, size in passed.items()}
+
+
 def phase_memory_table(cfg: RLConfig, actor: ModelSetup, critic: ModelSetup | None, mesh, prompt_width: int,
                        hbm_bytes: int | None = None, step_cfg: StepConfig = StepConfig(),
-                       phases: tuple[str, ...] | None = None, on_row: Callable[[dict], None] | None = None
-                       ) -> list[dict]:
+                       phases: tuple[str, ...] | None = None, on_row: Callable[[dict], None] | None = None,
+                       resident_extra_bytes: int = 0) -> list[dict]:
     """One row per phase (or per one of `phases`), compiled one at a time: {"phase", "status": "compiled" |
-    "error", "seconds"} and `memory_report`'s per-chip figures when compiled, "message" when not (an over-HBM
-    compile says RESOURCE_EXHAUSTED). `on_row` sees each row as soon as its phase is done."""
+    "error", "seconds"} and `memory_report`'s per-chip figures when compiled ("fits": the program alone), "message"
+    when not (an over-HBM compile says RESOURCE_EXHAUSTED). "resident_gib" is the RL state and reference held
+    beside the phase (`phase_residents`) plus `resident_extra_bytes` per chip (e.g. a reward model kept on the
+    chips), "peak_gib" = total + resident and "peak_fits" whether that fits `hbm_bytes`: the check that decides.
+    `on_row` sees each row as soon as its phase is done."""
+    program = build_rl_program(cfg, actor, critic, mesh, step_cfg)
+    residents = phase_residents(cfg, actor, program)
     table = []
-    for name, lower in rl_phase_lowerings(cfg, actor, critic, mesh, prompt_width, step_cfg).items():
+    for name, lower in rl_phase_lowerings(cfg, actor, critic, mesh, prompt_width, step_cfg, program).items():
         if phases is not None and name not in phases:
             continue
         start = time.perf_counter()
@@ -166,6 +196,10 @@ def phase_memory_table(cfg: RLConfig, actor: ModelSetup, critic: ModelSetup | No
         else:
             row = {"phase": name, "status": "compiled", **memory_report(compiled, hbm_bytes)}
             del compiled
+            row["resident_gib"] = (residents[name] + resident_extra_bytes) / 2**30
+            row["peak_gib"] = row["total_gib"] + row["resident_gib"]
+            if hbm_bytes:
+                row["peak_fits"] = row["peak_gib"] <= hbm_bytes / 2**30
         row["seconds"] = time.perf_counter() - start
         table.append(row)
         if on_row is not None:

@@ -10,7 +10,9 @@ import dataclasses
 from internlm2_jax.config import ConfigError
 from internlm2_jax.decode.rollout import RolloutConfig
 from internlm2_jax.train.rl.core import RLLossConfig
+from internlm2_jax.train.rl.experience import ExperienceConfig
 from internlm2_jax.train.rl.hacking import MonitorConfig
+from internlm2_jax.train.rl.objectives import ACTOR_FIELDS
 
 ALGORITHMS = ("ppo", "grpo")
 ROLLOUT_WEIGHTS = ("gathered", "as_trained")
@@ -29,10 +31,12 @@ class RLConfig:
     ptx_coef: float = 0.5  # [R]: the pre-training loss's weight when PTX data is given (train_rl(ptx=...))
     seed: int = 0  # rollout keys and mini-batch shuffles derive from (seed, iteration[, epoch])
     chunk_size: int = 1024  # sequence chunk of the log-prob computations (bounds the fp32 logits)
-    # The weights rollouts decode with: "gathered" reshards the actor's once per iteration to ROLLOUT_RULES (whole
-    # over the data axes, in the compute dtype: the "weight sync", §2.3); "as_trained" decodes with the FSDP layout
-    # (no copy in memory, an all-gather of every layer at every token).
-    rollout_weights: str = "gathered"
+    # The weights rollouts decode with: "as_trained" decodes with the training layout (no copy in memory; under FSDP
+    # an all-gather of every layer at every token); "gathered" reshards them once per iteration to ROLLOUT_RULES
+    # (whole over the data axes, split by tensor, in the compute dtype: the "weight sync", §2.3): faster decoding
+    # for a copy of the weights per tensor-parallel group (7B PPO on v5p:2x2x2 with fsdp 8 does not fit with it,
+    # benchmarks/rl_aot.py).
+    rollout_weights: str = "as_trained"
     log_every: int = 1
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
@@ -76,3 +80,14 @@ class RLConfig:
     @property
     def group_size(self) -> int:
         return self.rollout.samples_per_prompt if self.algorithm == "grpo" else 1
+
+    @property
+    def experience(self) -> ExperienceConfig:
+        """How `make_experience` runs for this config (static under jit)."""
+        return ExperienceConfig(self.algorithm, self.rollout.temperature, group_size=self.group_size,
+                                max_response_len=self.rollout.max_new_tokens, chunk_size=self.chunk_size)
+
+    @property
+    def actor_fields(self) -> tuple[str, ...]:
+        """The fields of an actor mini-batch: GRPO's KL in the loss needs the reference log-probs too."""
+        return ACTOR_FIELDS + (("ref_logp",) if self.loss.kl_placement == "loss" else ())

@@ -144,13 +144,14 @@ def make_experience(actor_graphdef, actor_params, rows: dict, scores, stopped, m
     kl_coef = jnp.float32(loss_cfg.kl_coef if kl_coef is None else kl_coef)
     batch = {name: jnp.asarray(rows[name]) for name in ROW_FIELDS}
     with within_mesh_of(actor_params):
-        return _experience(actor_graphdef, critic_graphdef, actor_params, ref_params, critic_params, batch,
+        return experience_program(actor_graphdef, critic_graphdef, actor_params, ref_params, critic_params, batch,
                            jnp.asarray(scores), jnp.asarray(stopped), moments, kl_coef, loss_cfg=loss_cfg, cfg=cfg)
 
 
 @partial(jax.jit, static_argnums=(0, 1), static_argnames=("loss_cfg", "cfg"))
-def _experience(actor_graphdef, critic_graphdef, actor_params, ref_params, critic_params, batch, scores, stopped,
-                moments, kl_coef, *, loss_cfg: RLLossConfig, cfg: ExperienceConfig):
+def experience_program(actor_graphdef, critic_graphdef, actor_params, ref_params, critic_params, batch, scores,
+                       stopped, moments, kl_coef, *, loss_cfg: RLLossConfig, cfg: ExperienceConfig):
+    """The jitted body of `make_experience` (no input checks), which `--compile-only` lowers from shapes."""
     def logprobs(params):
         return policy_logprobs(nnx.merge(actor_graphdef, params), batch, temperature=cfg.temperature,
                                chunk_size=cfg.chunk_size)

@@ -42,8 +42,8 @@ from internlm2_jax.train.loop import MetricsLog, StopRequest, to_global_batch, w
 from internlm2_jax.train.rl.config import RLConfig
 from internlm2_jax.train.rl.core import aggregation_weights, kl_controller
 from internlm2_jax.train.rl.hacking import Alert, check_hacking
-from internlm2_jax.train.rl.experience import ExperienceConfig, build_rows, make_experience, ptx_weights
-from internlm2_jax.train.rl.objectives import ACTOR_FIELDS, CRITIC_FIELDS
+from internlm2_jax.train.rl.experience import build_rows, make_experience, ptx_weights
+from internlm2_jax.train.rl.objectives import CRITIC_FIELDS
 from internlm2_jax.train.rl.state import (ModelSetup, RLProgram, RLState, build_rl_program, init_rl_state,
                                           reference_params)
 from internlm2_jax.train.step import StepConfig
@@ -139,20 +139,17 @@ def rl_iteration(program: RLProgram, state: RLState, prompts: PromptBatch, rewar
 
     start = time.perf_counter()
     rows = to_global_batch(build_rows(prompts.prompt_ids, prompts.prompt_lengths, roll, pad_id), mesh)
-    exp_cfg = ExperienceConfig(cfg.algorithm, cfg.rollout.temperature, group_size=cfg.group_size,
-                               max_response_len=cfg.rollout.max_new_tokens, chunk_size=cfg.chunk_size)
     critic_kw = {} if state.critic is None else dict(critic_graphdef=program.critic.graphdef,
                                                       critic_params=state.critic.params)
     with jax.set_mesh(mesh):
         experience, moments, exp_metrics = make_experience(
             actor_graphdef, state.actor.params, rows, scores, roll.stopped, state.reward_moments,
-            loss_cfg=cfg.loss, cfg=exp_cfg, ref_params=ref_params, kl_coef=state.kl_coef, **critic_kw)
+            loss_cfg=cfg.loss, cfg=cfg.experience, ref_params=ref_params, kl_coef=state.kl_coef, **critic_kw)
     exp_metrics = jax.device_get(exp_metrics)
     times["experience"] = time.perf_counter() - start
 
     start = time.perf_counter()
     actor, critic = state.actor, state.critic
-    actor_fields = ACTOR_FIELDS + (("ref_logp",) if cfg.loss.kl_placement == "loss" else ())
     train_actor = cfg.algorithm == "grpo" or iteration >= cfg.critic_warmup_iterations
     size = cfg.rows // cfg.minibatches
     actor_window, critic_window = [], []
@@ -167,7 +164,7 @@ def rl_iteration(program: RLProgram, state: RLState, prompts: PromptBatch, rewar
                     critic, metrics = program.critic.step(tuple(sorted(critic_batch)))(critic, critic_batch)
                     critic_window.append(metrics)
                 if train_actor:
-                    actor_batch = _fields(batch, actor_fields)
+                    actor_batch = _fields(batch, cfg.actor_fields)
                     if ptx is not None:
                         ptx_rows = next(ptx)
                         check_ptx(ptx_rows, batch["input_ids"].shape[1], mesh)

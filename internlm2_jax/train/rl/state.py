@@ -109,10 +109,15 @@ def rollout_reshard(model: ModelConfig, mesh) -> Callable[[nnx.State], nnx.State
     dtype laid out by ROLLOUT_RULES (whole over the data axes, split by tensor parallelism), which rollouts decode
     with. One all-gather per iteration instead of one per layer per generated token; nothing to keep in sync."""
     _, abstract = model_graphdef(model, InternLM2ForCausalLM)
+    return jax.jit(to_compute_dtype(model), out_shardings=state_shardings(abstract, mesh, ROLLOUT_RULES))
+
+
+def to_compute_dtype(model: ModelConfig) -> Callable[[nnx.State], nnx.State]:
+    """params -> their floating leaves in the model's compute dtype: frozen and decoding copies (what the forward
+    computes in anyway; the fp32 masters stay in the state)."""
     dtype = jnp.dtype(model.dtype)
     cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
-    return jax.jit(lambda params: jax.tree.map(cast, params),
-                   out_shardings=state_shardings(abstract, mesh, ROLLOUT_RULES))
+    return lambda params: jax.tree.map(cast, params)
 
 
 def starting_params(setup: ModelSetup, model_class, mesh, seed: int) -> nnx.State:
@@ -163,6 +168,4 @@ def reference_params(actor: ModelSetup, mesh, seed: int) -> nnx.State | None:
     copy); otherwise the actor's starting weights in the model's compute dtype (what its forward computes in)."""
     if actor.model.lora is not None:
         return None
-    dtype = jnp.dtype(actor.model.dtype)
-    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
-    return jax.jit(lambda p: jax.tree.map(cast, p))(starting_params(actor, InternLM2ForCausalLM, mesh, seed))
+    return jax.jit(to_compute_dtype(actor.model))(starting_params(actor, InternLM2ForCausalLM, mesh, seed))
