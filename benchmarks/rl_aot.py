@@ -110,8 +110,7 @@ def run_variant(variant: str, topology: str = "v5p:2x2x2", *, phases=None, promp
     devices = tpu_devices(topology)
     mesh = make_mesh(MeshConfig(fsdp=-1), devices)
     head = {"variant": variant, "rollout_weights": cfg.rollout_weights, "topology": topology, "chips": len(devices),
-            "rows": cfg.rows,
-            "minibatch_rows": cfg.rows // cfg.minibatches, "micro_batches": step_cfg.micro_batches,
+            "rows": cfg.rows, "micro_batches": step_cfg.micro_batches,
             "length": prompt_width + cfg.rollout.max_new_tokens, "layers": actor.model.num_hidden_layers}
     rows = []
 
@@ -125,27 +124,6 @@ def run_variant(variant: str, topology: str = "v5p:2x2x2", *, phases=None, promp
     phase_memory_table(cfg, actor, critic, mesh, prompt_width, topology_hbm(topology), step_cfg,
                        phases=tuple(phases) if phases else None, on_row=on_row, resident_extra_bytes=extra)
     return rows
-
-
-def markdown(rows: list[dict]) -> str:
-    lines = ["| variant | phase | rows | arguments | temporaries | total per chip | + resident | peak | HBM | fits | "
-             "compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        n = r.get("minibatch_rows") if r["phase"].endswith("_step") else "-" if r["phase"] == "weight_sync" \
-            else r.get("rows")
-        head = f"| {r['variant']} | {r['phase']} | {n} |"
-        if r["status"] == "compiled":
-            resident = r.get("resident_gib")
-            tail = ("- | - |" if resident is None else f"{resident:.2f} GiB | {r['peak_gib']:.2f} GiB |")
-            fits = r.get("peak_fits", r.get("fits"))
-            lines.append(f"{head} {r['arguments_gib']:.2f} GiB | {r['temporaries_gib']:.2f} GiB | "
-                         f"{r['total_gib']:.2f} GiB | {tail} {r['hbm_gib']:.0f} GiB | {'yes' if fits else 'no'} | "
-                         f"{r['seconds']:.0f} |")
-        else:
-            over = "RESOURCE_EXHAUSTED" in r.get("message", "")
-            lines.append(f"{head} - | - | - | - | - | - | {'no (over HBM)' if over else 'compile error'} | "
-                         f"{r.get('seconds', 0):.0f} |")
-    return "\n".join(lines)
 
 
 def _subprocess(args: list[str], timeout: float) -> list[dict]:
@@ -181,6 +159,7 @@ def main(argv=None) -> int:
     parser.add_argument("--in-process", action="store_true", help="compile here, not in a subprocess per variant")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per variant in its subprocess")
     args = parser.parse_args(argv)
+    from internlm2_jax.train.rl.aot import phase_table
 
     def record(row: dict) -> None:
         print("ROW " + json.dumps(row), flush=True)
@@ -189,7 +168,7 @@ def main(argv=None) -> int:
                 f.write(json.dumps(row) + "\n")
 
     if args.table:
-        print(markdown([json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]))
+        print(phase_table([json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]))
         return 0
     kw = dict(rows=args.prompts, minibatches=args.minibatches, micro_batches=args.micro_batches, layers=args.layers,
               rollout_weights=args.rollout_weights)
@@ -206,7 +185,7 @@ def main(argv=None) -> int:
             for row in found:
                 record(row)
             rows += found
-    print(markdown(rows))
+    print(phase_table(rows))
     for row in rows:
         if row["status"] == "error":
             print(f"{row['variant']} {row['phase']}: {row['message']}", file=sys.stderr)

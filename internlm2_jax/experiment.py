@@ -1,5 +1,5 @@
 """The experiment schema: what an experiment file's `config()` returns (`Experiment`: model, train, optimizer, step,
-mesh, data and objective configs), and how the launcher loads such a file.
+mesh, data and objective configs, and for online RL the `rl` config), and how the launcher loads such a file.
 
 `--set path=value` overrides (`overrides.apply_overrides`) change any field of it; the objective and data format are
 found by name in their registries (`train.registry`, `data_formats`), so an experiment file can add its own.
@@ -18,6 +18,7 @@ from internlm2_jax.train.loop import TrainConfig
 from internlm2_jax.train.objectives import ObjectiveConfig
 from internlm2_jax.train.optim import OptimizerConfig
 from internlm2_jax.train.registry import objective_config
+from internlm2_jax.train.rl.config import RLConfig
 from internlm2_jax.train.step import StepConfig
 
 
@@ -60,8 +61,20 @@ class Experiment:
     # A registered objective's name ("lm", "reward", "dpo", "orpo", ...: its default config) or its config, e.g.
     # DPOObjective(beta=0.1). Always a config after construction, so `--set objective.beta=0.2` reaches it.
     objective: str | ObjectiveConfig = "lm"
+    # Online RL (`run.run_rl`): the actor is `model` with `optimizer`, started from `train.init_weights` (the SFT
+    # model); the critic (PPO) has `critic_optimizer`; rows are `train.seq_len` tokens (prompts up to seq_len -
+    # rl.rollout.max_new_tokens), prompts come from `data.train_files` (`data.prompts` JSONL).
+    rl: RLConfig | None = None
+    critic_optimizer: OptimizerConfig | None = None
 
     def __post_init__(self):
+        if self.rl is not None:
+            if self.train.seq_len <= self.rl.rollout.max_new_tokens:
+                raise ValueError(f"train.seq_len={self.train.seq_len} must exceed rl.rollout.max_new_tokens="
+                                 f"{self.rl.rollout.max_new_tokens}: an RL row is the prompt and its response")
+            if self.rl.algorithm == "ppo" and self.critic_optimizer is None:
+                raise ValueError("rl.algorithm='ppo' needs critic_optimizer (the report: lr 5e-6 beside the actor's "
+                                 "1e-6)")
         objective = objective_config(self.objective)
         object.__setattr__(self, "objective", objective)  # frozen: the name is resolved once, here
         rows = objective.build().rows
@@ -82,3 +95,8 @@ def load_experiment(path: str | Path):
     if not hasattr(module, "config"):
         raise AttributeError(f"{path} must define config() -> Experiment")
     return module
+
+
+def rl_prompt_width(exp: Experiment) -> int:
+    """The prompt width of an RL experiment's rows: `train.seq_len` less the response tokens."""
+    return exp.train.seq_len - exp.rl.rollout.max_new_tokens

@@ -58,6 +58,30 @@ def compile_train_step(exp: Experiment, devices=None):
     return program.compile(abstract_batch(exp, mesh, objective))
 
 
+def compile_rl_phases(exp: Experiment, devices, hbm: int | None, where: str) -> int:
+    """`--compile-only` of an RL experiment: every phase of one iteration (weight sync, rollout, experience, critic
+    and actor steps) compiled from shapes, a table of per-chip memory with what stays resident beside each phase, and
+    exit status 1 when a phase fails to compile or its peak does not fit."""
+    from internlm2_jax.experiment import rl_prompt_width
+    from internlm2_jax.run import rl_setups
+    from internlm2_jax.train.rl.aot import phase_memory_table, phase_table
+
+    actor, critic = rl_setups(exp)
+    rows = phase_memory_table(exp.rl, actor, critic, make_mesh(exp.mesh, devices), rl_prompt_width(exp), hbm,
+                              exp.step, on_row=lambda row: print(f"compiled {row['phase']} ({row['seconds']:.0f} s)",
+                                                                 flush=True))
+    print(f"RL phases for {where} ({exp.rl.algorithm}, {exp.rl.rows} samples of {exp.train.seq_len} tokens):")
+    print(phase_table(rows))
+    failed = [r["phase"] for r in rows if r["status"] != "compiled" or not r.get("peak_fits", r.get("fits", True))]
+    for row in rows:
+        if row["status"] != "compiled":
+            print(f"error: {row['phase']}: {row['message'].splitlines()[0]}", file=sys.stderr)
+    if failed:
+        print(f"error: {', '.join(failed)} do not fit {where}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def start_distributed() -> None:
     """jax.distributed on a multi-host job: configured by the environment (JAX_COORDINATOR_ADDRESS, ...) or one
     jax detects itself (a TPU pod slice, SLURM, Open MPI, Kubernetes), so a pod run needs no launcher flags."""
@@ -90,7 +114,7 @@ def main(argv=None) -> int:
     module = load_experiment(args.experiment)
     exp = apply_overrides(module.config(), args.set)
     print(json.dumps(to_dict(exp), indent=2, default=str))
-    reward_head = exp.objective.build().model_class is InternLM2ForRewardModel
+    reward_head = exp.rl is None and exp.objective.build().model_class is InternLM2ForRewardModel
     print(f"parameters: {exp.model.num_params(reward_head=reward_head):,}")
 
     if args.topology:
@@ -115,6 +139,8 @@ def main(argv=None) -> int:
     where = (f"TPU {args.topology} ({count} chips, mesh {mesh_shape})" if args.topology
              else f"{count} local {platform} devices")
     try:
+        if args.compile_only and exp.rl is not None:
+            return compile_rl_phases(exp, devices, hbm, where)
         if args.compile_only:
             try:
                 compiled = compile_train_step(exp, devices)

@@ -112,3 +112,49 @@ def run_training(exp: Experiment, *, progress: bool = True) -> RunResult:
     stats = data.log_stats() if hasattr(data, "log_stats") else data.stats
     (epath.Path(exp.train.run_dir) / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
     return result
+
+
+def rl_setups(exp: Experiment):
+    """(actor, critic or None) `ModelSetup`s of an RL experiment: the actor from `train.init_weights` (the SFT
+    model); the critic (PPO) from `rl.reward_model` when given (the report's critic: the RM's trunk, a fresh value
+    head), else from the SFT model's trunk."""
+    from internlm2_jax.train.rl.state import ModelSetup
+
+    if exp.rl is None:
+        raise ValueError(f"experiment {exp.name!r} has no rl config")
+    actor = ModelSetup(exp.model, exp.optimizer, init_weights=exp.train.init_weights)
+    if exp.rl.algorithm != "ppo":
+        return actor, None
+    return actor, ModelSetup(exp.model, exp.critic_optimizer,
+                             init_weights=exp.rl.reward_model or exp.train.init_weights)
+
+
+def run_rl(exp: Experiment, *, reward=None, gold=None, ptx=None, progress: bool = True):
+    """The standard online RL run of an experiment (`rl` set): prompts from `data.train_files` (prompt JSONL,
+    `data.default_domain` for records without one), scored by `reward` (a reward source, `train.rl.rewards`) or,
+    when None, by the conditional reward model at `rl.reward_model`; `gold` and `ptx` as `train_rl` takes them."""
+    from internlm2_jax.artifacts import load_model
+    from internlm2_jax.data.prompts import PromptDataIterator
+    from internlm2_jax.experiment import rl_prompt_width
+    from internlm2_jax.train.rl.loop import train_rl
+    from internlm2_jax.train.rl.rewards import ConditionalRMReward
+
+    tokenizer = load_tokenizer(exp)
+    cfg = exp.rl
+    prompts = PromptDataIterator(list(exp.data.train_files), tokenizer, rl_prompt_width(exp),
+                                 cfg.prompts_per_iteration, default_domain=exp.data.default_domain, seed=cfg.seed,
+                                 strict=exp.data.strict)
+    if reward is None:
+        if cfg.reward_model is None:
+            raise ValueError("rl.reward_model: no reward source given and no reward model to score with")
+        from flax import nnx
+
+        _, rm, _ = load_model(cfg.reward_model, mesh=make_mesh(exp.mesh))
+        reward = ConditionalRMReward(*nnx.split(rm), tokenizer, prompts.domains,
+                                     default_domain=exp.data.default_domain)
+    actor, critic = rl_setups(exp)
+    metadata = {"experiment": to_dict(exp), "tokenizer_sha256": tokenizer.sha256,
+                "prompts_sha256": prompts.data_sha256, "tokenizer_path": str(absolute(exp.data.tokenizer))}
+    return train_rl(cfg, actor, prompts, reward, critic=critic, ptx=ptx, gold=gold, mesh_cfg=exp.mesh,
+                    step_cfg=exp.step, pad_id=tokenizer.pad_id, tokenizer=tokenizer, metadata=metadata,
+                    progress=progress)

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,7 @@ def test_every_phase_of_a_narrowed_ppo_and_grpo_iteration_compiles_for_v5p_withi
     from internlm2_jax.parallel import MeshConfig, make_mesh
     from internlm2_jax.parallel.topology import topology_hbm, tpu_devices
     from internlm2_jax.train.rl.aot import (abstract_reference, decode_params, per_chip_bytes, phase_memory_table,
-                                            phase_residents)
+                                            phase_residents, phase_table)
     from internlm2_jax.train.rl.state import build_rl_program
 
     mesh = make_mesh(MeshConfig(fsdp=-1), tpu_devices("v5p:2x2x2"))
@@ -96,8 +97,7 @@ def test_every_phase_of_a_narrowed_ppo_and_grpo_iteration_compiles_for_v5p_withi
             assert held <= rows[name]["arguments_gib"] * GIB < 1.5 * held
             assert rows[name]["aliased_gib"] * GIB >= 0.99 * held  # the state is donated
             assert rows[name]["temporaries_gib"] > 0
-        assert f"| {variant} | actor_step | 8 |" in bench.markdown([{"variant": variant, **r, "minibatch_rows": 8}
-                                                                      for r in rows.values()])
+        assert f"| {variant} | actor_step | 8 |" in phase_table([{"variant": variant, **r} for r in rows.values()])
 
 
 # The 7B tables (v5p:2x2x2, 512 samples of 1536 + 512 tokens): one subprocess per variant, once per test session.
@@ -156,3 +156,27 @@ def test_7b_grpo_iteration_fits_v5p_2x2x2():
     assert set(rows) == {"rollout", "experience", "actor_step"}
     assert rows["rollout"]["temporaries_gib"] >= 16.0
     assert 10.8 <= rows["actor_step"]["arguments_gib"] < 12.5
+
+
+NARROW_SETS = ["model.hidden_size=256", "model.intermediate_size=512", "model.num_key_value_heads=2",
+               "model.num_attention_heads=2", "model.vocab_size=1024", "model.num_hidden_layers=2",
+               "rl.rollout.max_new_tokens=16", "train.seq_len=64", "rl.minibatches=1"]
+
+
+@pytest.mark.parametrize("name, prompts, phases", [
+    ("internlm2_7b_ppo", 16, ("rollout", "experience", "critic_step", "actor_step")),
+    ("internlm2_7b_grpo", 2, ("rollout", "experience", "actor_step"))])
+def test_the_launcher_compiles_every_phase_of_the_7b_rl_experiments(tmp_path, name, prompts, phases):
+    """`launch experiments/internlm2_7b_{ppo,grpo}.py --compile-only --topology v5p:2x2x2`, narrowed by --set to
+    two 256-wide layers and 16 rows: the experiment files, the launcher's RL branch and its table."""
+    pytest.importorskip("libtpu", reason="libtpu (requirements-test.txt) provides the TPU compiler")
+    from test_launch import launch
+
+    sets = [x for s in [*NARROW_SETS, f"rl.prompts_per_iteration={prompts}"] for x in ("--set", s)]
+    done = launch(ROOT / "experiments" / f"{name}.py", "--compile-only", "--topology", "v5p:2x2x2", *sets, cwd=tmp_path,
+                  env_extra={"ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout[done.stdout.index("RL phases for TPU v5p:2x2x2"):]
+    for phase in phases:
+        assert re.search(rf"\| {phase} \| 16 \| .* \| 95 GiB \| yes \|", table), table
+    assert "weight_sync" not in table  # the default decodes with the training layout

@@ -181,7 +181,8 @@ def phase_memory_table(cfg: RLConfig, actor: ModelSetup, critic: ModelSetup | No
     when not (an over-HBM compile says RESOURCE_EXHAUSTED). "resident_gib" is the RL state and reference held
     beside the phase (`phase_residents`) plus `resident_extra_bytes` per chip (e.g. a reward model kept on the
     chips), "peak_gib" = total + resident and "peak_fits" whether that fits `hbm_bytes`: the check that decides.
-    `on_row` sees each row as soon as its phase is done."""
+    `on_row` sees each row as soon as its phase is done. "batch_rows": the rows the phase runs on (a mini-batch for
+    the steps)."""
     program = build_rl_program(cfg, actor, critic, mesh, step_cfg)
     residents = phase_residents(cfg, actor, program)
     table = []
@@ -189,6 +190,8 @@ def phase_memory_table(cfg: RLConfig, actor: ModelSetup, critic: ModelSetup | No
         if phases is not None and name not in phases:
             continue
         start = time.perf_counter()
+        batch_rows = None if name == "weight_sync" else cfg.rows // cfg.minibatches if name.endswith("_step") \
+            else cfg.rows
         try:
             compiled = lower().compile()
         except Exception as e:  # noqa: BLE001 - over HBM or a compiler error: the row says which
@@ -201,7 +204,31 @@ def phase_memory_table(cfg: RLConfig, actor: ModelSetup, critic: ModelSetup | No
             if hbm_bytes:
                 row["peak_fits"] = row["peak_gib"] <= hbm_bytes / 2**30
         row["seconds"] = time.perf_counter() - start
+        row["batch_rows"] = batch_rows
         table.append(row)
         if on_row is not None:
             on_row(row)
     return table
+
+
+def phase_table(rows: list[dict]) -> str:
+    """A markdown table of `phase_memory_table` rows (with a variant column when the rows name one)."""
+    variant = "variant" in rows[0] if rows else False
+    lines = [("| variant " if variant else "") + "| phase | rows | arguments | temporaries | total per chip | "
+             "+ resident | peak | HBM | fits | compile s |", "|---" * (10 + variant) + "|"]
+    for r in rows:
+        n = "-" if r.get("batch_rows") is None else r["batch_rows"]
+        head = (f"| {r['variant']} " if variant else "") + f"| {r['phase']} | {n} |"
+        if r["status"] == "compiled":
+            resident = r.get("resident_gib")
+            tail = "- | - |" if resident is None else f"{resident:.2f} GiB | {r['peak_gib']:.2f} GiB |"
+            fits = r.get("peak_fits", r.get("fits"))
+            hbm = "-" if r.get("hbm_gib") is None else f"{r['hbm_gib']:.0f} GiB"
+            lines.append(f"{head} {r['arguments_gib']:.2f} GiB | {r['temporaries_gib']:.2f} GiB | "
+                         f"{r['total_gib']:.2f} GiB | {tail} {hbm} | {'-' if fits is None else 'yes' if fits else 'no'}"
+                         f" | {r['seconds']:.0f} |")
+        else:
+            over = "RESOURCE_EXHAUSTED" in r.get("message", "")
+            lines.append(f"{head} - | - | - | - | - | - | {'no (over HBM)' if over else 'compile error'} | "
+                         f"{r.get('seconds', 0):.0f} |")
+    return "\n".join(lines)

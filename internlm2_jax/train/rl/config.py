@@ -42,6 +42,9 @@ class RLConfig:
     keep_checkpoints: int = 3
     dump_every: int = 0  # write samples/iter_{k}.jsonl every this many iterations (0: never)
     monitor: MonitorConfig = MonitorConfig()  # reward-hacking alerts (logged; stop the round on monitor.stop_round_on)
+    # A model or run directory of the conditional reward model: `run.run_rl` scores with it (on spliced ids, under
+    # each prompt's domain) and starts the critic from its trunk. None: the experiment gives its own reward source.
+    reward_model: str | None = None
     run_dir: str = "runs/rl"
 
     def __post_init__(self):
