@@ -27,6 +27,8 @@ SLOW = {
     "experiments/sft_tiny.py": "SFT data, tokenizer, training and a generated reply (about a minute even shortened)",
     "experiments/reward_tiny.py": "pair data, tokenizer, training, a held-out report and an HF export",
     "experiments/dpo_tiny.py": "needs the sft_tiny run, then preference rates before and after",
+    "experiments/ppo_tiny.py": "noisy-demo SFT, then 40 PPO iterations with the sandboxed doctest reward (minutes)",
+    "experiments/grpo_tiny.py": "the ppo_tiny SFT, then 40 GRPO iterations (minutes)",
 }
 # Commands whose inputs are the user's own (nothing to run them on here): only their flags are checked.
 ILLUSTRATIVE = {
