@@ -14,7 +14,8 @@ derives from (seed, iteration[, epoch]), so a resumed run repeats a straight one
 The COOL monitors (`hacking.check_hacking`) watch the per-iteration metrics, with an optional `gold` reward source
 logged beside the optimised one; their alerts are logged and can end the round.
 
-Not yet (later slices): packed experience rows, sequence parallelism (refused), a rollout mesh of its own shape.
+Not yet (later slices): several processes (refused: the host reads every rollout row), packed experience rows,
+sequence parallelism (refused), a rollout mesh of its own shape.
 """
 
 from __future__ import annotations
@@ -292,6 +293,10 @@ def train_rl(cfg: RLConfig, actor: ModelSetup, prompts, reward: RewardFn, *, cri
     (`cfg.monitor`): their alerts are logged every iteration, and one named in `monitor.stop_round_on` ends the
     round after a checkpoint (`RLResult.stopped_by`).
     """
+    if jax.process_count() > 1:
+        raise ValueError(f"train_rl runs in one process for now ({jax.process_count()} here): rewards, dumps and "
+                         "monitors read every rollout row on the host; a multi-host run would score each process's "
+                         "rows and gather the scores")
     if mesh_cfg.sequence != 1:
         raise ValueError(f"mesh.sequence={mesh_cfg.sequence}: RL rows are not split over the sequence yet (GAE runs "
                          "along each row); use the data and fsdp axes")
