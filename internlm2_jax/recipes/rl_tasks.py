@@ -18,7 +18,7 @@ from __future__ import annotations
 import ast
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -119,27 +119,29 @@ def task_name(stub: str) -> str:
 # ---- measurement --------------------------------------------------------------------------------------------------
 
 
-def pass_at_1(graphdef, params, prompts_path: str | Path, tokenizer, *, reward, max_prompt_len: int = 256,
-              max_new_tokens: int = 32, samples_per_prompt: int = 4, batch_size: int = 32, temperature: float = 1.0,
-              top_p: float = 1.0, seed: int = 1234, ref_params=None, chunk_size: int = 1024,
-              max_prompts: int | None = None) -> dict[str, Any]:
-    """Held-out pass@1 of the policy `(graphdef, params)`: `samples_per_prompt` sampled answers to each prompt of
-    the JSONL file (one pass; a last partial batch is dropped), scored by `reward(batch, rollout)` (e.g.
-    `rule("doctest", tokenizer)`), averaged over every sample. Sampled, not greedy: a policy that puts 0.5 on the
-    correct body and 0.25 on each wrong one passes half the time, while its argmax would always pass.
-
-    With `ref_params` (the same graphdef: the SFT model), also the mean per-token KL(policy || reference) on the
-    same samples (k1, an unbiased estimate under the policy's samples) over response tokens, stop token included.
-    Returns {"pass_at_1", "samples", "per_task": {name: rate}, "stop_rate", "mean_kl"?, "examples": [...]}.
-    """
+def sampled_rate(graphdef, params, prompts_path: str | Path, tokenizer, *, reward, group: Callable[[Any], str] | None
+                 = None, max_prompt_len: int = 256, max_new_tokens: int = 32, samples_per_prompt: int = 4,
+                 batch_size: int = 32, temperature: float = 1.0, top_p: float = 1.0, seed: int = 1234,
+                 ref_params=None, chunk_size: int = 1024, max_prompts: int | None = None,
+                 domains: Sequence[str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The mean of `reward(batch, rollout)` over `samples_per_prompt` sampled answers to each prompt of a JSONL file
+    (one pass, a last partial batch dropped): `rl_tasks.pass_at_1`'s measurement without its doctest-task grouping.
+    `group(meta)` names each prompt's group for the per-group rates (None: one group, "all"). With `ref_params`
+    (same graphdef), the mean per-token KL(policy || reference) on the same samples (`rl_tasks._kl_sum`).
+    `extra` ({name: reward source}) are averaged over the same samples too. Sampled, not greedy: a policy that puts
+    0.5 on the correct answer and 0.25 on each wrong one scores half the time, while its argmax would always pass.
+    Returns {"rate", "samples", "per_group", "stop_rate", "mean_kl"?, "examples", **{name: rate of extra}}."""
     from internlm2_jax.data.prompts import PromptDataIterator
     from internlm2_jax.decode.rollout import RolloutConfig, rollout, rollout_keys
 
     cfg = RolloutConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         samples_per_prompt=samples_per_prompt, stop_ids=tuple(tokenizer.stop_ids))
+    kw = {} if domains is None else {"domains": tuple(domains)}
     prompts = PromptDataIterator([str(prompts_path)], tokenizer, max_prompt_len, batch_size, shuffle=False,
-                                 repeat=False)
+                                 repeat=False, **kw)
     scores, names, stops, kl_sum, kl_tokens, examples = [], [], [], 0.0, 0.0, []
+    extra = extra or {}
+    extra_scores = {name: [] for name in extra}
     for index, batch in enumerate(prompts):
         if max_prompts is not None and index * batch_size >= max_prompts:
             break
@@ -148,11 +150,16 @@ def pass_at_1(graphdef, params, prompts_path: str | Path, tokenizer, *, reward, 
         roll = type(roll)(*(np.asarray(x) for x in (roll.tokens, roll.logprobs, roll.lengths, roll.stopped)))
         batch_scores = np.asarray(reward(batch, roll), np.float32)
         scores.append(batch_scores)
+        for name, source in extra.items():
+            extra_scores[name].append(np.asarray(source(batch, roll), np.float32))
         stops.append(roll.stopped)
-        names += [task_name(batch.metas[row // samples_per_prompt]) for row in range(len(batch_scores))]
-        if len(examples) < 4:
-            examples.append({"prompt": batch.metas[0], "response": tokenizer.decode(roll.tokens[0, :roll.lengths[0]]),
-                             "score": float(batch_scores[0])})
+        names += ["all" if group is None else group(batch.metas[row // samples_per_prompt])
+                  for row in range(len(batch_scores))]
+        for row in range(0, len(batch_scores), max(1, len(batch_scores) // 4)):
+            if len(examples) < 8:
+                prompt = batch.records[row // samples_per_prompt] if batch.records else batch.metas[0]
+                examples.append({"prompt": prompt, "response": tokenizer.decode(roll.tokens[row, :roll.lengths[row]]),
+                                 "score": float(batch_scores[row])})
         if ref_params is not None:
             total, count = _kl_sum(graphdef, params, ref_params, batch, roll, tokenizer.pad_id, temperature,
                                    chunk_size)
@@ -160,12 +167,21 @@ def pass_at_1(graphdef, params, prompts_path: str | Path, tokenizer, *, reward, 
     if not scores:
         raise ValueError(f"{prompts_path}: fewer than {batch_size} prompts, no full batch to evaluate")
     scores = np.concatenate(scores)
-    per_task = {name: float(np.mean([s for s, n in zip(scores, names, strict=True) if n == name]))
-                for name in sorted(set(names))}
-    out = {"pass_at_1": float(scores.mean()), "samples": int(scores.size), "per_task": per_task,
+    per_group = {name: float(np.mean([s for s, n in zip(scores, names, strict=True) if n == name]))
+                 for name in sorted(set(names))}
+    out = {"rate": float(scores.mean()), "samples": int(scores.size), "per_group": per_group,
            "stop_rate": float(np.concatenate(stops).mean()), "examples": examples}
+    out |= {name: float(np.concatenate(values).mean()) for name, values in extra_scores.items()}
     if ref_params is not None:
         out["mean_kl"] = kl_sum / max(kl_tokens, 1.0)
+    return out
+
+
+def pass_at_1(graphdef, params, prompts_path: str | Path, tokenizer, *, reward, **kw) -> dict[str, Any]:
+    """Held-out pass@1 of the policy on the doctest prompts (`sampled_rate` grouped by task): {"pass_at_1",
+    "samples", "per_task": {name: rate}, "stop_rate", "mean_kl"? (with `ref_params`), "examples"}."""
+    out = sampled_rate(graphdef, params, prompts_path, tokenizer, reward=reward, group=task_name, **kw)
+    out["pass_at_1"], out["per_task"] = out.pop("rate"), out.pop("per_group")
     return out
 
 
