@@ -29,6 +29,7 @@ SLOW = {
     "experiments/dpo_tiny.py": "needs the sft_tiny run, then preference rates before and after",
     "experiments/ppo_tiny.py": "noisy-demo SFT, then 40 PPO iterations with the sandboxed doctest reward (minutes)",
     "experiments/grpo_tiny.py": "the ppo_tiny SFT, then 40 GRPO iterations (minutes)",
+    "experiments/cool_rlhf_tiny.py": "reward_tiny's RM, an SFT, PPO per domain and a hacking round (~9 minutes)",
 }
 # Commands whose inputs are the user's own (nothing to run them on here): only their flags are checked.
 ILLUSTRATIVE = {
