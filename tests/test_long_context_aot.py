@@ -4,7 +4,6 @@
 default one small 32K step with mesh.sequence=2 compiles, and the 128K / 4M-token batch on fsdp 64 is refused
 before anything compiles."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,19 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from aot_testing import load_aot_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "long_context_aot.py"
 
 
 @pytest.fixture(scope="module")
 def aot():
-    pytest.importorskip("libtpu", reason="libtpu (requirements-test.txt) provides the TPU compiler")
-    # libtpu takes a machine-wide lock file by default; a compile-only client must not fail on another's lock
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    spec = importlib.util.spec_from_file_location("long_context_aot", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_aot_script(SCRIPT, "long_context_aot")
 
 
 def test_128k_rows_of_a_4m_batch_on_fsdp_64_are_refused_before_compiling(aot, monkeypatch):

@@ -4,7 +4,6 @@ compiler for abstract v5p chips (libtpu, no TPU), from shapes only (`internlm2_j
 narrowed PPO and GRPO (two 256-wide layers, a few rows) compile in seconds; the 7B tables take minutes per phase and
 run with `-m slow`."""
 
-import importlib.util
 import json
 import math
 import os
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from aot_testing import load_aot_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "rl_aot.py"
 GIB = 2**30
@@ -22,13 +23,7 @@ GIB = 2**30
 
 @pytest.fixture(scope="module")
 def bench():
-    pytest.importorskip("libtpu", reason="libtpu (requirements-test.txt) provides the TPU compiler")
-    # libtpu takes a machine-wide lock file by default; a compile-only client must not fail on another's lock
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    spec = importlib.util.spec_from_file_location("rl_aot", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_aot_script(SCRIPT, "rl_aot")
 
 
 NARROW = dict(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=2, vocab_size=1024)
