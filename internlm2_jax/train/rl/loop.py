@@ -36,6 +36,7 @@ from tqdm import tqdm
 from internlm2_jax.artifacts import provenance
 from internlm2_jax.data.prompts import PromptBatch
 from internlm2_jax.decode.rollout import Rollout, rollout, rollout_keys
+from internlm2_jax.model import InternLM2ForCausalLM
 from internlm2_jax.parallel import MeshConfig, make_mesh
 from internlm2_jax.parallel.mesh import data_parallel_size
 from internlm2_jax.train.checkpoint import Checkpointer
@@ -46,7 +47,7 @@ from internlm2_jax.train.rl.hacking import Alert, check_hacking
 from internlm2_jax.train.rl.experience import build_rows, make_experience, ptx_weights
 from internlm2_jax.train.rl.objectives import CRITIC_FIELDS
 from internlm2_jax.train.rl.state import (ModelSetup, RLProgram, RLState, build_rl_program, init_rl_state,
-                                          reference_params)
+                                          reference_params, starting_params)
 from internlm2_jax.train.step import StepConfig
 
 RewardFn = Callable[[PromptBatch, Rollout], np.ndarray]
@@ -319,9 +320,11 @@ def train_rl(cfg: RLConfig, actor: ModelSetup, prompts, reward: RewardFn, *, cri
                              f"this run is {said(ptx is not None)}: resuming would change the run (use a new run_dir)")
         if ptx is not None:
             ptx.set_state(data_state["ptx"])
-    else:
-        state = init_rl_state(program, cfg, actor, critic)
-    ref_params = reference_params(actor, mesh, cfg.seed)
+        ref_params = reference_params(actor, mesh, cfg.seed)
+    else:  # the starting weights are read once: the reference is cast from them before the state takes them
+        starting = starting_params(actor, InternLM2ForCausalLM, mesh, cfg.seed)
+        ref_params = reference_params(actor, mesh, cfg.seed, starting)
+        state = init_rl_state(program, cfg, actor, critic, starting)
     log, stop = MetricsLog(run_dir), StopRequest()
 
     def sources_state() -> dict:

@@ -143,12 +143,15 @@ def fresh_value_head(params: nnx.State, cfg: ModelConfig, seed: int) -> nnx.Stat
     return nnx.from_flat_state(list(flat.items()))
 
 
-def init_rl_state(program: RLProgram, cfg: RLConfig, actor: ModelSetup, critic: ModelSetup | None) -> RLState:
-    """Iteration 0: the actor from its starting weights, the critic from its own (the RM) with a fresh or kept
-    head, fresh optimizers, empty reward moments and the configured KL coefficient."""
+def init_rl_state(program: RLProgram, cfg: RLConfig, actor: ModelSetup, critic: ModelSetup | None,
+                  actor_params: nnx.State | None = None) -> RLState:
+    """Iteration 0: the actor from its starting weights (`actor_params` when already loaded; donated), the critic
+    from its own (the RM) with a fresh or kept head, fresh optimizers, empty reward moments and the configured KL
+    coefficient."""
     mesh = program.mesh
-    actor_state = init_train_state(actor.model, program.actor.tx, mesh, seed=cfg.seed,
-                                   params=starting_params(actor, InternLM2ForCausalLM, mesh, cfg.seed),
+    if actor_params is None:
+        actor_params = starting_params(actor, InternLM2ForCausalLM, mesh, cfg.seed)
+    actor_state = init_train_state(actor.model, program.actor.tx, mesh, seed=cfg.seed, params=actor_params,
                                    **state_classes(actor.optimizer, program.actor_objective))
     critic_state = None
     if critic is not None:
@@ -163,9 +166,12 @@ def init_rl_state(program: RLProgram, cfg: RLConfig, actor: ModelSetup, critic: 
                    kl_coef=put(jnp.float32(cfg.loss.kl_coef)), iteration=put(jnp.int32(0)))
 
 
-def reference_params(actor: ModelSetup, mesh, seed: int) -> nnx.State | None:
+def reference_params(actor: ModelSetup, mesh, seed: int, starting: nnx.State | None = None) -> nnx.State | None:
     """The frozen reference: None under LoRA (the actor with its adapters off is exactly the SFT model, no second
-    copy); otherwise the actor's starting weights in the model's compute dtype (what its forward computes in)."""
+    copy); otherwise the actor's starting weights (`starting` when already loaded, else read again) in the model's
+    compute dtype (what its forward computes in)."""
     if actor.model.lora is not None:
         return None
-    return jax.jit(to_compute_dtype(actor.model))(starting_params(actor, InternLM2ForCausalLM, mesh, seed))
+    if starting is None:
+        starting = starting_params(actor, InternLM2ForCausalLM, mesh, seed)
+    return jax.jit(to_compute_dtype(actor.model))(starting)
