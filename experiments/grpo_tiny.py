@@ -8,6 +8,7 @@ stage (noisy demonstrations, held-out pass@1 about 0.5) is `ppo_tiny`'s, shared 
 Run: python -m internlm2_jax.launch experiments/grpo_tiny.py
 """
 
+import dataclasses
 from pathlib import Path
 
 from internlm2_jax.decode.rollout import RolloutConfig
@@ -20,7 +21,8 @@ PPO = load_experiment(Path(__file__).with_name("ppo_tiny.py"))
 
 
 def config() -> Experiment:
-    return PPO.config()  # the shared SFT stage
+    """`ppo_tiny`'s SFT stage (shared), and the GRPO run from it (`--set rl.iterations=10` reaches it)."""
+    return dataclasses.replace(PPO.config(), rl=rl_config(), critic_optimizer=None)
 
 
 def rl_config(run_dir: Path = RUN) -> RLConfig:
@@ -32,4 +34,4 @@ def rl_config(run_dir: Path = RUN) -> RLConfig:
 
 
 def main(exp: Experiment) -> None:
-    PPO.run_rl(exp, rl_config(), critic=False)
+    PPO.run_rl(exp, exp.rl, critic=False)

@@ -7,8 +7,9 @@ reference = the SFT weights) with a reward of 1 when the answer passes the promp
 raises it. The report (`runs/ppo_tiny/rl_report.json` and `.md`) gives held-out pass@1 before and after, per task,
 and the mean per-token KL to the SFT model; the loop's own curves are in `runs/ppo_tiny/rl_curves.png`.
 
-`config()` is the SFT stage (shared with `grpo_tiny`, run once: `runs/rl_sft_tiny`); `--set` reaches it, the RL
-settings are `rl_config()` below.
+`config()` holds both stages: the SFT one (`model`, `train`, `optimizer`, `data`; shared with `grpo_tiny`, run once:
+`runs/rl_sft_tiny`) and the RL one (`rl`, `critic_optimizer`), so `--set rl.iterations=10` reaches the RL run. The
+actor's optimizer is `actor_optimizer()` (a constant rate, not the SFT schedule).
 
 Run: python -m internlm2_jax.launch experiments/ppo_tiny.py
 """
@@ -38,7 +39,7 @@ MAX_PROMPT_LEN, MAX_NEW_TOKENS = 96, 24
 
 
 def config() -> Experiment:
-    """The SFT stage on noisy demonstrations."""
+    """The SFT stage on noisy demonstrations, and the PPO run from it."""
     return Experiment(
         name="rl_sft_tiny",
         model=preset("tiny", vocab_size=1024, max_position_embeddings=256),
@@ -48,7 +49,8 @@ def config() -> Experiment:
         mesh=MeshConfig(fsdp=-1),  # every device there is
         data=DataConfig(format="messages", train_files=(str(DATA / "sft_train.jsonl"),),
                         heldout_files=(str(DATA / "sft_heldout.jsonl"),), tokenizer=str(DATA / "tokenizer.model"),
-                        eval_batches=4))
+                        eval_batches=4),
+        rl=rl_config(), critic_optimizer=critic_optimizer())
 
 
 def rl_config(run_dir: Path = RUN) -> RLConfig:
@@ -118,7 +120,8 @@ def run_rl(exp: Experiment, cfg: RLConfig, *, reward_name: str = REWARD, critic:
     prompts = PromptDataIterator([str(DATA / "rl_train.jsonl")], tokenizer, MAX_PROMPT_LEN,
                                  cfg.prompts_per_iteration, seed=cfg.seed)
     actor = ModelSetup(exp.model, actor_optimizer(), init_weights=exp.train.run_dir)
-    critic_setup = ModelSetup(exp.model, critic_optimizer(), init_weights=exp.train.run_dir) if critic else None
+    critic_setup = ModelSetup(exp.model, exp.critic_optimizer or critic_optimizer(),
+                              init_weights=exp.train.run_dir) if critic else None
     start = time.perf_counter()
     result = train_rl(cfg, actor, prompts, reward, critic=critic_setup, mesh_cfg=exp.mesh, pad_id=tokenizer.pad_id,
                       tokenizer=tokenizer, metadata={"sft_run": str(exp.train.run_dir), "reward": reward_name},
@@ -156,4 +159,4 @@ def run_rl(exp: Experiment, cfg: RLConfig, *, reward_name: str = REWARD, critic:
 
 
 def main(exp: Experiment) -> None:
-    run_rl(exp, rl_config(), critic=True)
+    run_rl(exp, exp.rl, critic=True)

@@ -6,6 +6,7 @@ or on the wrong tokens, wrong-sign advantages and a broken critic bootstrap. Als
 policy, rollouts follow the updated weights, the critic warms up alone, a resumed run repeats a straight one bit for
 bit, and bad configurations are refused by name."""
 
+import dataclasses
 import json
 import shutil
 
@@ -214,6 +215,9 @@ def test_the_critic_warms_up_alone_and_a_resumed_run_repeats_a_straight_one_bitw
         assert timeless(resumed.metrics[k]) == timeless(straight.metrics[k]), k
     for a, b in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(straight.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Running longer is a resume; another seed or batch is another run, refused by name before anything moves.
+    with pytest.raises(ValueError, match=r"another RL run \(minibatches: checkpoint 1 vs run 2; seed: checkpoint 0"):
+        run(sft, dataclasses.replace(cfg, iterations=5, seed=3, minibatches=2), ptx=PtxRows())
 
 
 def test_grpo_minibatches_keep_groups_whole_and_reshuffle_each_epoch(tmp_path):

@@ -144,8 +144,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(spec: dict, workdir: str | Path, name: str) -> subprocess.Popen:
-    """Starts `python train_child.py` on `spec` (written to WORKDIR/NAME.json); its output goes to WORKDIR/NAME.log."""
+def start(spec: dict, workdir: str | Path, name: str, script: str | Path = __file__) -> subprocess.Popen:
+    """Starts `python SCRIPT SPEC.json` (this file by default; `rl_child.py` too) on `spec` (written to
+    WORKDIR/NAME.json); its output goes to WORKDIR/NAME.log."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path = workdir / f"{name}.json"
@@ -153,7 +154,7 @@ def start(spec: dict, workdir: str | Path, name: str) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # the child sets its own device count
     log = open(workdir / f"{name}.log", "w")
-    proc = subprocess.Popen([sys.executable, __file__, str(spec_path)], stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([sys.executable, str(script), str(spec_path)], stdout=log, stderr=subprocess.STDOUT,
                             cwd=workdir, env=env, start_new_session=True)
     proc.log_path = workdir / f"{name}.log"  # type: ignore[attr-defined]
     log.close()
@@ -187,8 +188,8 @@ def wait_all(procs, timeout_s: float) -> list[int]:
     return [p.returncode for p in procs]
 
 
-def read_metrics(run_dir: str | Path, offset: int = 0) -> list[dict]:
-    """The metrics.jsonl rows from byte `offset` on (a line cut short by a kill is skipped)."""
+def read_metrics(run_dir: str | Path, offset: int = 0, key: str = "loss") -> list[dict]:
+    """The metrics.jsonl rows that hold `key`, from byte `offset` on (a line cut short by a kill is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
@@ -201,7 +202,7 @@ def read_metrics(run_dir: str | Path, offset: int = 0) -> list[dict]:
             rows.append(json.loads(line))
         except ValueError:
             continue
-    return [r for r in rows if "loss" in r]
+    return [r for r in rows if key in r]
 
 
 def metrics_size(run_dir: str | Path) -> int:
@@ -223,22 +224,24 @@ def complete_checkpoints(run_dir: str | Path) -> list[int]:
 
 
 def run_and_signal(spec: dict, workdir: str | Path, name: str, *, at_step: int, sig: int, jitter_s: float = 0.0,
-                   need_checkpoint: bool = True, timeout_s: float = 120.0) -> dict:
-    """Runs `spec` and sends `sig` once it has logged `at_step` (and, with `need_checkpoint`, finished a checkpoint),
-    after `jitter_s` more seconds. Returns the exit code, the steps this attempt logged and when it was signalled."""
+                   need_checkpoint: bool = True, timeout_s: float = 120.0, script: str | Path = __file__,
+                   key: str = "loss") -> dict:
+    """Runs `spec` (with `script`) and sends `sig` once it has logged `at_step` (and, with `need_checkpoint`, finished
+    a checkpoint), after `jitter_s` more seconds. Returns the exit code, the steps this attempt logged (their metric
+    `key`) and when it was signalled."""
     run_dir = spec["run_dir"]
     offset = metrics_size(run_dir)
-    proc = start(spec, workdir, name)
+    proc = start(spec, workdir, name, script)
     deadline = time.monotonic() + timeout_s
     signalled_after = None
     try:
         while proc.poll() is None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name} did not reach step {at_step} within {timeout_s:.0f} s\n" + log_tail(proc))
-            steps = [r["step"] for r in read_metrics(run_dir, offset)]
+            steps = [r["step"] for r in read_metrics(run_dir, offset, key)]
             if steps and steps[-1] >= at_step and (not need_checkpoint or complete_checkpoints(run_dir)):
                 time.sleep(jitter_s)
-                signalled_after = [r["step"] for r in read_metrics(run_dir, offset)][-1]
+                signalled_after = [r["step"] for r in read_metrics(run_dir, offset, key)][-1]
                 proc.send_signal(sig)
                 break
             time.sleep(0.005)
@@ -246,10 +249,10 @@ def run_and_signal(spec: dict, workdir: str | Path, name: str, *, at_step: int, 
     except (subprocess.TimeoutExpired, TimeoutError):
         kill_all([proc])
         raise
-    rows = read_metrics(run_dir, offset)
+    rows = read_metrics(run_dir, offset, key)
     return {"returncode": proc.returncode, "signalled_after": signalled_after,
             "first_step": rows[0]["step"] if rows else None, "last_step": rows[-1]["step"] if rows else None,
-            "losses": {r["step"]: r["loss"] for r in rows}, "proc": proc}
+            "losses": {r["step"]: r[key] for r in rows}, "proc": proc}
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from flax import nnx, struct
 from internlm2_jax.decode.generate import GenerationState, decode_chunk, prefill
 from internlm2_jax.decode.sampling import SamplingParams
 from internlm2_jax.model.kv_cache import constrain_cache, init_cache
-from internlm2_jax.parallel.mesh import data_parallel_size, mesh_of, within_mesh_of
+from internlm2_jax.parallel.mesh import data_parallel_size, local_rows, mesh_of, within_mesh_of
 from internlm2_jax.parallel.sharding import constrain
 
 CHAT_STOP_IDS = (2, 92542)  # `</s>` and `<|im_end|>` of the released InternLM2 tokenizer (conventions, spec §9.6)
@@ -98,7 +98,7 @@ def _check_inputs(model_cfg, params, prompts, prompt_lengths, keys, cfg: Rollout
     batch, width = prompts.shape
     if prompt_lengths.shape != (batch,):
         raise ValueError(f"prompt_lengths must be [{batch}] (one per prompt), got {list(prompt_lengths.shape)}")
-    lengths = np.asarray(prompt_lengths)
+    lengths = local_rows(prompt_lengths)  # each process checks the rows it holds
     if lengths.min(initial=1) < 1 or lengths.max(initial=1) > width:
         raise ValueError(f"prompt_lengths must be within 1..{width} (the padded prompt width), got {lengths.tolist()}")
     rows = batch * cfg.samples_per_prompt

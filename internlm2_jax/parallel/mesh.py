@@ -14,8 +14,9 @@ import math
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from flax import nnx
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from internlm2_jax.parallel.sequence_layout import EXAMPLE_FIELDS
@@ -133,6 +134,37 @@ def data_parallel_size(mesh: Mesh | None) -> int:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[batch, seq] arrays: batch over the data-parallel axes, sequence over `sequence`."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, "sequence"))
+
+
+def global_rows(mesh: Mesh, local) -> jax.Array:
+    """This process's rows (axis 0) -> one array of every process's rows on `mesh`, rows over the data-parallel axes
+    (process order; the inverse of `local_rows`). A jax.Array is already global: it is only placed."""
+    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    if isinstance(local, jax.Array):
+        return jax.device_put(local, sharding)
+    return jax.make_array_from_process_local_data(sharding, np.asarray(local))
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """The rows (axis 0) of a global array that this process holds, in order (all of them in one process): what a
+    host-side step (a rule reward, a sample dump) reads of a multi-host batch without gathering it."""
+    if jax.process_count() == 1 or array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    if not isinstance(array.sharding, NamedSharding):
+        raise ValueError(f"local_rows needs an array on a named mesh; this one's sharding is {array.sharding}")
+    mesh = array.sharding.mesh
+    rows = jax.device_put(array, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))  # whatever it was: rows by process
+    return np.asarray(multihost_utils.global_array_to_host_local_array(rows, mesh, rows.sharding.spec))
+
+
+def process_row_degree(mesh: Mesh | None) -> int:
+    """How many ways this process's rows split (its share of the data-parallel shards); a batch of local rows must
+    divide by it. Multi-host needs the data-parallel shards to split evenly over the processes."""
+    degree, processes = data_parallel_size(mesh), jax.process_count()
+    if degree % processes:
+        raise ValueError(f"the mesh's {degree} data-parallel shards do not split over {processes} processes: each "
+                         "process must hold whole rows")
+    return degree // processes
 
 
 def batch_shardings(mesh: Mesh, fields) -> dict[str, NamedSharding]:

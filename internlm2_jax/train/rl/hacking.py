@@ -113,8 +113,14 @@ def check_hacking(history: Mapping[int, Mapping[str, float]], cfg: MonitorConfig
 
 
 def read_samples(path: str | epath.Path) -> list[dict[str, Any]]:
-    """The samples `train_rl` dumped (`samples/iter_{k}.jsonl`)."""
-    return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
+    """The samples `train_rl` dumped (`samples/iter_{k}.jsonl`); a run of several processes wrote one file each
+    (`iter_{k}.process{p}.jsonl`), which are read together, in process order, for that name."""
+    path = epath.Path(path)
+    parts = [path] if path.exists() else sorted(
+        path.parent.glob(f"{path.stem}.process*.jsonl"), key=lambda p: int(p.stem.rsplit("process", 1)[1]))
+    if not parts:
+        raise FileNotFoundError(f"{path}: no sample dump (nor per-process dumps {path.stem}.process*.jsonl)")
+    return [json.loads(line) for part in parts for line in part.read_text().splitlines() if line.strip()]
 
 
 def make_patch_pairs(early: Iterable[Mapping[str, Any]], late: Iterable[Mapping[str, Any]],

@@ -14,7 +14,8 @@ derives from (seed, iteration[, epoch]), so a resumed run repeats a straight one
 The COOL monitors (`hacking.check_hacking`) watch the per-iteration metrics, with an optional `gold` reward source
 logged beside the optimised one; their alerts are logged and can end the round.
 
-Not yet (later slices): several processes (refused: the host reads every rollout row), packed experience rows,
+Several processes (`jax.distributed`): each reads its own prompts, scores its own samples on its host and dumps
+them to its own file; experience, updates and metrics are global. Not yet (later slices): packed experience rows,
 sequence parallelism (refused), a rollout mesh of its own shape.
 """
 
@@ -31,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from internlm2_jax.artifacts import provenance
@@ -38,7 +41,7 @@ from internlm2_jax.data.prompts import PromptBatch
 from internlm2_jax.decode.rollout import Rollout, rollout, rollout_keys
 from internlm2_jax.model import InternLM2ForCausalLM
 from internlm2_jax.parallel import MeshConfig, make_mesh
-from internlm2_jax.parallel.mesh import data_parallel_size
+from internlm2_jax.parallel.mesh import BATCH_AXES, global_rows, local_rows, process_row_degree
 from internlm2_jax.train.checkpoint import Checkpointer
 from internlm2_jax.train.loop import MetricsLog, StopRequest, to_global_batch, window_summary
 from internlm2_jax.train.rl.config import RLConfig
@@ -86,9 +89,9 @@ def check_ptx(rows: dict, length: int, mesh) -> None:
     if np.shape(rows["input_ids"])[1] != length:
         raise ValueError(f"the PTX rows are {np.shape(rows['input_ids'])[1]} tokens long but the experience rows are "
                          f"{length} (prompt width + rollout.max_new_tokens): give the PTX iterator that seq_len")
-    if np.shape(rows["input_ids"])[0] % data_parallel_size(mesh):
-        raise ValueError(f"the PTX batch has {np.shape(rows['input_ids'])[0]} rows, which do not split over the "
-                         f"mesh's {data_parallel_size(mesh)} data-parallel shards")
+    if np.shape(rows["input_ids"])[0] % process_row_degree(mesh):
+        raise ValueError(f"the PTX batch has {np.shape(rows['input_ids'])[0]} rows, which do not split over this "
+                         f"process's {process_row_degree(mesh)} data-parallel shards")
     if not np.asarray(rows["loss_mask"]).any():
         raise ValueError("the PTX batch has no trained tokens (loss_mask is all 0)")
 
@@ -111,41 +114,52 @@ def rl_iteration(program: RLProgram, state: RLState, prompts: PromptBatch, rewar
                  gold: RewardFn | None = None) -> tuple[RLState, dict[str, float], dict]:
     """One iteration: (new state, metrics as floats, the host-side samples: rollout arrays and scores).
 
+    With several processes each gives its own prompts (`cfg.prompts_per_iteration` / processes, the rows of its
+    data-parallel shards), scores its own samples and gets them back as the host-side samples; the metrics are
+    global.
+
     `ptx`: an LM data iterator whose next batch is appended to every actor mini-batch (PPO-ptx, §1.7: InternLM2
     mixes pre-training data of about half the PPO volume at coefficient `cfg.ptx_coef` = 0.5), or None. `gold`: a
     reward source that is logged ("gold", its mean) but never optimised: the check a hacked reward drifts from."""
-    if prompts.size != cfg.prompts_per_iteration:
-        raise ValueError(f"the prompt source gave {prompts.size} prompts; rl.prompts_per_iteration is "
-                         f"{cfg.prompts_per_iteration} (give the source that batch size)")
+    processes = jax.process_count()
+    if prompts.size * processes != cfg.prompts_per_iteration:
+        each = f" in each of {processes} processes" if processes > 1 else ""
+        raise ValueError(f"the prompt source gave {prompts.size} prompts{each}; rl.prompts_per_iteration is "
+                         f"{cfg.prompts_per_iteration} (give the source that batch size, split over the processes)")
     mesh, iteration = program.mesh, int(state.iteration)
     actor_graphdef = program.actor.graphdef
+    local_count = cfg.rows // processes
     times = {}
 
     start = time.perf_counter()
-    keys = rollout_keys(cfg.seed, iteration, cfg.rows)
+    # Every process holds its own prompts; each global row keeps the key of its index, however many processes.
+    all_keys = np.asarray(rollout_keys(cfg.seed, iteration, cfg.rows))
+    keys = jax.make_array_from_callback(all_keys.shape, NamedSharding(mesh, PartitionSpec(BATCH_AXES)),
+                                        lambda index: all_keys[index])
     params_version = int(state.actor.step)  # the actor steps taken: the weights this rollout samples from
     decode_params = state.actor.params if program.rollout_params is None else program.rollout_params(
         state.actor.params)
-    roll = jax.device_get(rollout(actor_graphdef, decode_params, prompts.prompt_ids, prompts.prompt_lengths, keys,
-                                  cfg=cfg.rollout))
+    roll = rollout(actor_graphdef, decode_params, global_rows(mesh, prompts.prompt_ids),
+                   global_rows(mesh, prompts.prompt_lengths), keys, cfg=cfg.rollout)
+    local = jax.tree.map(local_rows, roll)  # this process's samples, on the host
     del decode_params  # freed before the experience and the updates need the memory
     times["rollout"] = time.perf_counter() - start
     start = time.perf_counter()
-    scores = np.asarray(reward(prompts, roll), np.float32)
-    if scores.shape != (cfg.rows,) or not np.isfinite(scores).all():
+    scores = np.asarray(reward(prompts, local), np.float32)
+    if scores.shape != (local_count,) or not np.isfinite(scores).all():
         raise ValueError(f"the reward source returned {scores.dtype}{list(scores.shape)} with "
                          f"{int((~np.isfinite(scores)).sum()) if scores.ndim else 0} non-finite values; expected "
-                         f"[{cfg.rows}] finite scores (one per sample)")
-    gold_scores = None if gold is None else np.asarray(gold(prompts, roll), np.float32)
+                         f"[{local_count}] finite scores (one per sample of this process)")
+    gold_scores = None if gold is None else np.asarray(gold(prompts, local), np.float32)
     times["reward"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    rows = to_global_batch(build_rows(prompts.prompt_ids, prompts.prompt_lengths, roll, pad_id), mesh)
+    rows = to_global_batch(build_rows(prompts.prompt_ids, prompts.prompt_lengths, local, pad_id), mesh)
     critic_kw = {} if state.critic is None else dict(critic_graphdef=program.critic.graphdef,
                                                       critic_params=state.critic.params)
     with jax.set_mesh(mesh):
         experience, moments, exp_metrics = make_experience(
-            actor_graphdef, state.actor.params, rows, scores, roll.stopped, state.reward_moments,
+            actor_graphdef, state.actor.params, rows, global_rows(mesh, scores), roll.stopped, state.reward_moments,
             loss_cfg=cfg.loss, cfg=cfg.experience, ref_params=ref_params, kl_coef=state.kl_coef, **critic_kw)
     exp_metrics = jax.device_get(exp_metrics)
     times["experience"] = time.perf_counter() - start
@@ -189,16 +203,17 @@ def rl_iteration(program: RLProgram, state: RLState, prompts: PromptBatch, rewar
         kl_coef = controller.update(kl_coef, jnp.float32(exp_metrics["kl"]), cfg.rows)
     state = state.replace(actor=actor, critic=critic, reward_moments=moments, kl_coef=kl_coef,
                           iteration=state.iteration + 1)
-    lengths = np.asarray(roll.lengths)
+    lengths, stopped = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                        for x in (local.lengths, local.stopped))
     values.update({name: float(value) for name, value in exp_metrics.items()})
     if gold_scores is not None:
-        values["gold"] = float(gold_scores.mean())
-    values.update({"kl_coef": float(kl_coef), "stop_rate": float(np.mean(roll.stopped)),
+        values["gold"] = float(np.mean(multihost_utils.process_allgather(gold_scores, tiled=True)))
+    values.update({"kl_coef": float(kl_coef), "stop_rate": float(np.mean(stopped)),
                    "params_version": float(params_version),
                    "response_length_p95": float(np.percentile(lengths, 95)), "actor_trained": float(train_actor),
                    "rollout_tokens_per_s": float(lengths.sum()) / max(times["rollout"], 1e-9),
                    **{f"time/{name}": value for name, value in times.items()}})
-    return state, values, {"rollout": roll, "scores": scores, "gold": gold_scores}
+    return state, values, {"rollout": local, "scores": scores, "gold": gold_scores}
 
 
 @dataclasses.dataclass
@@ -240,6 +255,31 @@ def dump_samples(path: epath.Path, prompts: PromptBatch, samples: dict, tokenize
         lines.append(json.dumps(line, default=str))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+
+def sample_file(iteration: int) -> str:
+    """Each process dumps the samples it scored: iter_{k}.jsonl, or iter_{k}.process{p}.jsonl with several."""
+    suffix = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
+    return f"iter_{iteration}{suffix}.jsonl"
+
+
+# What a resumed run may change: how long it runs and what it writes down, not what it computes.
+RESUMABLE_FIELDS = ("iterations", "log_every", "checkpoint_every", "keep_checkpoints", "dump_every", "monitor",
+                    "run_dir")
+
+
+def check_same_run(saved: dict | None, run: dict, run_dir) -> None:
+    """Refuses to resume a checkpoint whose RL config differs from this run's beyond `RESUMABLE_FIELDS`: another
+    batch size, rollout, loss or seed would silently splice two different runs into one curve."""
+    if saved is None:
+        return
+    run = json.loads(json.dumps(run, default=str))  # as the checkpoint recorded it (tuples as lists)
+    differ = [f"{k}: checkpoint {saved.get(k)!r} vs run {run.get(k)!r}" for k in sorted(set(saved) | set(run))
+              if k not in RESUMABLE_FIELDS and saved.get(k) != run.get(k)]
+    if differ:
+        raise ValueError(f"{run_dir}: the checkpoint was saved by another RL run ({'; '.join(differ)}); resuming "
+                         "would mix two runs (use a new run_dir, or change only "
+                         f"{', '.join(RESUMABLE_FIELDS)})")
 
 
 def logged_history(metrics_path: epath.Path, up_to: int) -> dict[int, dict[str, float]]:
@@ -294,16 +334,13 @@ def train_rl(cfg: RLConfig, actor: ModelSetup, prompts, reward: RewardFn, *, cri
     (`cfg.monitor`): their alerts are logged every iteration, and one named in `monitor.stop_round_on` ends the
     round after a checkpoint (`RLResult.stopped_by`).
     """
-    if jax.process_count() > 1:
-        raise ValueError(f"train_rl runs in one process for now ({jax.process_count()} here): rewards, dumps and "
-                         "monitors read every rollout row on the host; a multi-host run would score each process's "
-                         "rows and gather the scores")
     if mesh_cfg.sequence != 1:
         raise ValueError(f"mesh.sequence={mesh_cfg.sequence}: RL rows are not split over the sequence yet (GAE runs "
                          "along each row); use the data and fsdp axes")
     run_dir = epath.Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(mesh_cfg)
+    process_row_degree(mesh)  # several processes: each must hold whole data-parallel shards
     program = build_rl_program(cfg, actor, critic, mesh, step_cfg)
     metadata = provenance(model=dataclasses.asdict(actor.model), optimizer=dataclasses.asdict(actor.optimizer),
                           objective=f"rl_{cfg.algorithm}", model_class="RLState", seed=cfg.seed,
@@ -312,7 +349,8 @@ def train_rl(cfg: RLConfig, actor: ModelSetup, prompts, reward: RewardFn, *, cri
                                 keep=cfg.keep_checkpoints)
     restored = checkpointer.restore_latest(program.abstract_state(), metadata)
     if restored is not None:
-        _, state, data_state, _ = restored
+        _, state, data_state, saved = restored
+        check_same_run(saved.get("rl"), metadata["rl"], run_dir)
         prompts.set_state(data_state["prompts"])
         if ("ptx" in data_state) != (ptx is not None):
             said = lambda yes: "with" if yes else "without"  # noqa: E731
@@ -352,8 +390,8 @@ def train_rl(cfg: RLConfig, actor: ModelSetup, prompts, reward: RewardFn, *, cri
             history[iteration] = values
             if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
                 log.write(iteration, values)
-            if cfg.dump_every and iteration % cfg.dump_every == 0 and jax.process_index() == 0:
-                dump_samples(run_dir / "samples" / f"iter_{iteration}.jsonl", batch, samples, tokenizer,
+            if cfg.dump_every and iteration % cfg.dump_every == 0:
+                dump_samples(run_dir / "samples" / sample_file(iteration), batch, samples, tokenizer,
                              cfg.rollout.samples_per_prompt, reward)
             bar.set_postfix(score=f"{values['score']:.3f}", kl=f"{values['kl']:.4f}",
                             len=f"{values['response_length']:.1f}", tok_s=f"{values['rollout_tokens_per_s']:.0f}")

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -39,7 +40,7 @@ from internlm2_jax.decode.rollout import Rollout
 from internlm2_jax.decode.scoring import padded_rows
 from internlm2_jax.sandbox import run_program
 from internlm2_jax.model import InternLM2ForRewardModel
-from internlm2_jax.parallel.mesh import within_mesh_of
+from internlm2_jax.parallel.mesh import global_rows, local_rows, mesh_of, process_row_degree, within_mesh_of
 
 RewardSource = Callable[[PromptBatch, Rollout], np.ndarray]
 RuleFn = Callable[[Sequence[Any], Sequence[str], np.ndarray], np.ndarray]  # (metas, texts, stopped) -> [rows]
@@ -215,16 +216,23 @@ class ConditionalRMReward:
         rows = self.rows(batch, rollout)
         tokens, lengths = rows["input_ids"], rows["lengths"]
         n = len(lengths)
-        per_call = padded_rows(self.params, self.batch_size or max(n, 1))
+        mesh = mesh_of(self.params)
+        if mesh is None or jax.process_count() == 1:
+            per_call = padded_rows(self.params, self.batch_size or max(n, 1))
+        else:  # several processes: each scores its own rows, as one global batch per call
+            degree = process_row_degree(mesh)
+            per_call = -(-(self.batch_size or max(n, 1)) // degree) * degree
         out = np.zeros(n, np.float32)
         for start in range(0, n, per_call):
             chunk_tokens = np.full((per_call, tokens.shape[1]), self.pad_id, np.int32)
             chunk_lengths = np.zeros(per_call, np.int32)  # padding rows (length 0) are scored and dropped
             stop = min(start + per_call, n)
             chunk_tokens[:stop - start], chunk_lengths[:stop - start] = tokens[start:stop], lengths[start:stop]
+            if mesh is not None:
+                chunk_tokens, chunk_lengths = global_rows(mesh, chunk_tokens), global_rows(mesh, chunk_lengths)
             with within_mesh_of(self.params):
                 scores = score_rows(self.graphdef, self.params, chunk_tokens, chunk_lengths)
-            out[start:stop] = np.asarray(scores)[:stop - start]
+            out[start:stop] = local_rows(scores)[:stop - start]
         return out
 
     def scores_under(self, batch: PromptBatch, rollout: Rollout, domain: int | str) -> np.ndarray:
