@@ -260,7 +260,7 @@ def test_tool_call_end_to_end(trained):
     assert call["type"] == "function" and call["id"].startswith("call_")
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     request = engine.requests[0]
-    assert request.skip_special_tokens is False
+    assert request.stop_ids == (trained.eos_id, trained.token_id("<|im_end|>"), trained.token_id("<|action_end|>"))
     assert "<|im_start|>system name=<|plugin|>\n" in trained.decode(request.prompt_ids)
 
     chunks = events(client.post("/v1/chat/completions", json={"messages": USER, "tools": [WEATHER],
@@ -271,9 +271,10 @@ def test_tool_call_end_to_end(trained):
     assert tool_calls[0]["index"] == 0 and tool_calls[0]["function"]["name"] == "get_weather"
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
+    # tool_choice="none" keeps the tools in the prompt and bans the call's start (test_serve_tool_calls.py, E3).
     body = client.post("/v1/chat/completions", json={"messages": USER, "tools": [WEATHER], "tool_choice": "none"})
-    assert engine.requests[-1].skip_special_tokens is True
-    assert "<|plugin|>" not in trained.decode(engine.requests[-1].prompt_ids)
+    assert engine.requests[-1].stop_ids == (trained.eos_id, trained.token_id("<|im_end|>"))
+    assert engine.requests[-1].sampling.banned_ids == (trained.token_id("<|action_start|>"),)
 
 
 def test_the_openai_sdk_reads_our_answers(trained, hello):
@@ -320,7 +321,7 @@ def test_perplexity(trained):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 600}]}, "messages", "512"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 600}], "max_tokens": 5}, "messages",
      "max_tokens is 5"),
-    ("/v1/chat/completions", {"messages": USER, "tool_choice": "required"}, "tool_choice", "auto"),
+    ("/v1/chat/completions", {"messages": USER, "tool_choice": "required"}, "tool_choice", "needs `tools`"),
     ("/v1/chat/completions", {"messages": USER, "top_p": 0}, "top_p", "top_p"),
 ])
 def test_bad_requests_are_400_naming_the_field(trained, path, body, param, fragment):

@@ -190,6 +190,22 @@ def test_tool_call_round_trip(client):
     assert calls and calls[0].function.name == "get_weather"
 
 
+def test_tool_choice_on_the_model_that_learnt_the_call(client):
+    """E3/E4 on a model trained to call: tool_choice="none" leaves no call (and no call text) in its answer; naming
+    the tool pre-fills the call's start as the template tokenizes it, and the model completes the call it learnt."""
+    none = client.chat.completions.create(model="model", messages=QUESTION, tools=TOOLS, tool_choice="none",
+                                          max_tokens=24, temperature=0)
+    message = none.choices[0].message
+    assert not message.tool_calls and none.choices[0].finish_reason in {"stop", "length"}
+    assert "<|" not in (message.content or "") and '"name"' not in (message.content or "")
+    named = client.chat.completions.create(model="model", messages=QUESTION, tools=TOOLS, max_tokens=40,
+                                           temperature=0, tool_choice={"type": "function",
+                                                                       "function": {"name": "get_weather"}})
+    (call,) = named.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert named.choices[0].finish_reason == "tool_calls"
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

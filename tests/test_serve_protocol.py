@@ -1,5 +1,5 @@
-"""The OpenAI wire format without HTTP: tools and tool calls through the real InternLM2 template, tool-call parsing,
-streamable content, sampling and prompt validation, and the log-prob objects."""
+"""The OpenAI wire format without HTTP: tools and tool calls through the real InternLM2 template, sampling and prompt
+validation, and the log-prob objects. (Tool calls read back from generated ids: test_serve_tool_calls.py.)"""
 
 import json
 import math
@@ -17,17 +17,15 @@ from internlm2_jax.serve.protocol import (
     chat_logprobs,
     encode_prompts,
     legacy_logprobs,
-    parse_tool_call,
     perplexity_entry,
-    streamable_content,
     template_messages,
+    tool_reply,
+    tool_use,
 )
 
 TEMPLATE = get_chat_template("internlm2_chat")
 WEATHER = {"name": "get_weather", "description": "Current weather in a city.",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-CALL_TEXT = ('Let me check.<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": {"city": "Paris"}}'
-             '<|action_end|>\n<|im_end|>')
 
 
 def messages(*dicts):
@@ -76,11 +74,15 @@ def test_tool_call_and_result_round_trip_through_the_internlm2_format(trained):
     turn = ('<|im_start|>assistant\n<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": {"city": '
             '"Paris"}}<|action_end|>\n<|im_end|>\n<|im_start|>environment name=<|plugin|>\n{"temp": 21}<|im_end|>\n')
     assert turn in text
-    # What the template writes for a call is what the parser reads back.
-    rendered_call = text[text.index("<|im_start|>assistant\n") + len("<|im_start|>assistant\n"):]
-    content, call = parse_tool_call(rendered_call[:rendered_call.index("<|im_start|>environment")])
-    assert content == "" and call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     ids, _ = TEMPLATE.encode(converted, trained, add_generation_prompt=True)
+    # What the template writes for a call is what the parser reads back from the ids.
+    prompt, _ = TEMPLATE.encode(converted[:1], trained, add_generation_prompt=True)
+    call_ids, _ = TEMPLATE.encode(converted[:2], trained)
+    generated = call_ids[len(prompt):]
+    content, fields = tool_reply(generated, trained.decode(generated, skip_special_tokens=True), "stop",
+                                 tool_use(tools()), trained)
+    [call] = fields["tool_calls"]
+    assert content == "" and call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     assert trained.decode(ids) == text
 
 
@@ -100,40 +102,6 @@ def test_bad_assistant_tool_calls_name_the_field(calls, param):
     with pytest.raises(APIError) as error:
         template_messages(messages({"role": "assistant", "content": "", "tool_calls": calls}), None)
     assert error.value.status == 400 and error.value.param == param and param in error.value.message
-
-
-def test_parse_tool_call():
-    content, call = parse_tool_call(CALL_TEXT)
-    assert content == "Let me check."
-    assert call["id"].startswith("call_") and call["type"] == "function"
-    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
-    # Cut before <|action_end|> (stopped at <|im_end|>): the JSON is still whole.
-    _, call = parse_tool_call('<|action_start|><|plugin|>\n{"name": "f", "parameters": {}}<|im_end|>')
-    assert call["function"] == {"name": "f", "arguments": "{}"}
-
-
-@pytest.mark.parametrize("text, content", [
-    ("Just text.<|im_end|>", "Just text."),
-    ('Hm<|action_start|><|plugin|>\n{"name": "f", "parameters": {<|action_end|>', 'Hm\n{"name": "f", "parameters": {'),
-    ('<|action_start|><|plugin|>\n{"name": "f", "parameters": [1]}<|action_end|>',
-     '\n{"name": "f", "parameters": [1]}'),
-    ('<|action_start|><|plugin|>\n{"parameters": {}}<|action_end|>', '\n{"parameters": {}}'),
-    ("<|action_start|><|interpreter|>\n```python\n1\n```<|action_end|>", "\n```python\n1\n```"),
-])
-def test_text_without_a_well_formed_call_is_all_content(text, content):
-    assert parse_tool_call(text) == (content, None)
-
-
-def test_streamable_content_grows_by_suffixes_and_never_shows_control_tokens():
-    final, _ = parse_tool_call(CALL_TEXT)
-    previous = ""
-    for end in range(len(CALL_TEXT) + 1):
-        visible = streamable_content(CALL_TEXT[:end])
-        assert visible.startswith(previous) and final.startswith(visible) and "<" not in visible
-        previous = visible
-    assert previous == final
-    assert streamable_content("Hello <|im_") == "Hello "
-    assert streamable_content("a < b") == "a < b"
 
 
 def test_sampling_configs():
@@ -162,8 +130,7 @@ def test_request_field_checks():
         ChatCompletionRequest(**chat, top_logprobs=3).top_n()
     assert error.value.param == "top_logprobs"
     assert ChatCompletionRequest(**chat, max_tokens=5, max_completion_tokens=9).max_new_tokens() == 9
-    assert ChatCompletionRequest(**chat, tools=tools(), tool_choice="none").active_tools() is None
-    for bad, field in [({"tool_choice": "required"}, "tool_choice"), ({"n": 0}, "n"), ({"messages": []}, "messages"),
+    for bad, field in [({"tool_choice": "always"}, "tool_choice"), ({"n": 0}, "n"), ({"messages": []}, "messages"),
                        ({"messages": [{"role": "robot", "content": "x"}]}, "messages")]:
         with pytest.raises(ValidationError) as error:
             ChatCompletionRequest(**{**chat, **bad})

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from internlm2_jax.config import preset
 from internlm2_jax.decode.engine_step import jitted_engine_step
-from internlm2_jax.decode.sampling import SamplingParams
+from internlm2_jax.decode.sampling import MAX_BANNED_IDS, SamplingParams
 from internlm2_jax.model import model_graphdef
 from internlm2_jax.model.kv_cache import sharding_fn
 from internlm2_jax.model.kv_heads import kv_head_factor
@@ -121,8 +121,8 @@ def step_arguments(cfg, d: Deployment, mesh, rows: int, chunk: int) -> tuple:
     width = -(-d.max_model_len // d.page_size)
     floats = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
     sampling = SamplingParams(**{f.name: sds((rows,), jnp.float32 if f.name in floats else jnp.int32)
-                                 for f in dataclasses.fields(SamplingParams) if f.name != "keys"},
-                              keys=sds((rows, 2), jnp.uint32))
+                                 for f in dataclasses.fields(SamplingParams) if f.name not in ("keys", "banned")},
+                              keys=sds((rows, 2), jnp.uint32), banned=sds((rows, MAX_BANNED_IDS)))
     # counts, seen, tokens, page_table, lengths, q_lengths, rope_lengths, slots, emit, steps, sampling
     return (sds((slots, cfg.vocab_size)), sds((slots, cfg.vocab_size), jnp.bool_), sds((rows, chunk)),
             sds((rows, width)), sds((rows,)), sds((rows,)), sds((rows,)), sds((rows,)), sds((rows,), jnp.bool_),

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from internlm2_jax.decode.sampling import SamplingConfig, SamplingParams, sample
+from internlm2_jax.decode.sampling import SamplingConfig, SamplingParams, banned_rows, sample
 from internlm2_jax.parallel.sharding import constrain
 
 
@@ -62,7 +62,9 @@ def uses_penalties(config: SamplingConfig) -> bool:
 
 def stack_sampling(configs: list[SamplingConfig], keys: list[tuple[int, ...]], batch: int,
                     pad_key: tuple[int, ...]) -> SamplingParams:
-    """Per-row sampling arrays, padding rows greedy; built on the host (no device work per request per step)."""
+    """Per-row sampling arrays, padding rows greedy; built on the host (no device work per request per step). Every
+    batch carries its banned ids, padded to MAX_BANNED_IDS per row even when none bans anything, so requests with and
+    without bans share the compiled programs."""
     pad = batch - len(configs)
     configs = configs + [SamplingConfig()] * pad
     keys = np.asarray(keys + [pad_key] * pad, np.uint32)
@@ -72,4 +74,5 @@ def stack_sampling(configs: list[SamplingConfig], keys: list[tuple[int, ...]], b
 
     return SamplingParams(column("temperature", np.float32), column("top_k", np.int32), column("top_p", np.float32),
                           column("min_p", np.float32), column("repetition_penalty", np.float32),
-                          column("presence_penalty", np.float32), column("frequency_penalty", np.float32), keys)
+                          column("presence_penalty", np.float32), column("frequency_penalty", np.float32), keys,
+                          banned_rows(configs))

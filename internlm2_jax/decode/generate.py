@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from internlm2_jax.decode.sampling import SamplingConfig, SamplingParams, sample
+from internlm2_jax.decode.sampling import SamplingConfig, SamplingParams, check_banned_ids, sample
 from internlm2_jax.model.kv_cache import KVCache, init_cache
 from internlm2_jax.parallel.mesh import data_parallel_size, mesh_of, within_mesh_of
 
@@ -124,7 +124,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     """Generates for token-id prompts with a static cache of `max(len(prompt)) + max_new_tokens` slots.
 
     `model` is an `InternLM2ForCausalLM` or its `(graphdef, params)`; `sampling` one config for every row or one per
-    row. Stop strings need the `tokenizer` and are checked every `chunk` steps.
+    row (a row's `banned_ids` are never generated). Stop strings need the `tokenizer` and are checked every `chunk`
+    steps.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -137,6 +138,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     configs = list(sampling) if isinstance(sampling, Sequence) else [sampling] * len(prompts)
     if len(configs) != len(prompts):
         raise ValueError(f"{len(configs)} sampling configs for {len(prompts)} prompts")
+    for config in configs:
+        check_banned_ids(config.banned_ids, vocab_size=cfg.vocab_size, stop_ids=stop_ids)
     with within_mesh_of(params):
         return _generate(graphdef, params, cfg, prompts, configs, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                          stop_strings=stop_strings, tokenizer=tokenizer, top_n=top_n, chunk=chunk,

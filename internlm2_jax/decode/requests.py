@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from internlm2_jax.decode.sampling import SamplingConfig
+from internlm2_jax.decode.sampling import SamplingConfig, check_banned_ids
 
 
 class EngineFull(RuntimeError):
@@ -71,6 +71,7 @@ def check_request(request: Request, *, vocab_size: int, max_model_len: int, max_
                                      f"max_model_len={limit}")
     try:
         request.sampling.validate()
+        check_banned_ids(request.sampling.banned_ids, vocab_size=vocab_size, stop_ids=request.stop_ids)
     except ValueError as e:
         raise RequestRejected(str(e).split(":")[0], str(e)) from None
     for name in ("top_n", "prompt_logprobs"):

@@ -136,7 +136,8 @@ def rollout_program(graphdef, params, prompts, prompt_lengths, keys, *, cfg: Rol
         temperature=per_row(cfg.temperature, jnp.float32), top_k=per_row(cfg.top_k, jnp.int32),
         top_p=per_row(cfg.top_p, jnp.float32), min_p=per_row(0, jnp.float32),
         repetition_penalty=per_row(1, jnp.float32), presence_penalty=per_row(0, jnp.float32),
-        frequency_penalty=per_row(0, jnp.float32), keys=constrain(keys, ("batch", None)))
+        frequency_penalty=per_row(0, jnp.float32), keys=constrain(keys, ("batch", None)),
+        banned=None)  # RL bans nothing: no masking is traced, so the rollout program is the one it always was
     state = GenerationState(
         cache=cache, logits=logits, tokens=jnp.full((rows, steps), PAD_ID, jnp.int32),
         logprobs=jnp.zeros((rows, steps), jnp.float32), top_ids=jnp.zeros((rows, steps, 0), jnp.int32),

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
+from internlm2_jax.agents.protocol import stop_ids
 from internlm2_jax.decode.requests import EngineFull, Event, Request, RequestRejected
 from internlm2_jax.serve.protocol import (
     APIError,
@@ -31,13 +32,15 @@ from internlm2_jax.serve.protocol import (
     CompletionRequest,
     Envelope,
     PerplexityRequest,
+    ToolDecoding,
     chat_logprobs,
     encode_prompts,
     legacy_logprobs,
-    parse_tool_call,
     perplexity_entry,
     streamable_content,
     template_messages,
+    tool_decoding,
+    tool_reply,
     usage,
 )
 from internlm2_jax.tokenizer import EOS, IM_END
@@ -272,31 +275,34 @@ class _Server:
 
     async def chat(self, body: ChatCompletionRequest, http_request: HTTPRequest):
         self.check_model(body.model)
-        tools = body.active_tools()
+        decoding = tool_decoding(body.tool_choice, body.tools, self.tokenizer)
         try:
-            ids, _ = self.chat_template.encode(template_messages(body.messages, tools), self.tokenizer,
+            ids, _ = self.chat_template.encode(template_messages(body.messages, body.tools), self.tokenizer,
                                                add_generation_prompt=True)
         except (TypeError, ValueError) as e:
             raise APIError(400, str(e), param="messages") from None
+        ids += decoding.prefill  # a forced call's start: part of the prompt, parsed with the reply
         max_tokens = self.fit(len(ids), body.max_new_tokens(), "messages")
-        configs, stops, top_n = body.sampling_configs(), body.stop_strings(), body.top_n()
-        # Tool calls are parsed from the control tokens, so they must survive detokenization.
-        requests = [Request(tuple(ids), max_tokens, config, self.chat_stop_ids, stops, top_n,
-                            skip_special_tokens=tools is None) for config in configs]
+        configs, stops, top_n = body.sampling_configs(decoding.banned_ids), body.stop_strings(), body.top_n()
+        # With tools, decoding also stops at <|action_end|>: past it the model would invent the tool's answer.
+        stop = self.chat_stop_ids if decoding.use is None else stop_ids(self.tokenizer)
+        requests = [Request(tuple(ids), max_tokens, config, stop, stops, top_n) for config in configs]
         submission = _Submission(self.engine, requests)
         if body.stream:
             envelope = self.envelope("chatcmpl", "chat.completion.chunk")
-            return _EventStream(submission, self._chat_chunks(submission, envelope, body, len(ids), bool(tools)))
+            return _EventStream(submission, self._chat_chunks(submission, envelope, body, len(ids), decoding))
         outputs = await _collect(submission, len(requests), http_request)
         choices = []
         for index, output in enumerate(outputs):
             message: dict[str, Any] = {"role": "assistant", "content": output.text}
             finish_reason = output.finish_reason
-            if tools:
-                content, call = parse_tool_call(output.text)
+            if decoding.use is not None:
+                content, call = tool_reply([*decoding.prefill, *output.tokens], output.text, output.finish_reason,
+                                           decoding.use, self.tokenizer)
                 message["content"] = content.strip() or None
-                if call is not None:
-                    message["tool_calls"], finish_reason = [call], "tool_calls"
+                message.update(call)
+                if "tool_calls" in call:
+                    finish_reason = "tool_calls"
             logprobs = None
             if body.logprobs:
                 logprobs = chat_logprobs(self.tokenizer, output.tokens, output.logprobs, output.top_logprobs)
@@ -305,33 +311,38 @@ class _Server:
         return envelope(choices, usage(len(ids), sum(len(o.tokens) for o in outputs)))
 
     async def _chat_chunks(self, submission: _Submission, envelope: Envelope, body: ChatCompletionRequest,
-                           prompt_tokens: int, tools: bool) -> AsyncIterator[dict[str, Any]]:
+                           prompt_tokens: int, decoding: ToolDecoding) -> AsyncIterator[dict[str, Any]]:
         def chunk(index: int, delta: dict[str, Any], logprobs=None, finish_reason=None) -> dict[str, Any]:
             return envelope([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
 
         for index in range(body.n):
             yield chunk(index, {"role": "assistant", "content": ""})
         sent = [""] * body.n
+        generated = [list(decoding.prefill) for _ in range(body.n)]  # a forced call's start, then the reply
         completion_tokens = 0
         async for index, event in submission.events():
             completion_tokens += len(event.tokens)
-            call = None
-            if not tools:
+            generated[index] += event.tokens
+            call = {}
+            if decoding.use is None:
                 content = event.text
             elif event.finished:
-                content, call = parse_tool_call(event.text)
+                content, call = tool_reply(generated[index], event.text, event.finish_reason, decoding.use,
+                                           self.tokenizer)
             else:
-                content = streamable_content(event.text)  # a tool call is only sent whole, at the end
+                content = streamable_content(generated[index], event.text, self.tokenizer)
             delta, sent[index] = content[len(sent[index]):], content
             logprobs = None
             if body.logprobs and event.tokens:
                 logprobs = chat_logprobs(self.tokenizer, event.tokens, event.logprobs, event.top_logprobs)
             if delta or logprobs:
                 yield chunk(index, {"content": delta}, logprobs)
-            if call is not None:
-                yield chunk(index, {"tool_calls": [{"index": 0, **call}]})
+            if "tool_calls" in call:  # the call is sent whole, in one chunk (the SDK accumulates)
+                call = {"tool_calls": [{"index": 0, **call["tool_calls"][0]}]}
+            if call:
+                yield chunk(index, call)
             if event.finished:
-                yield chunk(index, {}, finish_reason="tool_calls" if call is not None else event.finish_reason)
+                yield chunk(index, {}, finish_reason="tool_calls" if "tool_calls" in call else event.finish_reason)
         if body.include_usage:
             yield envelope([], usage(prompt_tokens, completion_tokens))
 

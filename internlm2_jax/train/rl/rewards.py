@@ -10,7 +10,7 @@ prompt-major as the rollout's (row b * G + g is sample g of prompt b, G = rows /
   canonical generation (the response ids are the tokenisation of their text) the splice *is* `reward_sequence` of the
   decoded conversation (tested).
 - `RuleReward`: a Python function of (metas, decoded texts, stopped), e.g. the registered `rule("exact", tok)` and
-  `rule("doctest", tok)` (the response's code run against the prompt's doctest in `internlm2_jax/sandbox.py`). Rule
+  `rule("doctest", tok)` (the response's code run against the prompt's doctest in `internlm2_jax/sandbox`). Rule
   rewards are how GRPO is normally run and how the tiny tasks are checked.
 - `mixed_reward`: per-domain dispatch, `{"code": rule("doctest", tok), "*": rm}`.
 
@@ -325,7 +325,7 @@ def doctest_program(meta: str, text: str) -> str:
 def doctest_passes(metas: Sequence[Any], texts: Sequence[str], stopped: np.ndarray, *, timeout_s: float = 10.0,
                    workers: int | None = None) -> np.ndarray:
     """1.0 where the response's code passes its prompt's doctest (meta: the stub or bare examples), run in
-    `internlm2_jax/sandbox.py` (own process, limits, no network), else 0.0 (failed, timed out, or did not compile)."""
+    `internlm2_jax/sandbox` (own process, limits, no network), else 0.0 (failed, timed out, or did not compile)."""
     programs = []
     for row, (meta, text) in enumerate(zip(metas, texts, strict=True)):
         if not isinstance(meta, str) or ">>>" not in doctest_examples(meta):
