@@ -10,10 +10,10 @@ platform's flash attention ("auto": Mosaic on TPU), one fsdp axis over the 8 chi
 x 1 sample; GRPO: 64 prompts x 8 samples (TRL's num_generations), k3 KL in the loss, no critic. The reward model's
 own forward (`train/rl/rewards.py`: `decode.reward.score_rows` over row batches, between the rollout and the
 experience pass) is not among these programs; its bf16 parameters are counted as resident beside every phase. The
-update takes `--minibatches` optimizer steps per epoch (default 4: mini-batches of 128 rows, 16 per chip). The
-rollout decodes with the training layout (the loop's default `rl.rollout_weights="as_trained"`); with
-`--rollout-weights gathered` a "weight_sync" phase (the reshard to the bf16 decoding copy, whole on every chip of an
-fsdp-only mesh) comes first and the rollout decodes from that copy.
+update takes `--minibatches` optimizer steps per epoch (default 4: mini-batches of 128 rows, 16 per chip). By default
+(the loop's `rl.rollout_weights="gathered"`) a "weight_sync" phase (the reshard to the bf16 decoding copy, whole on
+every chip of an fsdp-only mesh) comes first and the rollout decodes from that copy; `--rollout-weights as_trained`
+decodes with the training layout.
 
 Columns, per chip: the compiled program's arguments, temporaries and total (`memory_report`); "+ resident": what
 stays on the chips beside the phase without being one of its arguments (the rest of the RL state, optimizer moments
@@ -44,7 +44,7 @@ PROMPT_WIDTH, NEW_TOKENS, CHUNK, GRPO_GROUP = 1536, 512, 256, 8
 
 def setups(variant: str, *, rows: int = 512, minibatches: int = 4, micro_batches: int = 1, layers: int | None = None,
            prompt_width: int = PROMPT_WIDTH, new_tokens: int = NEW_TOKENS, narrow: dict | None = None,
-           rollout_weights: str = "as_trained"):
+           rollout_weights: str = "gathered"):
     """(RLConfig, actor ModelSetup, critic ModelSetup | None, StepConfig) of a variant: `rows` samples per iteration,
     the 7B model (or `layers` of it; `narrow` overrides more model fields, for tests)."""
     from internlm2_jax.config import LoraConfig, preset
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=512, help="samples per iteration (GRPO: groups of 8)")
     parser.add_argument("--minibatches", type=int, default=4, help="optimizer steps per epoch")
     parser.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation of each step")
-    parser.add_argument("--rollout-weights", default="as_trained", choices=("gathered", "as_trained"),
+    parser.add_argument("--rollout-weights", default="gathered", choices=("gathered", "as_trained"),
                         help="rl.rollout_weights: decode from a whole bf16 copy (default) or the fsdp shards")
     parser.add_argument("--layers", type=int, help="narrow the 7B to this many layers (a quick check)")
     parser.add_argument("--phase", action="append", help="only these phases")

@@ -38,8 +38,13 @@ def assert_matches_reference(got, ref, tokens):
 
 @pytest.mark.parametrize("scan", [True, False])
 @pytest.mark.parametrize("left_padded", [False, True])
-def test_prefill_and_decode_equal_full_recomputation(scan, left_padded):
-    cfg = preset("tiny", scan_layers=scan)
+@pytest.mark.parametrize("fresh,impl", [(False, "xla"), (True, "xla"), (True, "pallas_tpu")])
+def test_prefill_and_decode_equal_full_recomputation(scan, left_padded, fresh, impl):
+    """`fresh` prefills an empty cache by attending over the prompts alone, with the model's kernel (the TPU flash
+    kernel, interpreted here): the cache it leaves must serve decoding exactly as the read-the-cache prefill's."""
+    if impl != "xla" and not scan:
+        pytest.skip("one layer layout is enough for the kernel")
+    cfg = preset("tiny", scan_layers=scan, attention_impl=impl)
     model = InternLM2ForCausalLM(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     longest, steps = max(map(len, PROMPTS)), 12
@@ -51,7 +56,7 @@ def test_prefill_and_decode_equal_full_recomputation(scan, left_padded):
             tokens[i, :len(p)] = p
     cache = init_cache(cfg, len(PROMPTS), longest + steps)
     cache, logits = prefill(graphdef, params, cache, jnp.asarray(tokens), jnp.asarray([len(p) for p in PROMPTS]),
-                            left_padded=left_padded)
+                            left_padded=left_padded, fresh=fresh)
     sequences = [list(p) for p in PROMPTS]
     got = [[] for _ in PROMPTS]
     for _ in range(steps):

@@ -25,16 +25,18 @@ from internlm2_jax.model.kv_cache import KVCache, init_cache
 from internlm2_jax.parallel.mesh import data_parallel_size, mesh_of, within_mesh_of
 
 
-@partial(jax.jit, static_argnums=0, static_argnames="left_padded", donate_argnums=2)
-def prefill(graphdef, params, cache: KVCache, tokens, lengths, *, left_padded: bool = False):
+@partial(jax.jit, static_argnums=0, static_argnames=("left_padded", "fresh"), donate_argnums=2)
+def prefill(graphdef, params, cache: KVCache, tokens, lengths, *, left_padded: bool = False, fresh: bool = False):
     """(cache, fp32 logits [batch, vocab] at each row's last prompt token) for prompts [batch, T] padded on the
-    right (or the left) to T, of `lengths` real tokens each; the cache must have room for T more slots."""
+    right (or the left) to T, of `lengths` real tokens each; the cache must have room for T more slots. `fresh`:
+    the cache is empty (static: the caller knows), so attention runs over the prompts alone with the model's kernel
+    instead of over every cache slot."""
     model = nnx.merge(graphdef, params)
     size = tokens.shape[1]
     index = jnp.arange(size, dtype=jnp.int32)[None, :]
     positions = index - (size - lengths[:, None]) if left_padded else jnp.broadcast_to(index, tokens.shape)
     segments = ((positions >= 0) & (positions < lengths[:, None])).astype(jnp.int32)
-    hidden, cache = model.model(tokens, jnp.maximum(positions, 0), segments, cache=cache)
+    hidden, cache = model.model(tokens, jnp.maximum(positions, 0), segments, cache=cache, fresh_cache=fresh)
     last = jnp.full_like(lengths, size - 1) if left_padded else lengths - 1
     hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     return cache.replace(lengths=cache.lengths + lengths), model.logits(hidden)

@@ -127,7 +127,7 @@ def rollout_program(graphdef, params, prompts, prompt_lengths, keys, *, cfg: Rol
     steps = cfg.max_new_tokens
     # Born inside the jit and pinned to its layout (rows over data, kv heads over tensor): no host-side cache.
     cache = constrain_cache(init_cache(model_cfg, rows, width + steps))
-    cache, logits = prefill(graphdef, params, cache, prompts, prompt_lengths)
+    cache, logits = prefill(graphdef, params, cache, prompts, prompt_lengths, fresh=True)
 
     def per_row(value, dtype):
         return jnp.full((rows,), value, dtype)

@@ -58,11 +58,12 @@ class Attention(nnx.Module):
         self.wqkv_lora = make_adapter(cfg.lora, "wqkv", self.wqkv, rngs)
         self.wo_lora = make_adapter(cfg.lora, "wo", self.wo, rngs)
 
-    def __call__(self, x, cos, sin, positions, segment_ids, cache=None, dropout_rng=None):
+    def __call__(self, x, cos, sin, positions, segment_ids, cache=None, dropout_rng=None, fresh_cache=False):
         """Without `cache`: attention over this call's tokens. With `cache = (kv, layer)`, a `KVCache` (positions
         of this call already recorded) or a `PagedKVCache` (this step's page table set) and this layer's index:
         the new K/V are written to the cache in place, only this call's slots, and the queries attend over every
-        cached token of their sequence; returns (out, kv). `dropout_rng` drives LoRA dropout (training only)."""
+        cached token of their sequence; returns (out, kv). `fresh_cache`: the static cache held nothing before this
+        call (a prefill from empty, segments 0/1 only). `dropout_rng` drives LoRA dropout (training only)."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         rngs = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
@@ -82,6 +83,15 @@ class Attention(nnx.Module):
             kv = kv.write(layer, k, v, positions, segment_ids)
             out = chunked_prefill_attention(q, kv.k[layer], kv.v[layer], kv.page_table, kv.lengths,
                                             q_lengths=kv.q_lengths, impl=cfg.attention_impl, row_widths=kv.row_widths)
+        elif fresh_cache:
+            kv, layer = cache
+            kv = kv.write_layer(layer, k, v)
+            # Nothing was cached before these tokens, so attending over the cache is attending over them: the
+            # model's own kernel (flash on TPU/GPU) runs instead of the XLA reference's fp32 scores over every slot
+            # of the cache ([rows, heads, prompt, prompt + new tokens]: ~30 GiB/chip for a 7B rollout).
+            out = attention(q, k, v, q_positions=positions, kv_positions=positions, q_segment_ids=segment_ids,
+                            kv_segment_ids=segment_ids, causal=True, impl=cfg.attention_impl,
+                            gpu_flash_kernel=cfg.gpu_flash_kernel)
         else:
             kv, layer = cache
             kv = kv.write_layer(layer, k, v)
@@ -127,12 +137,13 @@ class DecoderLayer(nnx.Module):
         self.ffn_norm = RMSNorm(cfg)
         self.feed_forward = FeedForward(cfg, out_std=out_std, rngs=rngs)
 
-    def __call__(self, x, cos, sin, positions, segment_ids, cache=None, dropout_rng=None):
+    def __call__(self, x, cos, sin, positions, segment_ids, cache=None, dropout_rng=None, fresh_cache=False):
         if cache is None:
             rngs = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
             h = x + self.attention(self.attention_norm(x), cos, sin, positions, segment_ids, dropout_rng=rngs[0])
             return h + self.feed_forward(self.ffn_norm(h), rngs[1])
-        out, kv = self.attention(self.attention_norm(x), cos, sin, positions, segment_ids, cache)
+        out, kv = self.attention(self.attention_norm(x), cos, sin, positions, segment_ids, cache,
+                                 fresh_cache=fresh_cache)
         h = x + out
         return h + self.feed_forward(self.ffn_norm(h)), kv
 
@@ -166,9 +177,11 @@ class InternLM2Model(nnx.Module):
         self.norm = RMSNorm(cfg)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, cache: KVCache | PagedKVCache | None = None,
-                 dropout_rng: jax.Array | None = None):
+                 dropout_rng: jax.Array | None = None, fresh_cache: bool = False):
         """Final hidden states; with a cache, (hidden states, the cache with this call's tokens written). A
         `PagedKVCache` places the tokens itself (its step's lengths), so positions and segment ids are not given.
+        `fresh_cache` (a static `KVCache` empty before this call, segment ids 0/1): attention runs over this call's
+        tokens with the model's kernel, as without a cache, and the K/V are written to the cache.
         `dropout_rng` (training) drives LoRA dropout; without it the model is deterministic."""
         cfg = self.cfg
         input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -187,7 +200,9 @@ class InternLM2Model(nnx.Module):
         x = constrain(jnp.take(table, input_ids, axis=0).astype(cfg.dtype), ("batch", "length", "embed"))
         cos, sin = rotary_tables(cfg, positions, segment_ids, rope_lengths)
         if cache is not None:
-            return self._cached(x, cos, sin, positions, segment_ids, cache)
+            if fresh_cache and not isinstance(cache, KVCache):
+                raise ValueError("fresh_cache is for a static KVCache (the paged engine has its own prefill kernels)")
+            return self._cached(x, cos, sin, positions, segment_ids, cache, fresh_cache)
 
         def run_layer(graphdef, state, x, key):
             x = nnx.merge(graphdef, state)(x, cos, sin, positions, segment_ids, dropout_rng=key)
@@ -207,7 +222,7 @@ class InternLM2Model(nnx.Module):
                 x = run_layer(*nnx.split(layer), x, None if keys is None else keys[i])
         return self.norm(x)
 
-    def _cached(self, x, cos, sin, positions, segment_ids, cache: KVCache | PagedKVCache):
+    def _cached(self, x, cos, sin, positions, segment_ids, cache: KVCache | PagedKVCache, fresh_cache: bool):
         # The whole cache rides in the loop carry and each layer writes its new slots in place: slicing it into
         # per-layer scan inputs and stacking outputs copied all of it every step (decode time grew with max_len).
         kv = cache.write(positions, segment_ids) if isinstance(cache, KVCache) else cache
@@ -216,13 +231,14 @@ class InternLM2Model(nnx.Module):
 
             def step(carry, layer_state):
                 h, kv, i = carry
-                h, kv = nnx.merge(graphdef, layer_state)(h, cos, sin, positions, segment_ids, (kv, i))
+                h, kv = nnx.merge(graphdef, layer_state)(h, cos, sin, positions, segment_ids, (kv, i),
+                                                         fresh_cache=fresh_cache)
                 return (h, kv, i + 1), None
 
             (x, kv, _), _ = jax.lax.scan(step, (x, kv, jnp.zeros((), jnp.int32)), state)
         else:
             for i, layer in enumerate(self.layers):
-                x, kv = layer(x, cos, sin, positions, segment_ids, (kv, i))
+                x, kv = layer(x, cos, sin, positions, segment_ids, (kv, i), fresh_cache=fresh_cache)
         if isinstance(kv, KVCache):
             kv = kv.replace(cursor=kv.cursor + x.shape[1])
         return self.norm(x), constrain_cache(kv)

@@ -31,12 +31,12 @@ class RLConfig:
     ptx_coef: float = 0.5  # [R]: the pre-training loss's weight when PTX data is given (train_rl(ptx=...))
     seed: int = 0  # rollout keys and mini-batch shuffles derive from (seed, iteration[, epoch])
     chunk_size: int = 1024  # sequence chunk of the log-prob computations (bounds the fp32 logits)
-    # The weights rollouts decode with: "as_trained" decodes with the training layout (no copy in memory; under FSDP
-    # an all-gather of every layer at every token); "gathered" reshards them once per iteration to ROLLOUT_RULES
-    # (whole over the data axes, split by tensor, in the compute dtype: the "weight sync", §2.3): faster decoding
-    # for a copy of the weights per tensor-parallel group (7B PPO on v5p:2x2x2 with fsdp 8 does not fit with it,
-    # benchmarks/rl_aot.py).
-    rollout_weights: str = "as_trained"
+    # The weights rollouts decode with: "gathered" reshards them once per iteration to ROLLOUT_RULES (whole over the
+    # data axes, split by tensor, in the compute dtype: the "weight sync", §2.3), a copy per tensor-parallel group;
+    # "as_trained" decodes with the training layout (no copy, but under FSDP an all-gather of every layer at every
+    # token, and XLA keeps gathered weights in the decoding loop's temporaries: the 7B PPO rollout on v5p:2x2x2
+    # peaks at 79.3 GiB/chip with it against 68.7 gathered, benchmarks/rl_aot.py).
+    rollout_weights: str = "gathered"
     log_every: int = 1
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
