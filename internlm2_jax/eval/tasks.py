@@ -27,7 +27,7 @@ from etils import epath
 from internlm2_jax.eval.loglikelihood import RULES, choose, encode_pair, score_pairs
 
 RETRIEVERS = ("zero", "fixed", "random")
-INFERENCERS = ("ppl", "gen")
+INFERENCERS = ("ppl", "gen", "agent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +62,8 @@ class Task:
     stop: tuple[str, ...] = ("\n\n",)  # GEN
     max_empty_share: float = 0.1  # GEN: more predictions extracting to "" fails the run
     group: str | None = None  # tasks of a group are also reported as their average (e.g. "mmlu" subjects)
+    # AGENT: an `eval.agent.AgentTaskConfig` (typed loosely: eval.agent builds on this module, not the reverse).
+    agent: Any = None
 
     def validate(self) -> None:
         checks = {"inferencer": self.inferencer in INFERENCERS, "rule": self.rule in RULES,
@@ -75,12 +77,18 @@ class Task:
                              f"reader.few_shot_path")
         if self.prompt.chat and self.inferencer == "ppl":
             raise ValueError(f"task {self.name!r}: PPL scoring is for base models; use prompt.chat with 'gen'")
+        if (self.agent is None) != (self.inferencer != "agent"):
+            raise ValueError(f"task {self.name!r}: the 'agent' inferencer and an agent config go together")
+        if self.agent is not None:
+            self.agent.validate(f"task {self.name!r}")
 
     def prompt_hash(self) -> str:
         """10 hex digits naming everything that shapes the prompts and their scoring."""
         setting = {"prompt": dataclasses.asdict(self.prompt), "inferencer": self.inferencer, "rule": self.rule,
                    "postprocessor": self.postprocessor, "max_new_tokens": self.max_new_tokens,
                    "stop": list(self.stop), "few_shot": _file_digest(self.reader.few_shot_path)}
+        if self.agent is not None:  # added only here, so the hashes of every other task stay what they were
+            setting["agent"] = self.agent.setting()
         return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -194,7 +202,11 @@ def run_ppl(model, tokenizer, task: Task, *, progress: bool = False, batch_token
     return result
 
 
-METRICS = ("accuracy", "accuracy_norm", "pass@1", "perplexity", "bits_per_byte", "retrieval")
+METRICS = ("accuracy", "accuracy_norm", "pass@1", "perplexity", "bits_per_byte", "retrieval",
+           # agent tasks (eval.agent_scoring)
+           "follow_acc", "reasoning_acc", "code_acc", "action_pct", "parse_error_rate", "exec_error_rate",
+           "timeout_rate", "mean_turns", "max_turns_rate", "repeated_call_rate", "unnecessary_call_rate",
+           "no_answer_rate")
 
 
 def suite_table(results: Sequence[Mapping[str, Any]]) -> str:
@@ -204,7 +216,7 @@ def suite_table(results: Sequence[Mapping[str, Any]]) -> str:
     groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
     for r in results:
         for metric in METRICS:
-            if metric in r:
+            if r.get(metric) is not None:  # None: not defined for this run (no control questions, say)
                 lines.append(f"| {r['task']} | {r['prompt_hash']} | {metric} | {r['mode']} | {r[metric]:.4f} |")
                 if r.get("group"):
                     groups.setdefault((r["group"], metric, r["mode"]), []).append(r)

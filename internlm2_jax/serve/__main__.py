@@ -4,11 +4,14 @@ DIR is a model directory (config.json, safetensors, tokenizer) or an orbax run d
 checkpoint). Binds to 127.0.0.1 unless --host says otherwise; --api-key (or $INTERNLM2_API_KEY) makes /v1/* require
 `Authorization: Bearer KEY`. The KV cache is an absolute budget (--kv-budget-tokens or --kv-budget-gb), and
 --max-model-len (prompt + completion per request) is independent of the model's max_position_embeddings.
+--playground also serves a chat page at / that runs tools, sandboxed Python included, for the browser
+(`serve.playground`); on a host other than loopback it needs --api-key.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 import time
@@ -20,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("INTERNLM2_API_KEY"))
+    parser.add_argument("--playground", action="store_true",
+                        help="serve the browser playground at /: chat with streaming, tool calls run for the page "
+                             "(calculator, search_docs, a sandboxed Python session per tab), the raw prompt")
     parser.add_argument("--model-name", help="the id clients send as `model` (default: the directory's name)")
     parser.add_argument("--max-model-len", type=int, default=4096)
     budget = parser.add_mutually_exclusive_group()
@@ -63,6 +69,9 @@ def main(argv=None) -> int:
                                        page_size=args.page_size))
     if args.checkpoint is None or args.topology or args.preset:
         parser.error("serving needs --checkpoint; --topology and --preset are for --compile-only")
+    if args.playground and not args.api_key and not _loopback(args.host):
+        parser.error(f"--playground runs code for whoever reaches the page: on --host {args.host} it needs --api-key "
+                     "(or serve on 127.0.0.1)")
 
     from internlm2_jax.artifacts import (CheckpointMismatch, is_run_directory, load_for_decoding,
                                          placement_from_arguments, placement_summary)
@@ -97,12 +106,15 @@ def main(argv=None) -> int:
     from internlm2_jax.serve.app import create_app
 
     name = args.model_name or path.name
-    app = create_app(engine, tokenizer, model_name=name, chat_template=template, api_key=args.api_key)
+    app = create_app(engine, tokenizer, model_name=name, chat_template=template, api_key=args.api_key,
+                     playground=args.playground)
     pages = engine.pool.capacity
     gigabytes = pages * config.page_size * bytes_per_token(engine.model_config, config.cache_dtype) / 1e9
     print(f"serving {name!r} on http://{args.host}:{args.port}: KV cache {pages} pages x {config.page_size} tokens "
           f"({gigabytes:.3f} GB), max_model_len {config.max_model_len}, up to {config.max_running} running + "
           f"{config.max_waiting} queued", flush=True)
+    if args.playground:
+        print(f"playground: http://{args.host}:{args.port}/", flush=True)
     if not args.no_warmup:
         started = time.perf_counter()
         programs = engine.warmup()
@@ -113,6 +125,15 @@ def main(argv=None) -> int:
     finally:
         engine.stop()
     return 0
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 if __name__ == "__main__":

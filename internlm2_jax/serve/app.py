@@ -1,10 +1,11 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over the continuous-batching engine.
 
 `create_app` serves /v1/completions, /v1/chat/completions, /v1/models, /v1/perplexity (ours: a text's per-token
-log-likelihood and perplexity) and /health. An HTTP request becomes one engine `Request` per (prompt, choice). Their
-events arrive on the engine's thread and are handed to the event loop with `call_soon_threadsafe` (`_Submission`).
-Whatever ends an HTTP request (its answer, an error, the client leaving), the engine requests still running are
-cancelled, so a dropped client never holds KV pages.
+log-likelihood and perplexity) and /health, and with `playground=True` the browser playground (`serve.playground`).
+An HTTP request becomes one engine `Request` per (prompt, choice). Their events arrive on the engine's thread and are
+handed to the event loop with `call_soon_threadsafe` (`_Submission`). Whatever ends an HTTP request (its answer, an
+error, the client leaving), the engine requests still running are cancelled, so a dropped client never holds KV
+pages.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from starlette.requests import Request as HTTPRequest
 
 from internlm2_jax.agents.protocol import stop_ids
 from internlm2_jax.decode.requests import EngineFull, Event, Request, RequestRejected
+from internlm2_jax.serve.playground import Playground
 from internlm2_jax.serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -407,22 +409,29 @@ def _require_api_key(api_key: str):
     return check
 
 
-def create_app(engine, tokenizer, *, model_name: str, chat_template, api_key: str | None = None) -> FastAPI:
+def create_app(engine, tokenizer, *, model_name: str, chat_template, api_key: str | None = None,
+               playground: bool = False) -> FastAPI:
     """The server's FastAPI app over `engine` (submit / cancel / max_model_len / stats, see `decode.requests`).
 
     `tokenizer` is an `internlm2_jax.tokenizer.Tokenizer`, `chat_template` a `ChatTemplate`. With `api_key`, every
-    /v1 route wants `Authorization: Bearer <api_key>`; /health never does (load balancers probe it).
+    /v1 route wants `Authorization: Bearer <api_key>`; /health never does (load balancers probe it). `playground`
+    adds the browser playground (`serve.playground`): its page at `/` and its /playground routes, which run tools
+    (sandboxed Python included) for the page, behind the same key.
     """
     server = _Server(engine, tokenizer, model_name, chat_template)
-    app = FastAPI(title=f"internlm2-jax: {model_name}")
+    page = Playground(chat_template, tokenizer, model_name, engine.max_model_len) if playground else None
+    app = FastAPI(title=f"internlm2-jax: {model_name}", lifespan=page.lifespan if page else None)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.get("/health")(server.health)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_require_api_key(api_key))] if api_key else [])
+    authenticated = [Depends(_require_api_key(api_key))] if api_key else []
+    v1 = APIRouter(prefix="/v1", dependencies=authenticated)
     v1.get("/models")(server.models)
     v1.post("/completions")(server.completions)
     v1.post("/chat/completions")(server.chat)
     v1.post("/perplexity")(server.perplexity)
     app.include_router(v1)
+    if page is not None:
+        page.add_routes(app, authenticated)
     return app
