@@ -17,11 +17,10 @@ The parent side (starting, waiting for and signalling children) is `train_child.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
+from train_child import Delayed, run_child, start_jax
 
 PROMPTS, WIDTH, SAMPLES = 8, 6, 2
 _rng = np.random.default_rng(0)
@@ -60,18 +59,8 @@ def even_share(batch, rollout) -> np.ndarray:
 
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", int(spec.get("devices", 8)))  # before anything touches a device
-    if spec.get("compile_cache"):
-        jax.config.update("jax_compilation_cache_dir", spec["compile_cache"])
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax = start_jax(spec)
     num_processes = int(spec.get("num_processes", 1))
-    if num_processes > 1:
-        jax.distributed.initialize(coordinator_address=spec["coordinator"], num_processes=num_processes,
-                                   process_id=int(spec["process_id"]), initialization_timeout=60)
 
     from internlm2_jax.config import preset
     from internlm2_jax.decode.rollout import RolloutConfig
@@ -81,7 +70,6 @@ def main(spec_path: str) -> None:
     from internlm2_jax.train.rl.core import RLLossConfig
     from internlm2_jax.train.rl.loop import train_rl
     from internlm2_jax.train.rl.state import ModelSetup
-    from train_child import Delayed
 
     prompts = Prompts(jax.process_index(), jax.process_count())
     source = Delayed(prompts, float(spec["iteration_delay_s"])) if spec.get("iteration_delay_s") else prompts
@@ -108,14 +96,4 @@ def main(spec_path: str) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1])
-    except BaseException:
-        # Exit now: the interpreter's normal exit would wait for the other processes at jax.distributed's shutdown
-        # barrier, and they may be waiting for this one.
-        import traceback
-
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+    run_child(main)

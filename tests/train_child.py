@@ -82,20 +82,41 @@ class Delayed:
         self.inner.set_state(state)
 
 
-def main(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
+def start_jax(spec: dict):
+    """Configures JAX for a child run (CPU devices, compilation cache, `jax.distributed`) before anything touches a
+    device; returns the module."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
-    jax.config.update("jax_num_cpu_devices", int(spec.get("devices", 8)))  # before anything touches a device
+    jax.config.update("jax_num_cpu_devices", int(spec.get("devices", 8)))
     if spec.get("compile_cache"):
         jax.config.update("jax_compilation_cache_dir", spec["compile_cache"])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    num_processes = int(spec.get("num_processes", 1))
-    if num_processes > 1:
-        jax.distributed.initialize(coordinator_address=spec["coordinator"], num_processes=num_processes,
+    if int(spec.get("num_processes", 1)) > 1:
+        jax.distributed.initialize(coordinator_address=spec["coordinator"], num_processes=int(spec["num_processes"]),
                                    process_id=int(spec["process_id"]), initialization_timeout=60)
+    return jax
+
+
+def run_child(main) -> None:
+    """`main(sys.argv[1])`, exiting at once on an error: the interpreter's normal exit would wait for the other
+    processes at jax.distributed's shutdown barrier, and they may be waiting for this one."""
+    try:
+        main(sys.argv[1])
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    jax = start_jax(spec)
+    num_processes = int(spec.get("num_processes", 1))
 
     from internlm2_jax.config import preset
     from internlm2_jax.data import PretrainDataIterator, load_manifest
@@ -256,14 +277,4 @@ def run_and_signal(spec: dict, workdir: str | Path, name: str, *, at_step: int, 
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1])
-    except BaseException:
-        # Exit now: the interpreter's normal exit would wait for the other processes at jax.distributed's shutdown
-        # barrier, and they may be waiting for this one.
-        import traceback
-
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+    run_child(main)
