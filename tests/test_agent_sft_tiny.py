@@ -21,6 +21,7 @@ def shortened(module, steps: int):
                                optimizer=dataclasses.replace(exp.optimizer, warmup_steps=2, total_steps=steps))
 
 
+@pytest.mark.slow  # ~40 s; the default run keeps under 30 min (tests/test_agents_tasks.py covers the records)
 def test_a_short_run_writes_the_trajectories_and_a_report_with_both_accuracies(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the experiment's run directory is relative
     module = load_experiment(ROOT / "experiments" / "agent_sft_tiny.py")

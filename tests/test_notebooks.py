@@ -67,6 +67,7 @@ def test_data_and_decoding_notebook_executes(kernel_name, tmp_path):
     assert "duplicates: [40] of 41" in text
 
 
+@pytest.mark.slow  # ~70 s; the default run keeps under 30 min (reward training has its own default tests)
 def test_reward_model_notebook_trains_and_inspects_the_tiny_reward_model(kernel_name, tmp_path):
     """Acceptance for the conditional reward model: held-out accuracy well above chance, and the margin between the
     detailed answer and the refusal flips sign with the system prompt on held-out requests."""
@@ -88,6 +89,7 @@ def test_serving_notebook_loads_a_run_onto_a_mesh_and_serves_the_openai_client(k
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the latency percentiles
 
 
+@pytest.mark.slow  # ~90 s; the default run keeps under 30 min
 def test_long_context_notebook_shows_the_layout_the_tile_balance_and_the_heat_maps(kernel_name, tmp_path):
     outputs, text = run_notebook("long_context.ipynb", kernel_name, tmp_path, 300)
     assert "8 devices" in text and "zigzag:  0  1  2  3 28 29 30 31" in text, text

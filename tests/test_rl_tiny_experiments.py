@@ -54,6 +54,7 @@ def test_the_exact_body_proxy_agrees_with_the_sandboxed_doctest_on_right_and_wro
     assert _RULES[BODY_RULE] is correct_body
 
 
+@pytest.mark.slow  # ~85 s; notebooks/rlhf.ipynb runs ppo_tiny's SFT and PPO by default
 def test_ppo_and_grpo_tiny_compose_sft_rl_and_the_report(tmp_path, monkeypatch):
     """A CI-sized pass through both experiments: a short SFT, 3 RL iterations each with the exact-body proxy, the
     before/after pass@1 and KL in the report, the loop's metrics, curves and sample dumps. Numbers, not the gate."""
