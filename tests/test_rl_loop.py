@@ -220,6 +220,20 @@ def test_the_critic_warms_up_alone_and_a_resumed_run_repeats_a_straight_one_bitw
         run(sft, dataclasses.replace(cfg, iterations=5, seed=3, minibatches=2), ptx=PtxRows())
 
 
+def test_fewer_prompts_than_data_shards_still_roll_out(sft, tmp_path):
+    """GRPO's usual shape, few prompts x many samples: 4 prompts on 8 data shards (32 rows)."""
+
+    class FourPrompts(Prompts):
+        def __next__(self):
+            batch = super().__next__()
+            return PromptBatch(batch.prompt_ids[:4], batch.prompt_lengths[:4], batch.domain_ids[:4], batch.metas[:4])
+
+    cfg = config(tmp_path, "grpo", iterations=1, prompts_per_iteration=4)
+    result = train_rl(cfg, ModelSetup(CFG, constant(1e-3), params=sft[1]), FourPrompts(), reward_a,
+                      mesh_cfg=MeshConfig(fsdp=-1), progress=False)
+    assert result.iterations == 1 and np.isfinite(result.metrics[1]["actor/loss"])
+
+
 def test_grpo_minibatches_keep_groups_whole_and_reshuffle_each_epoch(tmp_path):
     cfg = config(tmp_path, "grpo", minibatches=4)
     first, second = minibatch_order(cfg, 3, 0), minibatch_order(cfg, 3, 1)

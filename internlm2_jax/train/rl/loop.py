@@ -139,8 +139,13 @@ def rl_iteration(program: RLProgram, state: RLState, prompts: PromptBatch, rewar
     params_version = int(state.actor.step)  # the actor steps taken: the weights this rollout samples from
     decode_params = state.actor.params if program.rollout_params is None else program.rollout_params(
         state.actor.params)
-    roll = rollout(actor_graphdef, decode_params, global_rows(mesh, prompts.prompt_ids),
-                   global_rows(mesh, prompts.prompt_lengths), keys, cfg=cfg.rollout)
+    if prompts.size % process_row_degree(mesh) == 0:
+        prompt_ids, prompt_lengths = global_rows(mesh, prompts.prompt_ids), global_rows(mesh, prompts.prompt_lengths)
+    else:  # fewer prompts than data shards (GRPO: few prompts, many samples): every process passes all of them,
+        # replicated, and the rollout splits the rows it repeats them into
+        prompt_ids, prompt_lengths = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                                      for x in (prompts.prompt_ids, prompts.prompt_lengths))
+    roll = rollout(actor_graphdef, decode_params, prompt_ids, prompt_lengths, keys, cfg=cfg.rollout)
     local = jax.tree.map(local_rows, roll)  # this process's samples, on the host
     del decode_params  # freed before the experience and the updates need the memory
     times["rollout"] = time.perf_counter() - start
