@@ -73,7 +73,8 @@ def openai_message(message: Mapping[str, Any], where: str) -> dict[str, Any]:
     converted = {"role": _ROLES[role], "content": _text(message.get("content"), f"{where}.content")}
     converted.update((key, message[key]) for key in _NATIVE_FIELDS if key in message)
     if role == "tool":
-        # OpenAI's legacy `name` on a result is the function's; InternLM2's result turn is the plugin's.
+        # OpenAI's legacy `name` on a result is the function's; InternLM2's result turn is named after the kind of
+        # call it answers, which `openai_messages` settles from `tool_call_id` (one message alone: a plugin's).
         converted["name"] = "plugin"
     if message.get("tool_calls"):
         if role != "assistant" or "tool_call" in message:
@@ -117,11 +118,41 @@ def _plugin_call(calls: Any, where: str) -> dict[str, Any]:
     return {"type": "plugin", "name": function["name"], "parameters": arguments}
 
 
-def openai_messages(messages: Any, where: str = "messages") -> list[dict[str, Any]]:
-    """A non-empty list of OpenAI messages as template messages."""
+def openai_messages(messages: Any, where: str = "messages", *,
+                    interpreter_tool: str | None = None) -> list[dict[str, Any]]:
+    """A non-empty list of OpenAI messages as template messages. `interpreter_tool`: the function name that stands
+    for the code interpreter (the server's `python` extension): a call of it with `{"code": str}` arguments becomes
+    an interpreter call. A tool result is an `environment` turn named after the kind of the call its `tool_call_id`
+    names (without one: the latest call's), and an id that answers no earlier call is an error."""
     if not isinstance(messages, list) or not messages:
         raise MessageError(where, f"must be a non-empty list of messages, got {short_repr(messages)}")
-    return [openai_message(message, f"{where}[{i}]") for i, message in enumerate(messages)]
+    converted = [openai_message(message, f"{where}[{i}]") for i, message in enumerate(messages)]
+    _route_tool_calls(messages, converted, where, interpreter_tool)
+    return converted
+
+
+def _route_tool_calls(messages: list[Mapping[str, Any]], converted: list[dict[str, Any]], where: str,
+                      interpreter_tool: str | None) -> None:
+    kinds: dict[str, str] = {}  # tool_call_id -> "plugin" | "interpreter"
+    latest = "plugin"
+    for index, (message, turn) in enumerate(zip(messages, converted, strict=True)):
+        if message.get("tool_calls"):
+            call = turn["tool_call"]
+            if call["name"] == interpreter_tool:
+                code = call["parameters"].get("code")
+                if set(call["parameters"]) != {"code"} or not isinstance(code, str):
+                    raise MessageError(f"{where}[{index}].tool_calls[0].function.arguments",
+                                       f'a {interpreter_tool} call\'s arguments are {{"code": str}}')
+                turn["tool_call"] = {"type": "interpreter", "code": code}
+            latest = turn["tool_call"]["type"]
+            call_id = message["tool_calls"][0].get("id")
+            if call_id is not None:
+                kinds[call_id] = latest
+        elif message["role"] == "tool":
+            call_id = message.get("tool_call_id")
+            if call_id is not None and call_id not in kinds:
+                raise MessageError(f"{where}[{index}].tool_call_id", f"{call_id!r} answers no earlier tool call")
+            turn["name"] = kinds.get(call_id, latest)
 
 
 def with_tools(messages: Sequence[dict[str, Any]], tools: Any, where: str = "tools") -> list[dict[str, Any]]:

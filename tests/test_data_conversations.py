@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from internlm2_jax.chat_prompts import DOMAIN_PROMPTS, MessageError, openai_message, reward_sequence
+from internlm2_jax.chat_prompts import DOMAIN_PROMPTS, MessageError, openai_message, openai_messages, reward_sequence
 from internlm2_jax.chat_template import get_chat_template
 from internlm2_jax.data.conversations import PairDataIterator, SFTDataIterator, conversation
 from internlm2_jax.data.iterator import BadDataError
@@ -68,6 +68,26 @@ def test_tool_calls_with_json_text_or_object_arguments_convert_alike():
     as_object = openai_message({"role": "assistant", "tool_calls": [
         {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}, "m")
     assert as_text == as_object == expected
+
+
+def test_tool_results_are_routed_to_the_kind_of_call_their_tool_call_id_names():
+    python = {"id": "call_py", "type": "function", "function": {"name": "python", "arguments": '{"code": "1+1"}'}}
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "tool_calls": [python]},
+                {"role": "assistant", "tool_calls": [CALL]},
+                {"role": "tool", "tool_call_id": "call_py", "content": "2"},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+                {"role": "tool", "content": "latest"}]
+    routed = openai_messages(messages, interpreter_tool="python")
+    assert routed[1]["tool_call"] == {"type": "interpreter", "code": "1+1"}
+    assert [m["name"] for m in routed[3:]] == ["interpreter", "plugin", "plugin"]
+    # Without the interpreter extension a `python` function is a plugin like any other.
+    assert openai_messages(messages)[1]["tool_call"]["type"] == "plugin"
+    with pytest.raises(MessageError, match=r"messages\[1\]\.tool_call_id.*answers no earlier"):
+        openai_messages([{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "x", "content": "1"}])
+    bad = {**python, "function": {"name": "python", "arguments": '{"code": 1}'}}
+    with pytest.raises(MessageError, match=r"tool_calls\[0\]\.function\.arguments"):
+        openai_messages([{"role": "assistant", "tool_calls": [bad]}], interpreter_tool="python")
 
 
 def test_message_forms_and_native_fields():

@@ -53,7 +53,7 @@ def oracle(problems):
 # ---- G4: oracle, never-calling and random-format clients ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("suite", ["arith", "gsm", "control"])
+@pytest.mark.parametrize("suite", ["arith", "gsm", "math", "control"])
 def test_an_oracle_client_scores_everything(released, suite):
     rows = {}
     for mode in ("direct", "pal", "agent") if suite != "control" else ("agent",):
@@ -228,7 +228,12 @@ def test_opencompass_agent_metrics_on_hand_rows():
 def test_agents_offline_suite_and_agent_tasks_in_task_files(tmp_path):
     tasks = agents_offline_suite(seed=SEED, problems=5)
     assert [t.name for t in tasks] == ["arith-direct", "arith-pal", "arith-agent", "gsm-direct", "gsm-pal",
-                                       "gsm-agent", "control-agent"]
+                                       "gsm-agent", "math-direct", "math-pal", "math-agent", "mathbench-direct",
+                                       "mathbench-pal", "mathbench-agent", "control-agent", "injection-agent"]
+    ood = agents_offline_suite(seed=SEED, problems=5, ood=True)
+    assert [t.name for t in ood] == [f"{t.name}-ood" for t in tasks]
+    assert [t.agent.difficulty for t in ood] == [t.agent.difficulty + 1 for t in tasks]
+    assert not {t.prompt_hash() for t in ood} & {t.prompt_hash() for t in tasks}  # the generator's fingerprint
     assert {(t.agent.seed, t.agent.n) for t in tasks} == {(SEED, 5)}
     assert len({t.prompt_hash() for t in tasks}) == len(tasks)
     assert [t.prompt_hash() for t in agents_offline_suite(seed=SEED + 1)] == [t.prompt_hash() for t in tasks]
@@ -262,7 +267,7 @@ def test_the_cli_refuses_a_seed_for_other_suites(tmp_path, capsys):
     from internlm2_jax.eval.__main__ import main
 
     assert main(["--checkpoint", str(tmp_path), "--suite", "demo", "--seed", str(SEED)]) == 1
-    assert "--seed and --problems are for the agents-offline suite" in capsys.readouterr().err
+    assert "--seed, --problems and --ood are for the agents-offline suite" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # ~25 s: a JAX process and the engine's compilation

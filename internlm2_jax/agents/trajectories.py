@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from internlm2_jax.agents.clients import ScriptedClient
 from internlm2_jax.agents.loop import AgentConfig, AgentResult, run_agent
-from internlm2_jax.agents.tasks import Problem
+from internlm2_jax.agents.tasks import Problem, suite_tools
 from internlm2_jax.agents.tasks.oracle import THOUGHTS, OraclePolicy, choose_episode, extract_answer
 from internlm2_jax.agents.tools import PythonTool, ToolExecutor
 from internlm2_jax.agents.tools.calculator import calculator
@@ -110,6 +110,8 @@ def oracle_records(problems: Sequence[Problem], tokenizer: Tokenizer, *, config:
     # Its cell counter runs on (tracebacks name "<cell-N>"), so a record depends on the problems before it: the
     # dataset is deterministic for the same arguments, not each record on its own.
     plugins = [calculator] if calculator_rate > 0 else []
+    # A suite whose questions need a tool of their own (injection's notes) declares it, serving these problems.
+    plugins += [tool for suite in dict.fromkeys(p.suite for p in problems) for tool in suite_tools(suite, problems)]
     with ToolExecutor(plugins, interpreter=PythonTool() if interpreter else None) as executor:
         for problem in problems:
             episode = (choose_episode(problem, rng, recovery_rate=recovery_rate, calculator_rate=calculator_rate)

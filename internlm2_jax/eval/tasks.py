@@ -27,7 +27,10 @@ from etils import epath
 from internlm2_jax.eval.loglikelihood import RULES, choose, encode_pair, score_pairs
 
 RETRIEVERS = ("zero", "fixed", "random")
-INFERENCERS = ("ppl", "gen", "agent")
+INFERENCERS = ("ppl", "gen", "agent", "teval", "cibench")
+# Inferencers whose task carries a config of its own in `Task.agent` (eval.agent, eval.teval, eval.cibench): it
+# validates itself and its `setting()` joins the prompt hash.
+AGENT_INFERENCERS = ("agent", "teval", "cibench")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +65,8 @@ class Task:
     stop: tuple[str, ...] = ("\n\n",)  # GEN
     max_empty_share: float = 0.1  # GEN: more predictions extracting to "" fails the run
     group: str | None = None  # tasks of a group are also reported as their average (e.g. "mmlu" subjects)
-    # AGENT: an `eval.agent.AgentTaskConfig` (typed loosely: eval.agent builds on this module, not the reverse).
+    # AGENT_INFERENCERS: their config, e.g. an `eval.agent.AgentTaskConfig` (typed loosely: those modules build on
+    # this one, not the reverse).
     agent: Any = None
 
     def validate(self) -> None:
@@ -77,8 +81,9 @@ class Task:
                              f"reader.few_shot_path")
         if self.prompt.chat and self.inferencer == "ppl":
             raise ValueError(f"task {self.name!r}: PPL scoring is for base models; use prompt.chat with 'gen'")
-        if (self.agent is None) != (self.inferencer != "agent"):
-            raise ValueError(f"task {self.name!r}: the 'agent' inferencer and an agent config go together")
+        if (self.agent is None) != (self.inferencer not in AGENT_INFERENCERS):
+            raise ValueError(f"task {self.name!r}: the {'/'.join(AGENT_INFERENCERS)} inferencers and their agent "
+                             f"config go together")
         if self.agent is not None:
             self.agent.validate(f"task {self.name!r}")
 
@@ -206,7 +211,8 @@ METRICS = ("accuracy", "accuracy_norm", "pass@1", "perplexity", "bits_per_byte",
            # agent tasks (eval.agent_scoring)
            "follow_acc", "reasoning_acc", "code_acc", "action_pct", "parse_error_rate", "exec_error_rate",
            "timeout_rate", "mean_turns", "max_turns_rate", "repeated_call_rate", "unnecessary_call_rate",
-           "no_answer_rate")
+           "no_answer_rate", "circular_accuracy", "injection_compliance_rate", "undeclared_attempt_rate",
+           "undeclared_call_rate")
 
 
 def suite_table(results: Sequence[Mapping[str, Any]]) -> str:

@@ -333,8 +333,8 @@ def template_messages(messages: list[ChatMessage], tools: list[Tool] | None) -> 
     use = tool_use(tools)
     dumped = [message.model_dump(exclude_none=True) for message in messages]
     try:
-        converted = openai_messages(dumped)
-        _route_tool_calls(dumped, converted, interpreter=use is not None and use.interpreter)
+        converted = openai_messages(dumped, interpreter_tool=INTERPRETER_TOOL_NAME if use and use.interpreter
+                                    else None)
         turns = system_turns(interpreter_prompt=INTERPRETER_PROMPT_EN if use and use.interpreter else None,
                              tools=[tool.function.model_dump(exclude_none=True) for tool in tools or []
                                     if tool.type == "function"])
@@ -342,28 +342,6 @@ def template_messages(messages: list[ChatMessage], tools: list[Tool] | None) -> 
         raise APIError(400, str(e), param=e.field) from None
     lead = next((i for i, message in enumerate(converted) if message["role"] != "system"), len(converted))
     return [*converted[:lead], *turns, *converted[lead:]]
-
-
-def _route_tool_calls(messages: list[dict[str, Any]], converted: list[dict[str, Any]], *, interpreter: bool) -> None:
-    kinds: dict[str, str] = {}  # tool_call_id -> "plugin" | "interpreter"
-    latest = "plugin"
-    for index, (message, turn) in enumerate(zip(messages, converted, strict=True)):
-        if message.get("tool_calls"):
-            call = turn["tool_call"]
-            if interpreter and call["name"] == INTERPRETER_TOOL_NAME:
-                code = call["parameters"].get("code")
-                if set(call["parameters"]) != {"code"} or not isinstance(code, str):
-                    raise MessageError(f"messages[{index}].tool_calls[0].function.arguments",
-                                       f'a {INTERPRETER_TOOL_NAME} call\'s arguments are {{"code": str}}')
-                turn["tool_call"] = {"type": "interpreter", "code": code}
-            latest = turn["tool_call"]["type"]
-            if "id" in message["tool_calls"][0]:
-                kinds[message["tool_calls"][0]["id"]] = latest
-        elif message["role"] == "tool":
-            call_id = message.get("tool_call_id")
-            if call_id is not None and call_id not in kinds:
-                raise MessageError(f"messages[{index}].tool_call_id", f"{call_id!r} answers no earlier tool call")
-            turn["name"] = kinds.get(call_id, latest)
 
 
 def openai_tool_call(call: Call) -> dict[str, Any]:

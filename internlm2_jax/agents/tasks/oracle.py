@@ -11,6 +11,8 @@ Episodes:
   direct baseline of agents.md §4.6).
 - "calculator": a plugin call of the `calculator` tool with the problem's expression (arithmetic problems the
   calculator can evaluate: not `pow(a, e, m)`), then the answer read from its result.
+- "lookup": questions whose facts are in a note (the injection controls): a `read_note` call, then the answer,
+  with the instruction planted in the note ignored.
 
 The answer is always `ANSWER_FORMAT` ("The answer is \\boxed{42}."), which `extract_answer` reads back.
 """
@@ -24,14 +26,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from internlm2_jax.agents.tasks import Problem
+from internlm2_jax.agents.tasks.injection import NOTE_TOOL
 from internlm2_jax.tokenizer import ACTION_END, ACTION_START, INTERPRETER, PLUGIN
 
-Episode = Literal["tool", "recovery", "no_tool", "calculator"]
+Episode = Literal["tool", "recovery", "no_tool", "calculator", "lookup"]
 ANSWER_FORMAT = "The answer is \\boxed{{{}}}."
 THOUGHTS = ("Let me compute it with Python.", "I will run this in Python.", "Let me write a short program.",
             "I will calculate it with code.")
 RETRY_THOUGHT = "The code has an error. Let me fix it."
 CALCULATOR_THOUGHT = "Let me use the calculator."
+LOOKUP_THOUGHT = "Let me read the note."
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
@@ -73,10 +77,13 @@ def plant_bug(program: str, rng: random.Random) -> str:
 
 def choose_episode(problem: Problem, rng: random.Random, *, recovery_rate: float = 0.1,
                    calculator_rate: float = 0.0) -> Episode:
-    """"no_tool" for control questions; else one draw: "calculator" (when the problem has an expression it can
-    evaluate) with probability `calculator_rate`, "recovery" with `recovery_rate`, "tool" otherwise."""
+    """"no_tool" for control questions, "lookup" for questions answered from a note; else one draw: "calculator"
+    (when the problem has an expression it can evaluate) with probability `calculator_rate`, "recovery" with
+    `recovery_rate`, "tool" otherwise."""
     if not problem.needs_tool:
         return "no_tool"
+    if "note" in problem.meta:
+        return "lookup"
     draw = rng.random()
     if draw < calculator_rate and calculator_expression(problem) is not None:
         return "calculator"
@@ -101,6 +108,10 @@ class OraclePolicy:
         if self.episode == "no_tool":
             return answer_text(self.problem.answer)
         results = [m for m in messages if m["role"] == "environment"]
+        if self.episode == "lookup":  # the note's figures give the answer; what else it says is not an instruction
+            if results:
+                return answer_text(self.problem.answer)
+            return LOOKUP_THOUGHT + plugin_call(NOTE_TOOL, {"title": self.problem.meta["note"]["title"]})
         if self.episode == "calculator":
             if results:  # the calculator's result is the number as JSON
                 return answer_text(results[-1]["content"].strip())

@@ -5,6 +5,7 @@ of call (`ToolExecutor(interpreter=PythonTool())`), not a plugin."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from internlm2_jax.agents.protocol import INTERPRETER_TOOL_NAME, ToolResult
@@ -32,6 +33,12 @@ class PythonTool:
     def guards(self) -> frozenset[str]:
         """The guards of the running session (empty before the first call)."""
         return self._session.guards if self._session is not None else frozenset()
+
+    @property
+    def work_dir(self) -> Path | None:
+        """The running session's work directory, where the code's files and figures are (None before the first
+        call). The sandboxed code owns it: open what is in it as untrusted (no links followed)."""
+        return None if self._session is None else Path(self._session.work)
 
     def __call__(self, code: str) -> ToolResult:
         try:

@@ -30,7 +30,6 @@ import secrets
 import stat
 import threading
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -56,17 +55,9 @@ _FILES = {"/": ("index.html", "text/html; charset=utf-8"),
 _FIGURE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}\.png")
 
 
-class _Interpreter(PythonTool):
-    """The sandboxed interpreter, which also says where its session keeps files (for the figures route)."""
-
-    @property
-    def work_dir(self) -> Path | None:
-        return None if self._session is None else Path(self._session.work)
-
-
 def playground_tools() -> ToolExecutor:
     """A session's tools; their order is the order the model is shown them."""
-    return ToolExecutor([calculator, search_docs], interpreter=_Interpreter())
+    return ToolExecutor([calculator, search_docs], interpreter=PythonTool())
 
 
 @dataclasses.dataclass
