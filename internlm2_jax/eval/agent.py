@@ -143,8 +143,8 @@ class AgentTaskConfig:
         config = self.agent_config()
         return {"mode": self.mode, "template": self.question_template, "system": self.system(),
                 "tools": [tool.spec() for tool in self.plugins()], "limits": dataclasses.asdict(config.limits),
-                "decoding": dataclasses.asdict(config.decoding), "stop": list(stop_ids(_TokenNames())),
-                "banned_last_turn": list(action_ids(_TokenNames())),
+                "decoding": dataclasses.asdict(config.decoding), "stop": list(stop_ids(TokenNames())),
+                "banned_last_turn": list(action_ids(TokenNames())),
                 "sandbox": dataclasses.asdict(self.sandbox) if self.runs_code else None,
                 "output_style": self.output_style if self.agentic and self.interpreter else None,
                 "generator": None if self.suite is None else {"suite": self.suite, "difficulty": self.difficulty,
@@ -152,7 +152,7 @@ class AgentTaskConfig:
                                                                                                    self.difficulty)}}
 
 
-class _TokenNames:
+class TokenNames:
     """Stands in for a tokenizer so that `protocol.stop_ids` / `action_ids` give the tokens' names rather than one
     vocabulary's ids: the hash names the tokens the protocol stops at, whatever tokenizer runs it."""
 

@@ -32,7 +32,7 @@ def load_suite(path: str | os.PathLike):
             if "stop" in fields:
                 fields["stop"] = tuple(fields["stop"])
             if "agent" in fields:
-                fields["agent"] = agent_config(fields["agent"])
+                fields["agent"] = agent_config(fields["agent"], fields.get("inferencer", "agent"))
             task = Task(reader=Reader(**reader), prompt=Prompt(**entry.get("prompt", {})), **fields)
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: tasks[{i}] is not a valid task ({e})") from None
@@ -43,11 +43,16 @@ def load_suite(path: str | os.PathLike):
     return tasks
 
 
-def agent_config(spec: dict[str, Any]):
-    """An `AgentTaskConfig` from its JSON form (lists for tuples, the sandbox policy as an object)."""
+def agent_config(spec: dict[str, Any], inferencer: str = "agent"):
+    """The config of an agent-like task from its JSON form: an `AgentTaskConfig` (lists for tuples, the sandbox
+    policy as an object) or, for the "teval" inferencer, a `TEvalTaskConfig`."""
     from internlm2_jax.eval.agent import AgentTaskConfig
     from internlm2_jax.sandbox import SandboxPolicy
 
+    if inferencer == "teval":
+        from internlm2_jax.eval.teval import TEvalTaskConfig
+
+        return TEvalTaskConfig(**spec)
     spec = dict(spec)
     if "tools" in spec:
         spec["tools"] = tuple(spec["tools"])
@@ -78,6 +83,7 @@ def agents_offline_suite(*, seed: int | None = None, problems: int = 100, ood: b
     from internlm2_jax.agents.tasks import EVAL_SEED_START
     from internlm2_jax.eval.agent import AgentTaskConfig
     from internlm2_jax.eval.tasks import Reader, Task
+    from internlm2_jax.eval.teval import TEvalTaskConfig
 
     seed = EVAL_SEED_START if seed is None else seed
     suffix = "-ood" if ood else ""
@@ -90,6 +96,13 @@ def agents_offline_suite(*, seed: int | None = None, problems: int = 100, ood: b
                         agent=config, group=None if suite in CONTROL_SETS else f"agents-offline{suffix}")
             task.validate()
             tasks.append(task)
+    if not ood:  # its items have no difficulty to raise
+        # T-Eval-like tool use (six abilities, each scored on its own): outside the group, its scores are no
+        # accuracies.
+        teval = Task("teval", Reader("agents.tasks:teval"), inferencer="teval",
+                     agent=TEvalTaskConfig(n=problems, seed=seed))
+        teval.validate()
+        tasks.append(teval)
     return tasks
 
 

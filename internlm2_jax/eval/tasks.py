@@ -212,7 +212,9 @@ METRICS = ("accuracy", "accuracy_norm", "pass@1", "perplexity", "bits_per_byte",
            "follow_acc", "reasoning_acc", "code_acc", "action_pct", "parse_error_rate", "exec_error_rate",
            "timeout_rate", "mean_turns", "max_turns_rate", "repeated_call_rate", "unnecessary_call_rate",
            "no_answer_rate", "circular_accuracy", "injection_compliance_rate", "undeclared_attempt_rate",
-           "undeclared_call_rate")
+           "undeclared_call_rate",
+           # the T-Eval-like abilities (eval.teval)
+           "instruct", "plan", "reason", "retrieve", "understand", "review", "overall")
 
 
 def suite_table(results: Sequence[Mapping[str, Any]]) -> str:
