@@ -230,13 +230,15 @@ def test_agents_offline_suite_and_agent_tasks_in_task_files(tmp_path):
     assert [t.name for t in tasks] == ["arith-direct", "arith-pal", "arith-agent", "gsm-direct", "gsm-pal",
                                        "gsm-agent", "math-direct", "math-pal", "math-agent", "mathbench-direct",
                                        "mathbench-pal", "mathbench-agent", "control-agent", "injection-agent",
-                                       "teval"]
+                                       "teval", "cibench-end_to_end", "cibench-oracle"]
     ood = agents_offline_suite(seed=SEED, problems=5, ood=True)
-    assert [t.name for t in ood] == [f"{t.name}-ood" for t in tasks[:-1]]  # T-Eval's items have no difficulty
-    assert [t.agent.difficulty for t in ood] == [t.agent.difficulty + 1 for t in tasks[:-1]]
+    assert [t.name for t in ood] == [f"{t.name}-ood" for t in tasks[:-3]]  # T-Eval and CIBench: no difficulty
+    assert [t.agent.difficulty for t in ood] == [t.agent.difficulty + 1 for t in tasks[:-3]]
     assert not {t.prompt_hash() for t in ood} & {t.prompt_hash() for t in tasks}  # the generators' fingerprints
-    assert {(t.agent.seed, t.agent.n) for t in tasks} == {(SEED, 5)}
-    assert tasks[-1].inferencer == "teval" and tasks[-1].group is None
+    assert {(t.agent.seed, t.agent.n) for t in tasks[:-2]} == {(SEED, 5)}
+    assert {(t.agent.seed, t.agent.n) for t in tasks[-2:]} == {(SEED, 1)}  # notebooks of ~6 steps each
+    assert [t.inferencer for t in tasks[-3:]] == ["teval", "cibench", "cibench"]
+    assert {t.group for t in tasks[-3:]} == {None}
     assert len({t.prompt_hash() for t in tasks}) == len(tasks)
     assert [t.prompt_hash() for t in agents_offline_suite(seed=SEED + 1)] == [t.prompt_hash() for t in tasks]
     with pytest.raises(ValueError, match="agent.seed"):  # training seeds are not for evaluation
@@ -251,6 +253,11 @@ def test_agents_offline_suite_and_agent_tasks_in_task_files(tmp_path):
         {"name": "t", "reader": {"path": "unused.jsonl"}, "inferencer": "teval", "agent": {"n": 3, "seed": SEED}}]}))
     [task] = load_suite(tmp_path / "teval.json")
     assert type(task.agent).__name__ == "TEvalTaskConfig" and task.agent.n == 3
+    (tmp_path / "cibench.json").write_text(json.dumps({"tasks": [
+        {"name": "c", "reader": {"path": "unused.jsonl"}, "inferencer": "cibench",
+         "agent": {"mode": "oracle", "n": 2, "seed": SEED, "sandbox": {"wall_s": 5.0, "read_paths": []}}}]}))
+    [task] = load_suite(tmp_path / "cibench.json")
+    assert task.agent.mode == "oracle" and task.agent.sandbox.wall_s == 5.0
     (tmp_path / "bad.json").write_text(json.dumps({"tasks": [
         {"name": "bad", "reader": {"path": "x.jsonl"}, "inferencer": "agent", "agent": {"tools": ["rm_rf"]}}]}))
     with pytest.raises(ValueError, match="agent.tools"):

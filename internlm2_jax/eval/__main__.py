@@ -77,9 +77,11 @@ def main(argv=None) -> int:
         from internlm2_jax.eval.generation import run_gen
         from internlm2_jax.eval.tasks import run_ppl
 
+        from internlm2_jax.eval.cibench import run_cibench_task
         from internlm2_jax.eval.teval import run_teval_task
 
-        inferencers = {"ppl": run_ppl, "gen": run_gen, "agent": run_agent_task, "teval": run_teval_task}
+        inferencers = {"ppl": run_ppl, "gen": run_gen, "agent": run_agent_task, "teval": run_teval_task,
+                       "cibench": run_cibench_task}
         results = [inferencers[t.inferencer](model, tokenizer, t, progress=progress) for t in tasks]
     record = {"checkpoint": str(checkpoint), "suite": args.suite,
               "seconds": round(time.perf_counter() - started, 1), "tokenizer_sha256": tokenizer.sha256,

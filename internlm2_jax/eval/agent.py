@@ -213,7 +213,8 @@ class _Interpreter:
 # ---- rows ------------------------------------------------------------------------------------------------------
 
 
-def _trajectory(messages: Sequence[Mapping[str, Any]], chars: int) -> list[dict[str, Any]]:
+def trajectory_messages(messages: Sequence[Mapping[str, Any]], chars: int) -> list[dict[str, Any]]:
+    """A run's messages as a result row keeps them: system turns left out, each content and code capped."""
     out = []
     for m in messages:
         if m["role"] == "system":
@@ -275,7 +276,7 @@ def _row(problem: Problem, result: AgentResult, config: AgentTaskConfig) -> dict
            "last_call_ok": last is not None and last.status == "ok",
            "last_output_correct": last is not None and last.status == "ok"
            and judge(call_output(last), problem, extract=False)[1],
-           "trajectory": _trajectory(result.messages, config.trajectory_chars)}
+           "trajectory": trajectory_messages(result.messages, config.trajectory_chars)}
     circular = problem.meta.get("circular")
     if circular is not None:
         row.update(group=circular["group"], group_size=circular["size"])

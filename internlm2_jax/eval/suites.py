@@ -45,7 +45,7 @@ def load_suite(path: str | os.PathLike):
 
 def agent_config(spec: dict[str, Any], inferencer: str = "agent"):
     """The config of an agent-like task from its JSON form: an `AgentTaskConfig` (lists for tuples, the sandbox
-    policy as an object) or, for the "teval" inferencer, a `TEvalTaskConfig`."""
+    policy as an object) or, for the "teval" and "cibench" inferencers, a `TEvalTaskConfig` or `CIBenchTaskConfig`."""
     from internlm2_jax.eval.agent import AgentTaskConfig
     from internlm2_jax.sandbox import SandboxPolicy
 
@@ -61,6 +61,10 @@ def agent_config(spec: dict[str, Any], inferencer: str = "agent"):
         if "read_paths" in sandbox:
             sandbox["read_paths"] = tuple(sandbox["read_paths"])
         spec["sandbox"] = SandboxPolicy(**sandbox)
+    if inferencer == "cibench":
+        from internlm2_jax.eval.cibench import CIBenchTaskConfig
+
+        return CIBenchTaskConfig(**spec)
     return AgentTaskConfig(**spec)
 
 
@@ -83,6 +87,7 @@ def agents_offline_suite(*, seed: int | None = None, problems: int = 100, ood: b
     from internlm2_jax.agents.tasks import EVAL_SEED_START
     from internlm2_jax.eval.agent import AgentTaskConfig
     from internlm2_jax.eval.tasks import Reader, Task
+    from internlm2_jax.eval.cibench import CIBenchTaskConfig
     from internlm2_jax.eval.teval import TEvalTaskConfig
 
     seed = EVAL_SEED_START if seed is None else seed
@@ -96,14 +101,19 @@ def agents_offline_suite(*, seed: int | None = None, problems: int = 100, ood: b
                         agent=config, group=None if suite in CONTROL_SETS else f"agents-offline{suffix}")
             task.validate()
             tasks.append(task)
-    if not ood:  # its items have no difficulty to raise
-        # T-Eval-like tool use (six abilities, each scored on its own): outside the group, its scores are no
-        # accuracies.
-        teval = Task("teval", Reader("agents.tasks:teval"), inferencer="teval",
-                     agent=TEvalTaskConfig(n=problems, seed=seed))
-        teval.validate()
-        tasks.append(teval)
-    return tasks
+    if ood:  # T-Eval's items and CIBench's notebooks have no difficulty to raise
+        return tasks
+    # T-Eval-like tool use (six abilities, each scored on its own) and CIBench-like notebooks (steps over a data
+    # table in one interpreter session; each notebook ~6 steps, so a fifth as many): outside the group, their
+    # scores are no accuracies.
+    others = [Task("teval", Reader("agents.tasks:teval"), inferencer="teval",
+                   agent=TEvalTaskConfig(n=problems, seed=seed))]
+    others += [Task(f"cibench-{mode}", Reader("agents.tasks:cibench"), inferencer="cibench",
+                    agent=CIBenchTaskConfig(mode=mode, n=max(1, problems // 5), seed=seed))
+               for mode in ("end_to_end", "oracle")]
+    for task in others:
+        task.validate()
+    return tasks + others
 
 
 def code_completion(model, tokenizer, *, problems: int, max_new_tokens: int, progress: bool) -> dict[str, Any]:

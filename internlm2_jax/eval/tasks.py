@@ -214,7 +214,9 @@ METRICS = ("accuracy", "accuracy_norm", "pass@1", "perplexity", "bits_per_byte",
            "no_answer_rate", "circular_accuracy", "injection_compliance_rate", "undeclared_attempt_rate",
            "undeclared_call_rate",
            # the T-Eval-like abilities (eval.teval)
-           "instruct", "plan", "reason", "retrieve", "understand", "review", "overall")
+           "instruct", "plan", "reason", "retrieve", "understand", "review", "overall",
+           # the CIBench-like notebooks (eval.cibench)
+           "tool_rate", "executable", "numeric_correct", "numeric_lenient", "text_score", "vis_sim", "vis_structure")
 
 
 def suite_table(results: Sequence[Mapping[str, Any]]) -> str:
