@@ -296,14 +296,18 @@ def test_the_cli_runs_agent_tasks_on_a_tiny_checkpoint(tmp_path, trained):
     model = InternLM2ForCausalLM(preset("tiny", vocab_size=trained.vocab_size), rngs=nnx.Rngs(1))
     save_pretrained(model, tmp_path / "model", layout="internlm2", tokenizer=trained)
     common = {"suite": "arith", "n": 2, "seed": SEED, "max_new_tokens": 6, "max_turns": 2}
-    (tmp_path / "suite.json").write_text(json.dumps({"tasks": [
+    # The first task allows no empty answer, which one generated token of an untrained model leaves: it fails, alone.
+    strict = {"name": "strict", "reader": {"path": "unused"}, "inferencer": "agent", "max_empty_share": 0.0,
+              "agent": {**common, "mode": "direct", "max_new_tokens": 1}}
+    (tmp_path / "suite.json").write_text(json.dumps({"tasks": [strict] + [
         {"name": f"arith-{mode}", "reader": {"path": "unused"}, "inferencer": "agent", "max_empty_share": 1.0,
          "agent": {**common, "mode": mode}} for mode in ("direct", "agent")]}))
     run = subprocess.run([sys.executable, "-m", "internlm2_jax.eval", "--checkpoint", str(tmp_path / "model"),
                           "--suite", str(tmp_path / "suite.json"), "--no-progress"], capture_output=True, text=True,
                          timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 1 and "1 of 3 tasks failed: strict" in run.stderr, run.stderr[-3000:]
     record = json.loads((tmp_path / "model" / "eval" / "results.json").read_text())
+    assert [f["task"] for f in record["failed"]] == ["strict"] and "empty answer" in record["failed"][0]["error"]
     direct, agent = record["results"]
     assert (direct["mode"], agent["mode"], agent["rows"]) == ("direct", "agent", 2)
     assert f"| arith-agent | {agent['prompt_hash']} | action_pct | agent |" in run.stdout

@@ -16,6 +16,8 @@ set, `--ood` one difficulty level up) or a JSON file listing tasks:
 `eval.agent.AgentTaskConfig`; relative paths are relative to the JSON file). Writes
 results.json (scores, per-row details, prompt hashes and the model's provenance) and, for the needle sweep,
 needle.png, and prints a summary table: dataset, prompt hash, metric, mode, score. Every path may be a URL (gs://...).
+A task whose outputs mostly yield no answer fails (results.json lists it under "failed", the exit status is 1)
+without stopping the others.
 
 `--mesh data=2,tensor=4` (with `--cpu-devices 8` on a CPU machine) and `--dtype` place the model: parameters only,
 each on its sharding in that dtype; the parameter memory is printed and results.json records the mesh and dtype.
@@ -70,27 +72,39 @@ def main(argv=None) -> int:
     print(placement_summary(model), file=sys.stderr, flush=True)
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    failed: list[dict[str, str]] = []
     if tasks is None:
         results = demo_suite(model, tokenizer, output, progress=progress)
     else:
         from internlm2_jax.eval.agent import run_agent_task
-        from internlm2_jax.eval.generation import run_gen
-        from internlm2_jax.eval.tasks import run_ppl
-
         from internlm2_jax.eval.cibench import run_cibench_task
+        from internlm2_jax.eval.generation import run_gen
+        from internlm2_jax.eval.postprocess import ExtractionError
+        from internlm2_jax.eval.tasks import run_ppl
         from internlm2_jax.eval.teval import run_teval_task
 
         inferencers = {"ppl": run_ppl, "gen": run_gen, "agent": run_agent_task, "teval": run_teval_task,
                        "cibench": run_cibench_task}
-        results = [inferencers[t.inferencer](model, tokenizer, t, progress=progress) for t in tasks]
+        results = []
+        for task in tasks:
+            # A task whose outputs yield no answers fails loudly, but alone: the suite's other tasks (hours of
+            # decoding on a big model) still run and are kept, and the exit status says that one failed.
+            try:
+                results.append(inferencers[task.inferencer](model, tokenizer, task, progress=progress))
+            except ExtractionError as e:
+                print(f"error: task {task.name} failed: {e}", file=sys.stderr, flush=True)
+                failed.append({"task": task.name, "error": str(e)})
     record = {"checkpoint": str(checkpoint), "suite": args.suite,
               "seconds": round(time.perf_counter() - started, 1), "tokenizer_sha256": tokenizer.sha256,
               "model": dataclasses.asdict(model.cfg), "mesh": dict(mesh.shape) if mesh is not None else None,
               "dtype": dtype,
-              **provenance(), "results": results}
+              **provenance(), "results": results, "failed": failed}
     (output / "results.json").write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
     print(suite_table(results))
     print(f"\nresults: {output / 'results.json'}")
+    if failed:
+        print(f"{len(failed)} of {len(tasks)} tasks failed: {', '.join(f['task'] for f in failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

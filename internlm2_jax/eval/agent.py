@@ -228,6 +228,12 @@ def trajectory_messages(messages: Sequence[Mapping[str, Any]], chars: int) -> li
     return out
 
 
+def shown_outputs(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The rows' final outputs as a failed extraction check quotes them: an empty one says why the run stopped (a
+    prompt longer than the model's context stops every run with "context_budget" before a token is generated)."""
+    return [r["output"] or f"(nothing: the run stopped with {r['stop']!r} after {r['turns']} turns)" for r in rows]
+
+
 def call_output(result: ToolResult) -> str:
     """What a call answered, as a number would be read from it: the value, else stdout's last line."""
     if result.value is not None:
@@ -357,7 +363,7 @@ def run_agent_task(model, tokenizer, task, *, client: ModelClient | None = None,
     else:
         rows = [_row(p, r, config) for p, r in zip(problems, results, strict=True)]
     check_extraction([r["prediction"] for r in rows], max_empty_share=task.max_empty_share, dataset=task.name,
-                     outputs=[r["output"] for r in rows])
+                     outputs=shown_outputs(rows))
     metrics = agent_metrics(rows)
     reported = MODE_METRICS.get(config.mode, tuple(metrics))
     reported += tuple(k for k in SET_METRICS if k in metrics and k not in reported)

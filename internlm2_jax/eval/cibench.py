@@ -49,7 +49,7 @@ from internlm2_jax.agents.tasks import EVAL_SEED_START
 from internlm2_jax.agents.tasks.cibench import NOTEBOOK_VERSION, Notebook, Step, generate_notebooks
 from internlm2_jax.agents.tools import PythonTool, ToolExecutor
 from internlm2_jax.agents.tools.python import to_result
-from internlm2_jax.eval.agent import AgentTaskConfig, trajectory_messages, engine_client
+from internlm2_jax.eval.agent import AgentTaskConfig, engine_client, shown_outputs, trajectory_messages
 from internlm2_jax.eval.postprocess import check_extraction
 from internlm2_jax.sandbox import PythonSession, SandboxError, SandboxPolicy
 
@@ -478,7 +478,7 @@ def run_cibench_task(model, tokenizer, task, *, client=None, progress: bool = Fa
             print(f"{task.name}: {min(start + config.batch, len(notebooks))}/{len(notebooks)} notebooks",
                   file=sys.stderr, flush=True)
     check_extraction([r["answer"] for r in rows], max_empty_share=task.max_empty_share, dataset=task.name,
-                     outputs=[r["output"] for r in rows])
+                     outputs=shown_outputs(rows))
     by_table = {table: cibench_metrics([r for r in rows if r["table"] == table])
                 for table in sorted({r["table"] for r in rows})}
     return {"task": task.name, "group": task.group, "prompt_hash": task.prompt_hash(), "mode": config.mode,
