@@ -1,5 +1,5 @@
-"""notebooks/quickstart.ipynb, data_and_decoding.ipynb, reward_model.ipynb, serving.ipynb and long_context.ipynb
-execute top to bottom through a real Jupyter kernel (nbclient + ipykernel).
+"""notebooks/quickstart.ipynb, data_and_decoding.ipynb, reward_model.ipynb, serving.ipynb, long_context.ipynb,
+rlhf.ipynb and agents.ipynb execute top to bottom through a real Jupyter kernel (nbclient + ipykernel).
 
 The kernel is this interpreter: a kernelspec naming `sys.executable` is written to a temporary folder put first on
 JUPYTER_PATH, so neither a `python3` kernel installed elsewhere on the machine nor a missing one changes what runs.
@@ -107,3 +107,40 @@ def test_rlhf_notebook_runs_a_ppo_round_with_its_curves_and_samples(kernel_name,
     assert found and float(found[2]) > float(found[1]), text
     assert "== before (iteration 1)" in text and "== after (iteration 20)" in text, text
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the curves, and the loop's own PNG
+
+
+# ~280 s on a loaded 2-core machine (the data, a 60-step fine-tuning run, the engine, the evaluations); the default
+# run keeps under 30 min
+@pytest.mark.slow
+def test_agents_notebook_shows_the_protocol_a_sandboxed_session_a_tiny_agent_and_its_evaluation_table(
+        kernel_name, tmp_path, monkeypatch):
+    """Issue 22 acceptance 7: the protocol, one sandboxed session, one agent run with a trained tiny model, the
+    evaluation table. Fewer fine-tuning steps than the notebook's default: the model only has to learn the format
+    (whether it then beats direct answering is tests/test_agent_sft_tiny.py's gate)."""
+    monkeypatch.setenv("AGENTS_NOTEBOOK_STEPS", "60")
+    outputs, text = run_notebook("agents.ipynb", kernel_name, tmp_path, 600,
+                                 first_cell='STEPS = int(os.environ.get("AGENTS_NOTEBOOK_STEPS", ')
+    assert "1 cpu device; 60 steps of 8 rows" in text, text
+    # The rendered prompt: both kinds of call and their environment turns, in the template's markers.
+    assert ('<|im_start|>assistant\nThe calculator first.<|action_start|><|plugin|>\n{"name": "calculator", '
+            '"parameters": {"expression": "2**10 - 24"}}<|action_end|>\n<|im_end|>\n'
+            '<|im_start|>environment name=<|plugin|>\n1000<|im_end|>') in text, text
+    assert ("<|action_start|><|interpreter|>\n```python\nprint(sum(range(1000)))\n```<|action_end|>\n<|im_end|>\n"
+            "<|im_start|>environment name=<|interpreter|>\n499500<|im_end|>") in text, text
+    assert "call    interpreter python {'code': 'print(sum(range(1000)))'}, error None" in text, text
+    assert "in the user's ids: False" in text and "the model repeats it as text -> call None" in text, text
+    # The sandboxed session: state kept across cells and across the interrupted loop; the attacks contained.
+    assert re.search(r"reuse: ok +285\n", text) and re.search(r"after the loop: ok +10\n", text), text
+    assert re.search(r"network: error +PermissionError", text), text
+    assert re.search(r"file write: error", text) and re.search(r"infinite loop: timeout", text), text
+    assert "host side: the listener was reached: False; the file exists: False" in text, text
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss curve
+    # The agent run and the accuracies on held-out products.
+    assert re.search(r"stop: \w+; answer .*; expected \d+", text), text
+    assert re.search(r"held-out accuracy on 32 products: direct \d\.\d+, agent \d\.\d+", text), text
+    # The evaluation table: a row per task and metric, and the group's average per mode.
+    for task in ("arith_mul-d3-direct", "arith_mul-d3-agent", "arith_mul-d4-direct", "arith_mul-d4-agent"):
+        assert re.search(rf"\| {task} \| [0-9a-f]{{10}} \| accuracy \| \w+ \| \d\.\d{{4}} \|", text), text
+    assert re.search(r"\| control-d1-agent \| [0-9a-f]{10} \| unnecessary_call_rate \| agent \|", text), text
+    for mode in ("direct", "agent"):
+        assert re.search(rf"\| \*\*products\*\* \(average of 2\) \| \w+\+\w+ \| accuracy \| {mode} \|", text), text
