@@ -12,8 +12,9 @@ by the same model twice through the in-process engine: directly (the interpreter
 through the agent loop with the sandboxed interpreter. A model this small cannot multiply in its head, so direct
 accuracy stays near 0; copying the operands into `print(a * b)` and the output into the answer is learnable. A third
 pass runs the agent with an interpreter that lies (shows c + 1): answers that follow the lie show the model reads its
-tool's output. The report (`runs/agent_sft_tiny/report.json`, `.md`) gives accuracy, parse- and exec-error rates,
-tool rate and mean turns of each mode.
+tool's output; a fourth renders every prompt without the interpreter's results, and accuracy collapses. The report
+(`runs/agent_sft_tiny/report.json`, `.md`) gives accuracy, parse- and exec-error rates, tool rate and mean turns of
+each mode.
 
 Run: python -m internlm2_jax.launch experiments/agent_sft_tiny.py
 """
@@ -23,7 +24,7 @@ import json
 import time
 from pathlib import Path
 
-from internlm2_jax.agents.clients import Decoding, EngineClient
+from internlm2_jax.agents.clients import Decoding, EngineClient, Prompt
 from internlm2_jax.agents.loop import AgentConfig, run_agents
 from internlm2_jax.agents.protocol import ToolResult
 from internlm2_jax.agents.state import Limits
@@ -32,6 +33,7 @@ from internlm2_jax.agents.tasks.oracle import RETRY_THOUGHT, THOUGHTS, answer_te
 from internlm2_jax.agents.tools import PythonTool, ToolExecutor
 from internlm2_jax.agents.trajectories import dedup, oracle_records, write_records
 from internlm2_jax.artifacts import load_run
+from internlm2_jax.chat_template import get_chat_template
 from internlm2_jax.config import preset
 from internlm2_jax.decode.engine import Engine, EngineConfig
 from internlm2_jax.experiment import DataConfig, Experiment
@@ -107,18 +109,35 @@ class LyingInterpreter(PythonTool):
         return result
 
 
+class UnheardClient(EngineClient):
+    """The other causality check of §4.6, a deliberately broken renderer: every prompt is rendered without its
+    `environment` turns, so the model never sees what its program printed. An agent whose answers come from the
+    tool collapses; one that computes them some other way would not."""
+
+    def __init__(self, engine, tokenizer):
+        super().__init__(engine)
+        self.tokenizer, self.template = tokenizer, get_chat_template("internlm2_chat")
+
+    def _request(self, prompt: Prompt, decoding: Decoding):
+        heard = [m for m in prompt.messages if m["role"] != "environment"]
+        ids, _ = self.template.encode(heard, self.tokenizer, add_generation_prompt=True)
+        return super()._request(dataclasses.replace(prompt, ids=tuple(ids)), decoding)
+
+
 def evaluate(engine, tokenizer, problems, *, mode: str) -> dict:
     """Accuracy and the loop's error rates over `problems`, answered through the agent loop on `engine`: "agent"
     with the interpreter, "direct" without (no interpreter announced, one turn, so calls are banned), "lying" with
-    `LyingInterpreter`, where the accuracy counted is that of the lie (answers equal to c + 1)."""
+    `LyingInterpreter`, where the accuracy counted is that of the lie (answers equal to c + 1), "unheard" with the
+    interpreter's results left out of every prompt (`UnheardClient`)."""
     expected = [str(int(p.answer) + 1) if mode == "lying" else p.answer for p in problems]
     if mode != "direct":
         interpreter = LyingInterpreter if mode == "lying" else PythonTool
         config, executors = AGENT, lambda: ToolExecutor(interpreter=interpreter())
     else:
         config, executors = dataclasses.replace(AGENT, limits=Limits(max_turns=1)), ToolExecutor()
+    client = UnheardClient(engine, tokenizer) if mode == "unheard" else EngineClient(engine)
     start = time.perf_counter()
-    results = run_agents(EngineClient(engine), tokenizer, executors, [p.question for p in problems], config=config)
+    results = run_agents(client, tokenizer, executors, [p.question for p in problems], config=config)
     seconds = time.perf_counter() - start
     correct = [extract_answer(r.answer) == answer for r, answer in zip(results, expected, strict=True)]
     turns = sum(len(r.turns) for r in results)
@@ -154,7 +173,7 @@ def run(exp: Experiment, sizes: Sizes = Sizes()) -> dict:
     report = {"suite": SUITE, "difficulty": DIFFICULTY, "steps": result.final_step,
               "eval_loss": result.eval.get("eval_loss"), "data": data, "timings": timings}
     for name, problems in sets.items():
-        for mode in ("direct", "agent", "lying") if name == "heldout" else ("direct", "agent"):
+        for mode in ("direct", "agent", "lying", "unheard") if name == "heldout" else ("direct", "agent"):
             report[f"{name}_{mode}"] = evaluate(engine, tokenizer, problems, mode=mode)
     report["margin"] = report["heldout_agent"]["accuracy"] - report["heldout_direct"]["accuracy"]
     write_report(report, Path(exp.train.run_dir))

@@ -31,7 +31,7 @@ def test_a_short_run_writes_the_trajectories_and_a_report_with_both_accuracies(t
     assert {"tool", "no_tool"} <= episodes and all(r["meta"]["answer"] for r in records)
     saved = json.loads((tmp_path / module.RUN / "report.json").read_text())
     assert saved["steps"] == 4 and "ood_agent" not in saved
-    for mode in (*MODES, "heldout_lying"):
+    for mode in (*MODES, "heldout_lying", "heldout_unheard"):
         metrics = saved[mode]
         assert metrics["n"] == 6 and 0.0 <= metrics["accuracy"] <= 1.0 and metrics["mean_turns"] >= 1
     assert saved["heldout_direct"]["tool_rate"] == 0.0  # no interpreter announced, one turn: calls are banned
@@ -51,3 +51,6 @@ def test_the_interpreter_beats_answering_directly(tmp_path, monkeypatch):
     assert agent["accuracy"] - direct["accuracy"] >= 0.4
     assert agent["parse_error_rate"] <= 0.05 and agent["exec_error_rate"] <= 0.05
     assert 1.9 <= agent["mean_turns"] <= 2.2
+    # The causality checks: answers follow a lying interpreter, and collapse when its results are not shown.
+    assert report["heldout_lying"]["accuracy"] >= 0.8 * agent["accuracy"]
+    assert report["heldout_unheard"]["accuracy"] <= 0.05
