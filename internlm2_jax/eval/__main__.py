@@ -16,11 +16,9 @@ set, `--ood` one difficulty level up) or a JSON file listing tasks:
 `eval.agent.AgentTaskConfig`; relative paths are relative to the JSON file). Writes
 results.json (scores, per-row details, prompt hashes and the model's provenance) and, for the needle sweep,
 needle.png, and prints a summary table: dataset, prompt hash, metric, mode, score. Every path may be a URL (gs://...).
-A task whose outputs mostly yield no answer fails (results.json lists it under "failed", the exit status is 1)
-without stopping the others.
-
-`--mesh data=2,tensor=4` (with `--cpu-devices 8` on a CPU machine) and `--dtype` place the model: parameters only,
-each on its sharding in that dtype; the parameter memory is printed and results.json records the mesh and dtype.
+`--train-data JSONL` (the model's SFT records, say) adds to each task the share of its questions that appear in
+that data (`eval.contamination`: whole, or sharing 13 words). A task whose outputs mostly yield no answer fails
+(results.json lists it under "failed", the exit status is 1) without stopping the others.
 """
 
 from __future__ import annotations
@@ -40,6 +38,9 @@ def main(argv=None) -> int:
     parser.add_argument("--problems", type=int, help="agents-offline: problems per set (default 100)")
     parser.add_argument("--ood", action="store_true",
                         help="agents-offline: out of distribution (every generated set one difficulty level up)")
+    parser.add_argument("--train-data", action="append", default=[], metavar="JSONL",
+                        help="the model's training questions (SFT records or rows with a \"question\"; repeatable): "
+                             "each task reports the share of its questions seen there (train_overlap)")
     parser.add_argument("--output", help="where results.json goes (default: CHECKPOINT/eval)")
     parser.add_argument("--no-progress", action="store_true")
     from internlm2_jax.artifacts import (CheckpointMismatch, add_placement_arguments, load_for_decoding,
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from internlm2_jax.convert import CheckpointError
+    from internlm2_jax.eval.contamination import TrainingIndex, train_overlap, training_questions
     from internlm2_jax.eval.suites import agents_offline_suite, demo_suite, load_suite
     from internlm2_jax.eval.tasks import suite_table
     from internlm2_jax.paths import absolute
@@ -57,6 +59,9 @@ def main(argv=None) -> int:
     checkpoint = absolute(args.checkpoint)
     output = absolute(args.output) if args.output else checkpoint / "eval"
     try:
+        index = None
+        if args.train_data:  # read first: a bad file fails in seconds, not after the model has loaded
+            index = TrainingIndex(q for path in args.train_data for q in training_questions(path))
         if (args.seed is not None or args.problems is not None or args.ood) and args.suite != "agents-offline":
             raise ValueError("--seed, --problems and --ood are for the agents-offline suite")
         if args.suite == "agents-offline":
@@ -94,7 +99,10 @@ def main(argv=None) -> int:
             except ExtractionError as e:
                 print(f"error: task {task.name} failed: {e}", file=sys.stderr, flush=True)
                 failed.append({"task": task.name, "error": str(e)})
-    record = {"checkpoint": str(checkpoint), "suite": args.suite,
+    if index is not None:
+        for result in results:
+            result.update(train_overlap(result, index) or {})
+    record = {"checkpoint": str(checkpoint), "suite": args.suite, "train_data": args.train_data,
               "seconds": round(time.perf_counter() - started, 1), "tokenizer_sha256": tokenizer.sha256,
               "model": dataclasses.asdict(model.cfg), "mesh": dict(mesh.shape) if mesh is not None else None,
               "dtype": dtype,

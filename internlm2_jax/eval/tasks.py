@@ -216,7 +216,9 @@ METRICS = ("accuracy", "accuracy_norm", "pass@1", "perplexity", "bits_per_byte",
            # the T-Eval-like abilities (eval.teval)
            "instruct", "plan", "reason", "retrieve", "understand", "review", "overall",
            # the CIBench-like notebooks (eval.cibench)
-           "tool_rate", "executable", "numeric_correct", "numeric_lenient", "text_score", "vis_sim", "vis_structure")
+           "tool_rate", "executable", "numeric_correct", "numeric_lenient", "text_score", "vis_sim", "vis_structure",
+           # eval.contamination (with --train-data)
+           "train_overlap")
 
 
 def suite_table(results: Sequence[Mapping[str, Any]]) -> str:
