@@ -232,8 +232,9 @@ def test_agents_offline_suite_and_agent_tasks_in_task_files(tmp_path):
                                        "mathbench-pal", "mathbench-agent", "control-agent", "injection-agent",
                                        "teval", "cibench-end_to_end", "cibench-oracle"]
     ood = agents_offline_suite(seed=SEED, problems=5, ood=True)
-    assert [t.name for t in ood] == [f"{t.name}-ood" for t in tasks[:-3]]  # T-Eval and CIBench: no difficulty
-    assert [t.agent.difficulty for t in ood] == [t.agent.difficulty + 1 for t in tasks[:-3]]
+    assert [t.name for t in ood] == [f"{t.name}-ood" for t in tasks[:-2]]  # CIBench: no difficulty to raise
+    assert [t.agent.difficulty for t in ood[:-1]] == [t.agent.difficulty + 1 for t in tasks[:-3]]
+    assert ood[-1].agent.ood and not tasks[-3].agent.ood  # T-Eval: its tools renamed
     assert not {t.prompt_hash() for t in ood} & {t.prompt_hash() for t in tasks}  # the generators' fingerprints
     assert {(t.agent.seed, t.agent.n) for t in tasks[:-2]} == {(SEED, 5)}
     assert {(t.agent.seed, t.agent.n) for t in tasks[-2:]} == {(SEED, 1)}  # notebooks of ~6 steps each

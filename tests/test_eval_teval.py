@@ -1,7 +1,8 @@
 """The T-Eval-like evaluation (agents.md §3, §4.7 G1-G4): the six scorers on hand cases with T-Eval's formulas (empty
 plans, a FinishAction step, a zero-argument tool, review choices), the generator's determinism and executed gold
-plans, an oracle client that scores 1 on every ability, a garbage client that scores about 0 without raising, and a
-prompt hash that moves with prompts and tool schemas."""
+plans, an oracle client that scores 1 on every ability (also with the tools renamed, reordered and their parameters
+reversed: --ood), a garbage client that scores about 0 without raising, and a prompt hash that moves with prompts and
+tool schemas."""
 
 import dataclasses
 import hashlib
@@ -281,3 +282,22 @@ def test_an_untrained_model_runs_through_the_engine(released):
     assert result["rows"] == 1 and all(0.0 <= result[metric] <= 1.0 for metric in (*ABILITIES, "overall"))
     [row] = result["details"]
     assert {row[ability]["finish_reason"] for ability in ABILITIES} <= {"length", "stop"}
+
+
+def test_out_of_distribution_tools_are_renamed_reordered_and_reversed_and_the_oracle_still_scores_one(released):
+    task = teval_task(n=6, ood=True)
+    items = task.agent.items()
+    assert [i.query for i in items] == [i.query for i in generate(6, SEED)]  # the same questions, other names
+    assert {step.name for item in items for step in item.steps} <= set(teval_tasks.OOD_NAMES.values())
+    announced = task.agent.toolset().openai_tools()
+    assert [t["function"]["name"] for t in announced] == list(teval_tasks.OOD_ORDER)
+    original = {t["function"]["name"]: t["function"] for t in toolset().openai_tools()}
+    for renamed in announced:
+        old = original[next(k for k, v in teval_tasks.OOD_NAMES.items() if v == renamed["function"]["name"])]
+        assert list(renamed["function"]["parameters"]["properties"]) == list(reversed(old["parameters"]["properties"]))
+    client = ScriptedClient(released, [gold_answer(item, ability) for item in items for ability in ABILITIES])
+    result = run_teval_task(None, released, task, client=client)
+    assert result["overall"] == pytest.approx(1.0, abs=1e-4)
+    prompts = "\n".join(released.decode(list(p.ids)) for p in client.prompts)
+    assert not any(f'"{name}"' in prompts for name in teval_tasks.OOD_NAMES)  # no original name reaches the model
+    assert task.prompt_hash() != teval_task(n=6).prompt_hash()

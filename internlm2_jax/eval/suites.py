@@ -83,7 +83,8 @@ CONTROL_SETS = ("control", "injection")
 def agents_offline_suite(*, seed: int | None = None, problems: int = 100, ood: bool = False) -> list:
     """The agents-offline tasks, each `problems` generated questions from evaluation seed `seed` (default: the first
     evaluation seed; seeds below it are the training generators'). `ood`: every set one difficulty level above the
-    one models are trained and compared on (one more digit, larger quantities), the tasks named "...-ood"."""
+    one models are trained and compared on (one more digit, larger quantities) and T-Eval's tools renamed, the tasks
+    named "...-ood"."""
     from internlm2_jax.agents.tasks import EVAL_SEED_START
     from internlm2_jax.eval.agent import AgentTaskConfig
     from internlm2_jax.eval.tasks import Reader, Task
@@ -101,16 +102,16 @@ def agents_offline_suite(*, seed: int | None = None, problems: int = 100, ood: b
                         agent=config, group=None if suite in CONTROL_SETS else f"agents-offline{suffix}")
             task.validate()
             tasks.append(task)
-    if ood:  # T-Eval's items and CIBench's notebooks have no difficulty to raise
-        return tasks
-    # T-Eval-like tool use (six abilities, each scored on its own) and CIBench-like notebooks (steps over a data
-    # table in one interpreter session; each notebook ~6 steps, so a fifth as many): outside the group, their
-    # scores are no accuracies.
-    others = [Task("teval", Reader("agents.tasks:teval"), inferencer="teval",
-                   agent=TEvalTaskConfig(n=problems, seed=seed))]
-    others += [Task(f"cibench-{mode}", Reader("agents.tasks:cibench"), inferencer="cibench",
-                    agent=CIBenchTaskConfig(mode=mode, n=max(1, problems // 5), seed=seed))
-               for mode in ("end_to_end", "oracle")]
+    # T-Eval-like tool use (six abilities, each scored on its own; out of distribution: the tools renamed, reordered
+    # and their parameters reversed) and CIBench-like notebooks (steps over a data table in one interpreter session;
+    # each notebook ~6 steps, so a fifth as many; they have no difficulty to raise): outside the group, their scores
+    # are no accuracies.
+    others = [Task(f"teval{suffix}", Reader("agents.tasks:teval"), inferencer="teval",
+                   agent=TEvalTaskConfig(n=problems, seed=seed, ood=ood))]
+    if not ood:
+        others += [Task(f"cibench-{mode}", Reader("agents.tasks:cibench"), inferencer="cibench",
+                        agent=CIBenchTaskConfig(mode=mode, n=max(1, problems // 5), seed=seed))
+                   for mode in ("end_to_end", "oracle")]
     for task in others:
         task.validate()
     return tasks + others

@@ -47,7 +47,8 @@ from internlm2_jax.agents.clients import Decoding, Generation, ModelClient, Prom
 from internlm2_jax.agents.protocol import Call, Parsed, ToolResult, cap, result_turn, stop_ids, system_turns
 from internlm2_jax.agents.tasks import EVAL_SEED_START
 from internlm2_jax.agents.tasks.teval import (FINISH, REVIEW_LABELS, SUBGOAL_FORMS, TEVAL_VERSION, Step, TEvalItem,
-                                              generate, toolset)
+                                              generate, ood_item, toolset)
+from internlm2_jax.agents.tools import ToolExecutor
 from internlm2_jax.chat_template import get_chat_template
 from internlm2_jax.eval.agent import TokenNames, engine_client
 
@@ -87,6 +88,7 @@ class TEvalTaskConfig:
     max_new_tokens: int = 512
     batch: int = 32  # prompts generated together (the engine's batch)
     output_chars: int = 2000  # each recorded model output is capped to this
+    ood: bool = False  # the tools renamed, reordered, their parameters listed in reverse (teval.toolset(ood=True))
 
     def validate(self, where: str) -> None:
         checks = {"n": self.n >= 1, "seed": self.seed >= EVAL_SEED_START, "style": self.style in ("compact", "lagent"),
@@ -99,9 +101,16 @@ class TEvalTaskConfig:
     def decoding(self) -> Decoding:
         return Decoding(max_new_tokens=self.max_new_tokens)
 
+    def toolset(self) -> ToolExecutor:
+        return toolset(self.ood)
+
+    def items(self) -> list[TEvalItem]:
+        items = generate(self.n, self.seed)
+        return [ood_item(item) for item in items] if self.ood else items
+
     def system(self, ability: str, tool: str = "{name}") -> list[dict[str, Any]]:
         """The system turns of an ability's prompts (understand's names the `tool` to call)."""
-        return system_turns(meta=SYSTEM[ability].replace("{name}", tool), tools=toolset().openai_tools(),
+        return system_turns(meta=SYSTEM[ability].replace("{name}", tool), tools=self.toolset().openai_tools(),
                             style=self.style)
 
     def setting(self) -> dict[str, Any]:
@@ -109,7 +118,7 @@ class TEvalTaskConfig:
         items."""
         return {"system": {ability: self.system(ability) for ability in ABILITIES},
                 "instruct": [INSTRUCT_TEMPLATE, INSTRUCT_NO_PARAMETERS], "review": REVIEW_CHOICES,
-                "tools": toolset().openai_tools(), "style": self.style, "template": TEMPLATE,
+                "tools": self.toolset().openai_tools(), "style": self.style, "template": TEMPLATE,
                 "decoding": dataclasses.asdict(self.decoding()), "stop": list(stop_ids(TokenNames())),
                 "generator": {"version": TEVAL_VERSION, "fingerprint": generator_fingerprint()}}
 
@@ -334,9 +343,9 @@ def run_teval_task(model, tokenizer, task, *, client: ModelClient | None = None,
     `client` replaces the model's engine (a test's `ScriptedClient`, a server)."""
     task.validate()
     config: TEvalTaskConfig = task.agent
-    items = generate(config.n, config.seed)
+    items = config.items()
     template = get_chat_template(TEMPLATE)
-    tools = toolset()
+    tools = config.toolset()
     specs, definitions = tools.specs(), tuple(tools.openai_tools())
     prompts, keys = [], []
     for item in items:

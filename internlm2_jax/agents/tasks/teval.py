@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
 from internlm2_jax.agents.protocol import Call, ToolResult
-from internlm2_jax.agents.tools import DocIndex, Document, ToolError, ToolExecutor, tool
+from internlm2_jax.agents.tools import DocIndex, Document, Tool, ToolError, ToolExecutor, tool
 from internlm2_jax.agents.tools.calculator import calculator
 
 # Bump when the items generated for the same arguments change (the tests pin a hash of this version's output).
@@ -135,11 +135,27 @@ def search_world_docs(query: str, k: Annotated[int, {"minimum": 1, "maximum": 5}
 
 
 TOOLS = (calculator, unit_convert, date_diff, current_date, kv_lookup, search_world_docs)
+# Out of distribution (agents.md §3, held-out check 2): the same tools under other names, announced in another order
+# with their parameters listed in reverse, so a model that memorised names or positions is found out.
+OOD_NAMES = {"calculator": "evaluate_math", "unit_convert": "convert_units", "date_diff": "days_between",
+             "current_date": "today", "kv_lookup": "city_facts", "search_docs": "find_pages"}
+OOD_ORDER = ("city_facts", "today", "find_pages", "evaluate_math", "days_between", "convert_units")
 
 
-def toolset() -> ToolExecutor:
-    """The toy toolset, in the order the model is shown it."""
-    return ToolExecutor(TOOLS)
+def _ood_tool(tool: Tool) -> Tool:
+    parameters = dict(tool.parameters)
+    parameters["properties"] = dict(reversed(list(tool.parameters.get("properties", {}).items())))
+    if "required" in parameters:
+        parameters["required"] = list(reversed(parameters["required"]))
+    return dataclasses.replace(tool, name=OOD_NAMES[tool.name], parameters=parameters)
+
+
+def toolset(ood: bool = False) -> ToolExecutor:
+    """The toy toolset, in the order the model is shown it; `ood`: renamed, reordered, parameters reversed."""
+    if not ood:
+        return ToolExecutor(TOOLS)
+    renamed = {tool.name: tool for tool in map(_ood_tool, TOOLS)}
+    return ToolExecutor([renamed[name] for name in OOD_ORDER])
 
 
 def execute(executor: ToolExecutor, name: str, args: Mapping[str, Any]) -> ToolResult:
@@ -357,3 +373,18 @@ def generate(n: int, seed: int) -> list[TEvalItem]:
     rng = random.Random(f"teval/{seed}")
     executor = toolset()
     return [item(rng, f"teval-{seed}-{i}", executor) for i in range(n)]
+
+
+def ood_item(item: TEvalItem) -> TEvalItem:
+    """`item` with every tool name as `toolset(ood=True)` calls it (errors that quote a name included)."""
+    def rename(name: str) -> str:
+        return OOD_NAMES.get(name, name)
+
+    def retext(text: str | None) -> str | None:
+        for old, new in OOD_NAMES.items():
+            text = None if text is None else text.replace(old, new)
+        return text
+
+    steps = tuple(dataclasses.replace(step, name=rename(step.name)) for step in item.steps)
+    review = dataclasses.replace(item.review, name=rename(item.review.name), error=retext(item.review.error))
+    return dataclasses.replace(item, steps=steps, review=review)
