@@ -35,6 +35,7 @@ class RopeScaling:
 
 
 LORA_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
+QUANTIZED_BASES = (None, "nf4")  # LoraConfig.quantize_base: a float base, or QLoRA's NF4 (model/nf4.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,12 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = LORA_TARGETS
+    # QLoRA: the frozen base projections (all five, targeted or not: the point is their memory) stored as NF4 with
+    # double quantization, blocks of `nf4_block` along each weight's inputs (bitsandbytes' 64) and the absmax
+    # codes scaled per `nf4_absmax_block` outputs (256). The head, embedding and norms stay in floating point.
+    quantize_base: str | None = None
+    nf4_block: int = 64
+    nf4_absmax_block: int = 256
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
@@ -57,6 +64,30 @@ class LoraConfig:
         if unknown or not self.targets:
             raise ConfigError(f"lora.targets must be a non-empty subset of {LORA_TARGETS}, got {self.targets!r}")
         object.__setattr__(self, "targets", tuple(self.targets))
+        if self.quantize_base not in QUANTIZED_BASES:
+            raise ConfigError(f"lora.quantize_base must be one of {QUANTIZED_BASES}, got {self.quantize_base!r}")
+        for name in ("nf4_block", "nf4_absmax_block"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % 2:
+                raise ConfigError(f"lora.{name} must be a positive even integer, got {value!r}")
+
+    def nf4_errors(self, model: ModelConfig) -> list[str]:
+        """Why `model`'s projections cannot be NF4 with these blocks: each weight's inputs [in, out] must divide
+        into `nf4_block`s and its outputs into `nf4_absmax_block`s (none: QLoRA is off, or they all fit)."""
+        if self.quantize_base is None:
+            return []
+        h, i = model.hidden_size, model.intermediate_size
+        heads, kv, d = model.num_attention_heads, model.num_key_value_heads, model.head_dim
+        shapes = {"wqkv": (h, (heads + 2 * kv) * d), "wo": (heads * d, h), "w1": (h, i), "w3": (h, i), "w2": (i, h)}
+        errors = []
+        for name, (n_in, n_out) in shapes.items():
+            if n_in % self.nf4_block:
+                errors.append(f"{name} [in={n_in}, out={n_out}]: lora.nf4_block={self.nf4_block} does not divide "
+                              f"its {n_in} inputs")
+            if n_out % self.nf4_absmax_block:
+                errors.append(f"{name} [in={n_in}, out={n_out}]: lora.nf4_absmax_block={self.nf4_absmax_block} "
+                              f"does not divide its {n_out} outputs")
+        return errors
 
     @property
     def scale(self) -> float:

@@ -21,6 +21,7 @@ from flax import nnx
 from internlm2_jax.config import LAYOUTS, LORA_TARGETS, ModelConfig
 from internlm2_jax.convert.layouts import Mapping, layer_mappings, layer_prefix
 from internlm2_jax.convert.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors_file
+from internlm2_jax.model.lora import dequantized_base
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -88,7 +89,9 @@ def _to_ours(cfg: ModelConfig, mapping: Mapping, pairs: list[tuple[np.ndarray, n
 
 def base_model(model: nnx.Module) -> nnx.Module:
     """The same model without its adapters and with its base weights unmerged: what a PEFT adapter is applied to
-    (export it with `save_pretrained`). `merge_lora` is the other way out, with the adapters folded in."""
+    (export it with `save_pretrained`). `merge_lora` is the other way out, with the adapters folded in. A QLoRA
+    model's base comes out dequantized: the float weights its adapters were trained against."""
+    model = dequantized_base(model)
     cfg = model.cfg
     if cfg.lora is None:
         return model

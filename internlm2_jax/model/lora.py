@@ -5,18 +5,25 @@ training state selects them by path: the optimizer trains `lora_` paths only and
 A's input dimensions are the weight's contracted dimensions and B's output dimensions are the weight's output
 dimensions, so one equation rewrite (`lora_equations`) serves every projection and both layouts of the fused wqkv.
 Initialisation follows PEFT: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B = 0, so a fresh adapter changes nothing.
+
+QLoRA (`LoraConfig(quantize_base="nf4")`): every projection's frozen base weight is an `NF4Weight` inside its
+parameter (model/nf4.py), built by `quantize_base` when the model is; adapters train against its dequantized
+values, so merging and exporting go through `dequantized_base`, never through the float weights it was made from.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from internlm2_jax.config import LoraConfig
+from internlm2_jax.config import ConfigError, LoraConfig, ModelConfig
 from internlm2_jax.model.layers import dense
+from internlm2_jax.model.nf4 import NF4Weight, quantize_projection
 
 # The projections' matmuls (the model calls them by these names), input-major weights: contracted dims first.
 EQUATIONS = {"wqkv": "bte,ekgd->btkgd", "wo": "bthd,hde->bte", "w1": "bte,ei->bti", "w3": "bte,ei->bti",
@@ -92,12 +99,59 @@ def is_lora_path(path: str) -> bool:
     return "lora_a" in path or "lora_b" in path
 
 
+def quantize_base(layers: nnx.Module, cfg: ModelConfig) -> None:
+    """Replaces, in place, the five projection weights of `layers` (`cfg.num_hidden_layers` decoder layers, one
+    stack with a leading layer axis under `cfg.scan_layers`) by their NF4 (`cfg.lora.quantize_base="nf4"`); their
+    logical axes stay the float weights', which `NF4Weight.leaf_axes` maps. A block that does not divide a weight
+    is a ConfigError naming it, raised before anything is quantized (no silent float fallback)."""
+    lora = cfg.lora
+    if lora is None or lora.quantize_base != "nf4":
+        raise ConfigError(f"quantize_base needs model.lora.quantize_base='nf4', got {lora!r}")
+    errors = lora.nf4_errors(cfg)
+    if errors:
+        raise ConfigError(f"lora.quantize_base='nf4': {'; '.join(errors)}")
+    for path, var in nnx.iter_graph(layers):
+        if isinstance(var, nnx.Param) and path and path[-1] in EQUATIONS and not isinstance(var.get_value(),
+                                                                                            NF4Weight):
+            var.set_value(quantize_projection(var.get_value(), contracted_dims(path[-1]), int(cfg.scan_layers),
+                                              block=lora.nf4_block, absmax_block=lora.nf4_absmax_block))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _dequantize(weight: NF4Weight, dtype) -> jax.Array:
+    # One program per weight shape (eagerly each op of the decode compiles on its own), decoding as the jitted
+    # steps do (XLA fuses the absmax decode into a multiply-add).
+    return weight.dequantize(dtype)
+
+
+def dequantized_base(model: nnx.Module) -> nnx.Module:
+    """A QLoRA model with its NF4 base weights dequantized into float parameters (param_dtype), adapters kept:
+    the base its adapters were trained against, for merging or for a PEFT export. Other models come back as
+    they are."""
+    cfg = model.cfg
+    if cfg.lora is None or cfg.lora.quantize_base is None:
+        return model
+    float_cfg = cfg.replace(lora=dataclasses.replace(cfg.lora, quantize_base=None))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: type(model)(float_cfg, rngs=nnx.Rngs(0))))
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    state = []
+    for path, var in nnx.to_flat_state(abstract):
+        value = flat[path].get_value()
+        if isinstance(value, NF4Weight):
+            value = _dequantize(value, var.get_value().dtype)
+        state.append((path, var.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(state))
+
+
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """The same model without adapters, each adapted weight replaced by W + (alpha / rank) A B (for export and
-    serving: one matmul per projection again). The input model is left as it is."""
+    serving: one matmul per projection again). A QLoRA base is dequantized first: W is what the adapters were
+    trained against, not the float weights it was quantized from. The input model is left as it is."""
     cfg = model.cfg
     if cfg.lora is None:
         return model
+    model = dequantized_base(model)
+    cfg = model.cfg
     base_cfg = cfg.replace(lora=None)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: type(model)(base_cfg, rngs=nnx.Rngs(0))))
     flat = {path: var for path, var in nnx.to_flat_state(nnx.state(model))}

@@ -71,12 +71,19 @@ _TINY = np.finfo(np.float32).tiny
 
 @struct.dataclass
 class NF4Weight:
-    codes: jax.Array  # uint8 [in/2, out]: input element 2j in the high nibble, 2j+1 in the low (bitsandbytes' order)
-    absmax: jax.Array  # fp32 [in/block, out]; with double quantization uint8 codes into DYNAMIC8_CODE
-    absmax_scale: jax.Array | None = None  # fp32 [in/block, out/absmax_block], double quantization only
-    absmax_offset: jax.Array | None = None  # fp32 []: the absmax mean, subtracted before double quantization
+    """NF4 codes and block scales of an [in, out] matrix, or of a stack of them (a scanned layer axis leads every
+    leaf, so `lax.scan` slices out one layer's weight). `dims` is the projection's own shape when it was reshaped
+    to [in, out] (wqkv [embed, kv_heads, groups, head_dim] -> [embed, kv_heads*groups*head_dim]), its first
+    `contracted` dimensions the inputs; `shape` is that shape, stack axes first, as the float parameter's was."""
+
+    codes: jax.Array  # uint8 [..., in/2, out]: input element 2j in the high nibble, 2j+1 in the low (bnb's order)
+    absmax: jax.Array  # fp32 [..., in/block, out]; with double quantization uint8 codes into DYNAMIC8_CODE
+    absmax_scale: jax.Array | None = None  # fp32 [..., in/block, out/absmax_block], double quantization only
+    absmax_offset: jax.Array | None = None  # fp32 [...]: the absmax mean, subtracted before double quantization
     block: int = struct.field(pytree_node=False, default=64)
     absmax_block: int = struct.field(pytree_node=False, default=256)
+    dims: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)  # None: (in, out)
+    contracted: int = struct.field(pytree_node=False, default=1)
 
     def __getitem__(self, index):
         if index is not Ellipsis:
@@ -84,28 +91,54 @@ class NF4Weight:
         return self
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return (2 * self.codes.shape[0], self.codes.shape[1])
+    def matrix_shape(self) -> tuple[int, int]:
+        """(in, out) of one layer's matrix."""
+        return (2 * self.codes.shape[-2], self.codes.shape[-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.codes.shape[:-2], *(self.dims or self.matrix_shape))
 
     @property
     def double_quant(self) -> bool:
         return self.absmax_scale is not None
 
     def block_absmax(self) -> jax.Array:
-        """fp32 [in/block, out]: each block's scale, decoded from the second level when double-quantized."""
+        """fp32 [..., in/block, out]: each block's scale, decoded from the second level when double-quantized."""
         if not self.double_quant:
             return self.absmax
-        rows, outs = self.absmax.shape
-        centered = jnp.asarray(DYNAMIC8_CODE)[self.absmax].reshape(rows, outs // self.absmax_block,
+        *lead, rows, outs = self.absmax.shape
+        centered = jnp.asarray(DYNAMIC8_CODE)[self.absmax].reshape(*lead, rows, outs // self.absmax_block,
                                                                    self.absmax_block)
-        return (centered * self.absmax_scale[..., None]).reshape(rows, outs) + self.absmax_offset
+        scaled = (centered * self.absmax_scale[..., None]).reshape(*lead, rows, outs)
+        return scaled + self.absmax_offset[..., None, None]
+
+    def dequantize_matrix(self, dtype=jnp.float32) -> jax.Array:
+        """[..., in, out] in `dtype`: code value times block absmax, in fp32 as bitsandbytes does, then cast."""
+        lead = self.codes.shape[:-2]
+        n_in, n_out = self.matrix_shape
+        codes = jnp.stack([self.codes >> 4, self.codes & 0xF], axis=-2).reshape(*lead, n_in // self.block,
+                                                                               self.block, n_out)
+        values = jnp.asarray(NF4_CODE)[codes] * self.block_absmax()[..., None, :]
+        return values.reshape(*lead, n_in, n_out).astype(dtype)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        """[in, out] in `dtype`: code value times block absmax, in fp32 as bitsandbytes does, then cast."""
-        n_in, n_out = self.shape
-        codes = jnp.stack([self.codes >> 4, self.codes & 0xF], axis=1).reshape(n_in // self.block, self.block, n_out)
-        values = jnp.asarray(NF4_CODE)[codes] * self.block_absmax()[:, None, :]
-        return values.reshape(n_in, n_out).astype(dtype)
+        """The weight in its own `shape` (the projection's, stack axes first) in `dtype`."""
+        return self.dequantize_matrix(dtype).reshape(self.shape)
+
+    def leaf_axes(self, logical_axes) -> list[tuple]:
+        """The logical axes of each leaf (in `jax.tree.leaves` order) of a weight whose own axes are
+        `logical_axes` (its `shape`'s): the stack axes, then the first input axis for the [in, ...] rows and the
+        first output axis for the columns, so the codes and scales shard with FSDP and tensor parallelism as the
+        float matrix does (a dimension its mesh axes do not divide stays whole, as for any parameter)."""
+        lead = len(self.codes.shape) - 2
+        if len(logical_axes) != len(self.shape):
+            raise ValueError(f"logical axes {logical_axes} do not fit an NF4 weight of shape {self.shape}")
+        matrix = (*logical_axes[:lead], logical_axes[lead], logical_axes[lead + self.contracted])
+        axes = [matrix, matrix]
+        if self.double_quant:
+            axes += [matrix, tuple(logical_axes[:lead])]
+        return axes
 
     def bits_per_param(self) -> float:
         """Stored bits (codes, absmax and, when double-quantized, their scales and offset) per weight element."""
@@ -168,6 +201,28 @@ def _quantize(w: jax.Array, block: int, double_quant: bool, absmax_block: int) -
     return NF4Weight(codes, absmax_codes.astype(jnp.uint8).reshape(rows, n_out), scale, offset, block, absmax_block)
 
 
+def quantize_projection(w: jax.Array, contracted: int, leading: int = 0, *, block: int = 64,
+                        double_quant: bool = True, absmax_block: int = 256) -> NF4Weight:
+    """NF4 (double-quantized) of a projection `w` [*stack, *inputs, *outputs] with `contracted` input dimensions
+    after `leading` stack dimensions (a scanned layer axis): each layer's weight is reshaped to [in, out] and
+    quantized on its own (its own absmax offset), and the stack axes lead every leaf."""
+    dims = tuple(w.shape[leading:])
+    n_in, n_out = math.prod(dims[:contracted]), math.prod(dims[contracted:])
+    quantize = functools.partial(quantize_nf4, block=block, double_quant=double_quant, absmax_block=absmax_block)
+    for _ in range(leading):
+        quantize = jax.vmap(quantize)
+    weight = quantize(w.reshape(*w.shape[:leading], n_in, n_out))
+    return weight.replace(dims=dims if len(dims) > 2 else None, contracted=contracted)
+
+
+def quantize_like(w: jax.Array, like: NF4Weight) -> NF4Weight:
+    """`w` (float, `like.shape`) quantized as `like` is: its blocks, its stack axes, its projection shape."""
+    if tuple(w.shape) != like.shape:
+        raise ValueError(f"a weight of shape {tuple(w.shape)} cannot replace an NF4 weight of shape {like.shape}")
+    return quantize_projection(w, like.contracted, like.codes.ndim - 2, block=like.block,
+                               double_quant=like.double_quant, absmax_block=like.absmax_block)
+
+
 @jax.custom_vjp
 def nf4_dense(x: jax.Array, weight: NF4Weight) -> jax.Array:
     """x [..., in] @ the dequantized weight [in, out], in x's dtype with fp32 accumulation."""
@@ -179,9 +234,13 @@ def _product(x: jax.Array, weight: NF4Weight) -> jax.Array:
         raise TypeError(f"nf4_dense takes an NF4Weight, not {type(weight).__name__}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"nf4_dense takes floating-point inputs, not {x.dtype}")
-    if x.shape[-1] != weight.shape[0]:
-        raise ValueError(f"input of shape {x.shape} does not match the NF4 weight's [in, out] = {weight.shape}")
-    return jnp.dot(x, weight.dequantize(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    if weight.codes.ndim != 2:
+        raise ValueError(f"nf4_dense takes one [in, out] matrix, not a stack of shape {weight.shape} (scan slices "
+                         "the layers)")
+    if x.shape[-1] != weight.matrix_shape[0]:
+        raise ValueError(f"input of shape {x.shape} does not match the NF4 weight's [in, out] = "
+                         f"{weight.matrix_shape}")
+    return jnp.dot(x, weight.dequantize_matrix(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def _product_fwd(x: jax.Array, weight: NF4Weight):
@@ -191,7 +250,7 @@ def _product_fwd(x: jax.Array, weight: NF4Weight):
 
 
 def _product_bwd(weight: NF4Weight, g: jax.Array):
-    w = weight.dequantize(g.dtype)  # recomputed: one layer's dequantized weight lives at a time
+    w = weight.dequantize_matrix(g.dtype)  # recomputed: one layer's dequantized weight lives at a time
     dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(g.dtype)
     return dx, None  # the frozen base gets a symbolic-zero cotangent: no gradient for its codes or scales
 

@@ -24,7 +24,7 @@ from internlm2_jax.model.layers import (
     normal_param,
     rotary_tables,
 )
-from internlm2_jax.model.lora import EQUATIONS, lora_dense, make_adapter
+from internlm2_jax.model.lora import EQUATIONS, lora_dense, make_adapter, quantize_base
 from internlm2_jax.parallel.sharding import constrain
 
 _policies = jax.checkpoint_policies
@@ -174,6 +174,8 @@ class InternLM2Model(nnx.Module):
         else:
             self.layers = nnx.List([DecoderLayer(cfg, layer_index=i, rngs=rngs)
                                     for i in range(cfg.num_hidden_layers)])
+        if cfg.lora is not None and cfg.lora.quantize_base is not None:  # QLoRA: the frozen base in NF4
+            quantize_base(self.layers, cfg)
         self.norm = RMSNorm(cfg)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, cache: KVCache | PagedKVCache | None = None,

@@ -183,6 +183,12 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) 
 
     def one(variable: nnx.Variable) -> nnx.Variable:
         axes = variable.get_metadata().get("logical_axes") or (None,) * len(variable.shape)
+        value = variable.get_value()
+        if hasattr(value, "leaf_axes"):  # a struct of arrays (an NF4 weight): each leaf by its own logical axes
+            leaves, treedef = jax.tree.flatten(value)
+            shardings = [param_sharding(leaf_axes, leaf.shape, mesh, rules)
+                         for leaf_axes, leaf in zip(value.leaf_axes(axes), leaves, strict=True)]
+            return variable.replace(jax.tree.unflatten(treedef, shardings))
         return variable.replace(param_sharding(axes, variable.shape, mesh, rules))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -196,7 +202,8 @@ def replicated_parameters(state: nnx.State, shardings: nnx.State, *, min_size: i
     found = []
     flat_shardings = dict(nnx.to_flat_state(shardings))
     for path, variable in nnx.to_flat_state(state):
-        sharding = flat_shardings[path].get_value()
-        if math.prod(variable.shape) >= min_size and sharding.is_fully_replicated and sharding.mesh.size > 1:
+        leaves = jax.tree.leaves(flat_shardings[path].get_value())  # several for a struct (an NF4 weight)
+        replicated = all(s.is_fully_replicated for s in leaves)
+        if math.prod(variable.shape) >= min_size and replicated and leaves[0].mesh.size > 1:
             found.append("/".join(map(str, path)))
     return found

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from internlm2_jax.artifacts import load_model
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.model.lora import is_lora_path
+from internlm2_jax.model.nf4 import NF4Weight, quantize_like
 from internlm2_jax.parallel import DEFAULT_RULES, state_shardings
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,12 @@ def initial_params(path: str | os.PathLike, cfg: ModelConfig, model_class, mesh:
             raise ValueError(f"train.init_weights={path}: '{name}' has shape {list(value.shape)} there but "
                              f"{list(var.shape)} in this model")
         used.update(keys)
-        filled.append((target_path, var.replace(jax.device_put(value.astype(var.dtype), var.get_value().sharding))))
+        template = var.get_value()
+        if isinstance(template, NF4Weight):  # QLoRA: the float source weight quantized as this model's base is
+            value, sharding = quantize_like(value, template), jax.tree.map(lambda x: x.sharding, template)
+        else:
+            value, sharding = value.astype(var.dtype), template.sharding
+        filled.append((target_path, var.replace(jax.device_put(value, sharding))))
     dropped = sorted("/".join(map(str, p)) for p in source if p not in used)
     log.info("init_weights %s: %d parameters loaded, fresh: %s, not used: %s", path, len(used),
              kept_fresh or "none", dropped or "none")

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from internlm2_jax.parallel import batch_shardings
 from internlm2_jax.train.loss import Batch
 from internlm2_jax.train.objectives import LM, Objective
+from internlm2_jax.train.optim import path_string
 from internlm2_jax.train.state import TrainState, split_trainable
 
 
@@ -73,6 +74,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         train_params, frozen_params = split_trainable(state.params, trainable)
+        check_differentiable(train_params)
         rng = jax.random.fold_in(state.rng, state.step)  # dropout: new masks every step, reproducible on resume
         loss_sum, count, sums, grads = gradients(train_params, frozen_params, batch, rng, state.extra)
         denom = jnp.maximum(count, 1.0)  # a batch of pure padding gives loss 0, not NaN
@@ -98,6 +100,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         return new_state, metrics
 
     return train_step
+
+
+def check_differentiable(train_params) -> None:
+    """Trained parameters must be floating point: an integer leaf (QLoRA's NF4 base, int8 weights) has no
+    gradient, and the base is frozen anyway; the error says how to select the adapters."""
+    integer = [path_string(path) for path, leaf in jax.tree_util.tree_leaves_with_path(train_params)
+               if not jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    if integer:
+        raise ValueError(f"{len(integer)} trained parameters are quantized (integer) and cannot be trained, e.g. "
+                         f"{integer[:3]}: train the adapters only (optimizer.trainable=('lora_',)) or keep the base "
+                         "in floating point (model.lora.quantize_base=None)")
 
 
 def make_eval_step(graphdef, cfg: StepConfig = StepConfig(), *,
