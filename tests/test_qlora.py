@@ -11,6 +11,8 @@ The test model has hidden 256, two 128-wide heads over one KV head and MLP 512, 
 256 absmax codes) divide every projection; the `tiny` preset's do not, which is the configuration error tested.
 """
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -293,24 +295,21 @@ def test_compiled_temporaries_grow_by_activations_per_layer_not_by_the_dequantiz
 @pytest.mark.slow  # ~3.5 min per rank on 2 cores (7 loaded): the 7B step compiled by libtpu for an abstract chip
 @pytest.mark.parametrize("rank, budget_gib", [(8, 8.0), (64, 9.5)])
 def test_the_7b_qlora_step_compiles_for_one_v5e_chip_within_budget(rank, budget_gib):
-    """2048 tokens, remat full, bf16 compute; the frozen embedding, head and norms in bf16 (param_dtype), which
-    also puts the adapters and their Adam moments in bf16. Prints the per-chip memory."""
+    """experiments/internlm2_7b_qlora.py (XTuner's settings: 2048 tokens, 16 accumulated micro-batches, remat full,
+    bf16 compute; the frozen embedding, head and norms in bf16 (param_dtype), which also puts the adapters and their
+    Adam moments in bf16) at `rank`, compiled for one chip. Prints the per-chip memory."""
     pytest.importorskip("libtpu", reason="libtpu (requirements-test.txt) provides the TPU compiler")
     import os
 
-    from internlm2_jax.experiment import Experiment
+    from internlm2_jax.experiment import load_experiment
     from internlm2_jax.launch import compile_train_step
+    from internlm2_jax.overrides import apply_overrides
     from internlm2_jax.parallel.topology import memory_report, print_memory_report, tpu_devices
-    from internlm2_jax.train.loop import TrainConfig
 
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    exp = Experiment(
-        name="internlm2_7b_qlora",
-        model=preset("internlm2_7b", dtype="bfloat16", param_dtype="bfloat16", scan_layers=True, remat="full",
-                     lora=LoraConfig(rank=rank, alpha=16.0, quantize_base="nf4")),
-        train=TrainConfig(steps=10, batch_size=1, seq_len=2048),
-        optimizer=OptimizerConfig(peak_lr=2e-4, warmup_steps=1, total_steps=10, weight_decay=0.0, trainable=TRAINED),
-        step=StepConfig(loss_chunk_size=1024), mesh=MeshConfig(fsdp=1))
+    exp = load_experiment(Path(__file__).parents[1] / "experiments" / "internlm2_7b_qlora.py").config()
+    exp = apply_overrides(exp, [f"model.lora.rank={rank}", "mesh.fsdp=1"])
+    assert exp.model.lora.quantize_base == "nf4" and exp.optimizer.trainable == TRAINED
     report = memory_report(compile_train_step(exp, tpu_devices("v5e:2x2")[:1]), 16 << 30)  # one chip of four
     print_memory_report(report, f"7B QLoRA step, rank {rank}, one v5e chip")
     assert report["fits"] and report["total_gib"] <= budget_gib
