@@ -70,13 +70,18 @@ def critic_optimizer() -> OptimizerConfig:
     return OptimizerConfig(peak_lr=1e-3, warmup_steps=1, total_steps=10**6, min_lr_ratio=1.0, weight_decay=0.0)
 
 
+def data_dir(exp: Experiment) -> Path:
+    """Where the SFT stage's data lives (`DATA` as configured): beside its tokenizer, with the RL prompt files."""
+    return Path(exp.data.tokenizer).parent
+
+
 def prepare_data(exp: Experiment) -> None:
     """Noisy SFT chats, RL train prompts, held-out prompts (another seed) and a tokenizer that knows them."""
-    train = noisy_demonstrations(2000, seed=0)
-    write_jsonl(train, DATA / "sft_train.jsonl")
-    write_jsonl(noisy_demonstrations(200, seed=1), DATA / "sft_heldout.jsonl")
-    write_jsonl(rl_prompts(2000, seed=2), DATA / "rl_train.jsonl")
-    write_jsonl(rl_prompts(128, seed=3), DATA / "rl_heldout.jsonl")
+    train, data = noisy_demonstrations(2000, seed=0), data_dir(exp)
+    write_jsonl(train, data / "sft_train.jsonl")
+    write_jsonl(noisy_demonstrations(200, seed=1), data / "sft_heldout.jsonl")
+    write_jsonl(rl_prompts(2000, seed=2), data / "rl_train.jsonl")
+    write_jsonl(rl_prompts(128, seed=3), data / "rl_heldout.jsonl")
     train_finetune_tokenizer(train[:600], exp.model.vocab_size, exp.data.tokenizer)
 
 
@@ -90,7 +95,7 @@ def sft(exp: Experiment) -> None:
 def evaluate(graphdef, params, exp: Experiment, tokenizer, reward, ref_params=None, **kw) -> dict:
     from internlm2_jax.recipes.rl_tasks import pass_at_1
 
-    return pass_at_1(graphdef, params, DATA / "rl_heldout.jsonl", tokenizer, reward=reward,
+    return pass_at_1(graphdef, params, data_dir(exp) / "rl_heldout.jsonl", tokenizer, reward=reward,
                      max_prompt_len=MAX_PROMPT_LEN, max_new_tokens=MAX_NEW_TOKENS, ref_params=ref_params, **kw)
 
 
@@ -117,7 +122,7 @@ def run_rl(exp: Experiment, cfg: RLConfig, *, reward_name: str = REWARD, critic:
     before = evaluate(graphdef, sft_params, exp, tokenizer, reward, **eval_kw)
     print(f"SFT policy: held-out pass@1 {before['pass_at_1']:.3f}")
 
-    prompts = PromptDataIterator([str(DATA / "rl_train.jsonl")], tokenizer, MAX_PROMPT_LEN,
+    prompts = PromptDataIterator([str(data_dir(exp) / "rl_train.jsonl")], tokenizer, MAX_PROMPT_LEN,
                                  cfg.prompts_per_iteration, seed=cfg.seed)
     actor = ModelSetup(exp.model, actor_optimizer(), init_weights=exp.train.run_dir)
     critic_setup = ModelSetup(exp.model, exp.critic_optimizer or critic_optimizer(),

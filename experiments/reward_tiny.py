@@ -40,30 +40,27 @@ def config() -> Experiment:
         objective=RewardObjective(penalty_weight=0.02))
 
 
-def prepare_data(vocab_size: int) -> None:
+def prepare_data(vocab_size: int, data_dir: Path = DATA) -> None:
     """Train/held-out JSONL (held-out pairs never seen in training) and a tokenizer that knows both."""
     train = doctest_pairs(1200, seed=0) + conditional_pairs(1200, seed=0)
     seen = {(r["prompt"], r["chosen"], r["rejected"]) for r in train}
     heldout = [r for r in doctest_pairs(300, seed=1) + conditional_pairs(300, seed=1)
                if (r["prompt"], r["chosen"], r["rejected"]) not in seen]
-    write_jsonl(train, DATA / "train.jsonl")
-    write_jsonl(heldout, DATA / "heldout.jsonl")
-    train_finetune_tokenizer(train[::4], vocab_size, DATA / "tokenizer.model")
+    write_jsonl(train, data_dir / "train.jsonl")
+    write_jsonl(heldout, data_dir / "heldout.jsonl")
+    train_finetune_tokenizer(train[::4], vocab_size, data_dir / "tokenizer.model")
 
 
-def report(exp: Experiment, run_dir: Path) -> dict:
-    """Held-out accuracy per domain, the conditioning flip rate, histograms, and the HF export round trip."""
+def heldout_scores(model, tokenizer, records: list[dict]) -> dict:
+    """The held-out numbers of a reward model on preference `records`: pairwise accuracy (overall and per domain),
+    how often the margin of a detailed answer over a refusal flips sign with the domain prompt (positive under
+    helpful, negative under harmless), the mean margins, and the scores themselves (`chosen`, `rejected`, `domains`:
+    arrays)."""
     import numpy as np
 
-    from internlm2_jax.convert import load_pretrained, save_pretrained
     from internlm2_jax.data.conversations import preference_pair
     from internlm2_jax.decode.reward import score
-    from internlm2_jax.tokenizer import Tokenizer
-    from internlm2_jax.artifacts import load_run
 
-    _, model, _ = load_run(run_dir)
-    tokenizer = Tokenizer.from_file(exp.data.tokenizer)
-    records = [json.loads(line) for line in open(exp.data.heldout_files[0], encoding="utf-8")]
     pairs = [preference_pair(r) for r in records]
     chosen = score(model, tokenizer, [p + c for _, p, c, _ in pairs], domain=[d for d, *_ in pairs])
     rejected = score(model, tokenizer, [p + r for _, p, _, r in pairs], domain=[d for d, *_ in pairs])
@@ -80,14 +77,62 @@ def report(exp: Experiment, run_dir: Path) -> dict:
         margins[domain] = detailed - refusal
     out["conditional_flip_rate"] = float(np.mean((margins["helpful"] > 0) & (margins["harmless"] < 0)))
     out["mean_margin_detailed_minus_refusal"] = {d: float(np.mean(m)) for d, m in margins.items()}
+    return {**out, "chosen": chosen, "rejected": rejected, "domains": domains}
+
+
+def heldout_records(exp: Experiment) -> list[dict]:
+    return [json.loads(line) for line in open(exp.data.heldout_files[0], encoding="utf-8")]
+
+
+def report(exp: Experiment, run_dir: Path) -> dict:
+    """Held-out accuracy per domain, the conditioning flip rate, histograms, and the HF export round trip."""
+    import numpy as np
+
+    from internlm2_jax.convert import load_pretrained, save_pretrained
+    from internlm2_jax.data.conversations import preference_pair
+    from internlm2_jax.decode.reward import score
+    from internlm2_jax.tokenizer import Tokenizer
+    from internlm2_jax.artifacts import load_run
+
+    _, model, _ = load_run(run_dir)
+    tokenizer = Tokenizer.from_file(exp.data.tokenizer)
+    records = heldout_records(exp)
+    out = heldout_scores(model, tokenizer, records)
+    chosen, rejected, domains = (out.pop(key) for key in ("chosen", "rejected", "domains"))
     plot_histograms(chosen, rejected, domains, run_dir / "score_histograms.png")
     # HF export (InternLM2ForRewardModel, v_head) and back: bit-exact scores.
+    pairs = [preference_pair(r) for r in records[:32]]
     save_pretrained(model, run_dir / "hf", tokenizer=tokenizer)
     _, again = load_pretrained(run_dir / "hf")
     out["hf_round_trip_exact"] = bool(np.array_equal(
-        score(again, tokenizer, [p + c for _, p, c, _ in pairs[:32]], domain=[d for d, *_ in pairs[:32]]),
-        chosen[:32]))
+        score(again, tokenizer, [p + c for _, p, c, _ in pairs], domain=[d for d, *_ in pairs]), chosen[:32]))
     (run_dir / "reward_report.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def stage(exp: Experiment, *, progress: bool = True) -> dict:
+    """Data (once), the held-out numbers of the reward model the run starts from (its seed's weights, a fresh value
+    head), training, the numbers after: what `make demo` shows of this experiment."""
+    from flax import nnx
+
+    from internlm2_jax.artifacts import load_run
+    from internlm2_jax.model import InternLM2ForRewardModel
+    from internlm2_jax.tokenizer import Tokenizer
+
+    if not Path(exp.data.tokenizer).exists():
+        prepare_data(exp.model.vocab_size, Path(exp.data.tokenizer).parent)
+    tokenizer = Tokenizer.from_file(exp.data.tokenizer)
+    records = heldout_records(exp)
+
+    def numbers(model) -> dict:
+        return {k: v for k, v in heldout_scores(model, tokenizer, records).items()
+                if k not in ("chosen", "rejected", "domains")}
+
+    before = numbers(InternLM2ForRewardModel(exp.model, rngs=nnx.Rngs(exp.train.seed)))
+    result = run_training(exp, progress=progress)
+    after = numbers(load_run(result.run_dir)[1])
+    out = {"steps": result.final_step, "before": before, "after": after}
+    (result.run_dir / "reward_stage.json").write_text(json.dumps(out, indent=2))
     return out
 
 
@@ -108,10 +153,9 @@ def plot_histograms(chosen, rejected, domains, path: Path) -> None:
 
 
 def main(exp: Experiment) -> None:
-    if not (DATA / "tokenizer.model").exists():
-        prepare_data(exp.model.vocab_size)
-    result = run_training(exp)
-    out = report(exp, result.run_dir)
+    before = stage(exp)["before"]
+    out = report(exp, Path(exp.train.run_dir))
     print(json.dumps(out, indent=2))
-    print(f"held-out pairwise accuracy {out['accuracy']:.3f} (chance 0.5); conditional flip rate "
-          f"{out['conditional_flip_rate']:.3f}; {result.run_dir}/score_histograms.png")
+    print(f"held-out pairwise accuracy {before['accuracy']:.3f} -> {out['accuracy']:.3f} (chance 0.5); conditional "
+          f"flip rate {before['conditional_flip_rate']:.3f} -> {out['conditional_flip_rate']:.3f}; "
+          f"{exp.train.run_dir}/score_histograms.png")
