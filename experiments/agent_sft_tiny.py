@@ -81,7 +81,8 @@ def config() -> Experiment:
 
 
 def prepare_data(exp: Experiment, sizes: Sizes) -> dict:
-    """Tokenizer, then the oracle's records through the real loop (the loop needs the tokenizer to encode turns)."""
+    """Tokenizer, then the oracle's records through the real loop (the loop needs the tokenizer to encode turns),
+    written where `exp.data` says."""
     problems = generate(SUITE, sizes.train, seed=0, difficulty=DIFFICULTY)
     controls = generate("control", sizes.controls, seed=0)
     texts = [{"q": p.question, "code": p.program, "a": answer_text(p.answer)} for p in problems + controls]
@@ -90,10 +91,10 @@ def prepare_data(exp: Experiment, sizes: Sizes) -> dict:
     stats: dict[str, int] = {}
     records = dedup(oracle_records(problems + controls, tokenizer, config=AGENT, thoughts=(THOUGHT,), stats=stats)
                     + oracle_records(problems, tokenizer, config=AGENT, interpreter=False, stats=stats))
-    write_records(records, DATA / "train.jsonl")
+    write_records(records, exp.data.train_files[0])
     heldout = generate(SUITE, 64, seed=1, difficulty=DIFFICULTY)
     write_records(oracle_records(heldout, tokenizer, config=AGENT, thoughts=(THOUGHT,)) +
-                  oracle_records(heldout, tokenizer, config=AGENT, interpreter=False), DATA / "heldout.jsonl")
+                  oracle_records(heldout, tokenizer, config=AGENT, interpreter=False), exp.data.heldout_files[0])
     return {"train_records": len(records), **stats}
 
 
