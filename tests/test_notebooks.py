@@ -100,6 +100,8 @@ def test_long_context_notebook_shows_the_layout_the_tile_balance_and_the_heat_ma
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5  # layout, tiles, three heat maps
 
 
+# ~110 s: the default run keeps under 30 min; tests/test_rl_loop.py runs the same PPO loop on its own
+@pytest.mark.slow
 def test_rlhf_notebook_runs_a_ppo_round_with_its_curves_and_samples(kernel_name, tmp_path):
     """Issue 21 acceptance 9: one PPO round on the tiny model, the reward/KL curves, samples before and after."""
     outputs, text = run_notebook("rlhf.ipynb", kernel_name, tmp_path, 900, first_cell=EIGHT_DEVICES)
