@@ -37,7 +37,7 @@ from internlm2_jax.convert.hf import load_pretrained
 from internlm2_jax.model import InternLM2ForCausalLM, InternLM2ForRewardModel, model_graphdef
 from internlm2_jax.model.kv_heads import kv_head_factor, replicate_kv_heads
 from internlm2_jax.model.lora import merge_lora
-from internlm2_jax.model.quantize import quantize_int8
+from internlm2_jax.model.quantize import check_quantize_mode, quantize_model
 from internlm2_jax.parallel import DEFAULT_RULES, MeshConfig, inference_mesh, make_mesh, mesh_of, state_shardings
 from internlm2_jax.parallel.mesh import split_cpu
 from internlm2_jax.paths import absolute
@@ -292,11 +292,13 @@ def load_model(path: str | os.PathLike, *, mesh=None, rules=DEFAULT_RULES, quant
     The parameters are placed on `mesh` by `rules` (default: one device), each as it is read, in `dtype` (parameters
     and compute; default: as stored, and as trained for a run). `config_overrides` (`scan_layers`, ...: see
     `load_pretrained`) apply to a model directory; a run's model comes as it was trained. `fit_kv_heads` (for
-    inference) repeats kv heads when the mesh's tensor axis outnumbers them (`model.kv_heads`). `quantize="int8"`:
-    weight-only int8 projections, for decoding.
+    inference) repeats kv heads when the mesh's tensor axis outnumbers them (`model.kv_heads`). `quantize` (for
+    decoding, `model.quantize.quantize_model`): "int8", weight-only int8 projections and head; "int4", the
+    projections as int4 in groups of 128 inputs (W4A16, the head float). A model directory holding an AWQ
+    checkpoint (config.json's `quantization_config`) loads as int4 whatever `quantize` says, except "int8", which is
+    refused (its weights are rounded already).
     """
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize: only 'int8' (weight-only, for decoding) is supported, got {quantize!r}")
+    check_quantize_mode(quantize)
     path = epath.Path(path)
     meta = None
     tensor = dict(mesh.shape).get("tensor", 1) if fit_kv_heads and mesh is not None else 1
@@ -310,7 +312,7 @@ def load_model(path: str | os.PathLike, *, mesh=None, rules=DEFAULT_RULES, quant
                                    **config_overrides)
         quantize = quantize if tensor > 1 else None
     model = replicate_kv_heads(model, kv_head_factor(model.cfg, tensor), rules)
-    model = quantize_int8(model) if quantize else model
+    model = quantize_model(model, quantize, rules)
     return model.cfg, model, meta
 
 
@@ -339,6 +341,20 @@ def add_placement_arguments(parser, *, dtype: bool = True) -> None:
                         help="split the CPU into N devices (for a --mesh on a CPU machine)")
 
 
+def add_weight_arguments(parser) -> None:
+    """--int8 / --int4 (one at most): weight-only quantized projections for decoding."""
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--int8", action="store_true", help="weight-only int8 projections and head (per channel)")
+    weights.add_argument("--int4", action="store_true",
+                         help="weight-only int4 projections, asymmetric in groups of 128 inputs (the AWQ format; an "
+                              "AWQ model directory loads as int4 without it)")
+
+
+def quantize_from_arguments(args) -> str | None:
+    """`load_for_decoding`'s `quantize` from `add_weight_arguments`' flags."""
+    return "int8" if args.int8 else "int4" if args.int4 else None
+
+
 def mesh_from_arguments(args):
     """The mesh of `add_placement_arguments`' flags (None: one device); ValueError naming a bad one."""
     if args.cpu_devices is not None:
@@ -354,8 +370,8 @@ def placement_from_arguments(args):
 
 def load_for_decoding(path: str | os.PathLike, *, quantize: str | None = None, mesh=None, dtype: str | None = None):
     """(model, tokenizer) from a model directory or a run directory (with the tokenizer the run was trained with)
-    on `mesh` (default: one device) in `inference_dtype(mesh, dtype)`, kv heads fitted to the mesh; `quantize="int8"`
-    for int8 weights."""
+    on `mesh` (default: one device) in `inference_dtype(mesh, dtype)`, kv heads fitted to the mesh; `quantize`
+    "int8" or "int4" for weight-only quantized weights (see `load_model`)."""
     from internlm2_jax.tokenizer import Tokenizer
 
     path = epath.Path(path)

@@ -25,12 +25,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    parser.add_argument("--int8", action="store_true", help="weight-only int8 projections")
     parser.add_argument("--logprobs", action="store_true", help="print each token's log-probability")
-    from internlm2_jax.artifacts import (CheckpointMismatch, add_placement_arguments, load_for_decoding,
-                                         placement_from_arguments, placement_summary)
+    from internlm2_jax.artifacts import (CheckpointMismatch, add_placement_arguments, add_weight_arguments,
+                                         load_for_decoding, placement_from_arguments, placement_summary,
+                                         quantize_from_arguments)
 
     add_placement_arguments(parser)
+    add_weight_arguments(parser)
     args = parser.parse_args(argv)
 
     from internlm2_jax.convert import CheckpointError
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     try:
         sampling.validate()
         mesh, dtype = placement_from_arguments(args)
-        model, tokenizer = load_for_decoding(args.checkpoint, quantize="int8" if args.int8 else None, mesh=mesh,
+        model, tokenizer = load_for_decoding(args.checkpoint, quantize=quantize_from_arguments(args), mesh=mesh,
                                              dtype=dtype)
         print(placement_summary(model), file=sys.stderr, flush=True)
         prompts = [[{"role": "user", "content": p}] for p in args.prompt] if args.chat else args.prompt

@@ -7,7 +7,14 @@ SRC and DST may be local or URLs (gs://...).
 
 `--mesh fsdp=8` (with `--cpu-devices 8` on a CPU machine) spreads the model over devices while it is converted (a
 model too big for one device's memory); the kv heads stay as they are (no repetition for the tensor axis: what is
-written is the source model).
+written is the source model). An AWQ int4 SRC (config.json's `quantization_config`) is written as AWQ int4 again,
+its codes unchanged, in either layout.
+
+`--quantize int4` writes the projections as AWQ-format int4 rounded to nearest; `--quantize awq-int4` first runs AWQ
+(model/awq.py: activation-aware scales folded where the fold is exact for InternLM2, and clipping) on `--samples`
+rows of `--seqlen` tokens of `--calib` text (.jsonl with "text", or .txt; default: the training split of the stdlib
+corpus), in float32. Either way the result loads with `load_model` / `--checkpoint` like any model directory, and
+LMDeploy or AutoAWQ can read it (config.json's `quantization_config`: awq, 4 bits, zero point, `--group`).
 """
 
 import argparse
@@ -25,16 +32,27 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="weight dtype to write (default: keep the source dtype)")
     parser.add_argument("--max-shard-gb", type=float, default=4.0)
+    parser.add_argument("--quantize", choices=("int4", "awq-int4"),
+                        help="write int4 projections: rounded to nearest, or after AWQ calibration")
+    parser.add_argument("--group", type=int, default=128, help="int4 group size (inputs per scale and zero)")
+    parser.add_argument("--calib", help="AWQ calibration text: .jsonl with a \"text\" field, or .txt (default: the "
+                                        "stdlib corpus' training split)")
+    parser.add_argument("--samples", type=int, default=128, help="AWQ calibration rows")
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per AWQ calibration row")
     from internlm2_jax.artifacts import (CheckpointMismatch, add_placement_arguments, is_run_directory, load_model,
                                          mesh_from_arguments, placement_summary, run_tokenizer)
 
     add_placement_arguments(parser, dtype=False)  # --dtype here is the dtype written, which float16 is one of
     args = parser.parse_args(argv)
+    if args.quantize != "awq-int4" and (args.calib or args.samples != 128 or args.seqlen != 512):
+        parser.error("--calib, --samples and --seqlen are for --quantize awq-int4")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from internlm2_jax.convert import CheckpointError, read_hf_config, save_pretrained
     from internlm2_jax.convert.safetensors_io import CheckpointReader
+    from internlm2_jax.model.quantize import quantize_int4_model
     from internlm2_jax.paths import absolute
+    from internlm2_jax.tokenizer import Tokenizer
 
     src, dst = absolute(args.src), absolute(args.dst)
     if src == dst:
@@ -47,10 +65,18 @@ def main(argv=None) -> int:
         if not is_run_directory(src):
             read_hf_config(src)  # a clear error for a wrong SRC before anything else
             reader = CheckpointReader(src)
-            dtype = dtype or reader.dtype(reader.keys()[0]).name
-        cfg, model, meta = load_model(src, mesh=mesh, **({"param_dtype": dtype} if dtype else {}))
+            # The weights' dtype (bfloat16's numpy kind is "V"), not an AWQ int4 checkpoint's int32 codes.
+            dtype = dtype or next(d for d in map(reader.dtype, reader.keys()) if d.kind != "i").name
+        if args.quantize == "awq-int4":  # AWQ searches its scales in float32, whatever dtype is written
+            cfg, model, meta = load_model(src, mesh=mesh, dtype="float32")
+        else:
+            cfg, model, meta = load_model(src, mesh=mesh, **({"param_dtype": dtype} if dtype else {}))
         print(placement_summary(model), file=sys.stderr, flush=True)
         tokenizer = run_tokenizer(meta) if meta is not None else None
+        if args.quantize == "awq-int4":
+            model = awq_calibrated(model, args, tokenizer or Tokenizer.from_pretrained(src))
+        if args.quantize:
+            model = quantize_int4_model(model, group=args.group)
         dtype = dtype or cfg.param_dtype
         save_pretrained(model, dst, layout=args.layout, dtype=dtype, tokenizer=tokenizer,
                         max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
@@ -63,6 +89,17 @@ def main(argv=None) -> int:
                 (src / name).copy(dst / name, overwrite=True)
     print(f"wrote {dst} ({args.layout} layout, {cfg.num_params():,} parameters)")
     return 0
+
+
+def awq_calibrated(model, args, tokenizer):
+    """The float model with AWQ's scales folded and its clipping applied, calibrated on `--calib` text."""
+    from internlm2_jax.data.calibration import calibration_batches, calibration_texts
+    from internlm2_jax.model.awq import awq_calibrate
+
+    batches = calibration_batches(calibration_texts(args.calib), tokenizer, samples=args.samples, seqlen=args.seqlen)
+    model, report = awq_calibrate(model, batches, group=args.group)
+    print(report.table(), file=sys.stderr, flush=True)
+    return model
 
 
 if __name__ == "__main__":

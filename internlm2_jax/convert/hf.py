@@ -4,10 +4,14 @@ Loading builds the model abstractly (`nnx.eval_shape`, no allocation), then fill
 safetensors files (one ranged read per tensor), placing each parameter directly on its sharding when a mesh is given:
 host memory never holds the model twice. Saving streams the other way. Round trips are bit-exact when dtypes are
 kept. Model directories are `etils.epath` paths: local, or a URL (`gs://...`) read and written in place.
+
+A model directory may hold int4 projections in the AWQ format (`convert/awq.py`; config.json's
+`quantization_config`): they load as `Int4Weight`s, and a model with `Int4Weight`s saves as such, bit-exactly.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,11 +26,13 @@ from jax.sharding import Mesh
 
 from internlm2_jax.chat_template import get_chat_template, save_chat_template
 from internlm2_jax.config import LAYOUTS, ModelConfig
+from internlm2_jax.convert.awq import awq_group, awq_names, awq_shapes, int4_tensors, quantization_config, read_int4
 from internlm2_jax.convert.layouts import IGNORED_SUFFIXES, Mapping, layer_mappings, layer_prefix, top_mappings
 from internlm2_jax.convert.safetensors_io import CheckpointError, CheckpointReader, write_checkpoint
 from internlm2_jax.model import InternLM2ForCausalLM, InternLM2ForRewardModel
-from internlm2_jax.model.quantize import quantize_int8
-from internlm2_jax.parallel import DEFAULT_RULES, param_sharding
+from internlm2_jax.model.int4 import Int4Weight
+from internlm2_jax.model.quantize import INT4_PROJECTIONS, check_quantize_mode, quantize_model
+from internlm2_jax.parallel import DEFAULT_RULES, param_sharding, state_shardings
 
 log = logging.getLogger("internlm2_jax.convert")
 
@@ -77,24 +83,31 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules=
 
     `config_overrides` set the fields that are ours, not HF's: `dtype`, `param_dtype` (default float32), `remat`,
     `scan_layers`, `attention_impl`. With a `mesh`, each parameter is placed on its sharding as it is read.
-    `strict=False` tolerates unexpected extra tensors (they are reported either way). `quantize="int8"` stores the
-    projection weights as int8 with per-channel scales, for decoding (`model.quantize`).
+    `strict=False` tolerates unexpected extra tensors (they are reported either way). `quantize` ("int8", "int4")
+    quantizes the weights for decoding (`model.quantize.quantize_model`). An AWQ checkpoint's projections load as
+    `Int4Weight`s, with its own group size (a `quantize="int4"` leaves them as they are).
     """
+    check_quantize_mode(quantize)
     path = epath.Path(path)
     hf, layout, reward = read_hf_config(path)
+    group = awq_group(hf, path / "config.json")  # None: floating-point projections
     cfg = ModelConfig.from_hf_config(hf, **config_overrides)
     reader = CheckpointReader(path)
     abstract = nnx.eval_shape(lambda: model_class(reward)(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     variables = dict(nnx.to_flat_state(abstract_state))
 
+    def int4(ours) -> bool:
+        return group is not None and ours[-1] in INT4_PROJECTIONS
+
     mappings = list(iter_mappings(cfg, layout, reward=reward))
-    missing = [n for _, names, _, _ in mappings for n in names if n not in reader]
+    stored = {ours: awq_names(names) if int4(ours) else names for ours, names, _, _ in mappings}
+    missing = [n for names in stored.values() for n in names if n not in reader]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"{path}: missing tensors for a {layout} {'reward model' if reward else 'causal LM'} "
                               f"with {cfg.num_hidden_layers} layers: {shown}")
-    used = {n for _, names, _, _ in mappings for n in names}
+    used = {n for names in stored.values() for n in names}
     if reward is False and cfg.tie_word_embeddings:
         used |= {"lm_head.weight", "output.weight"}  # tied checkpoints may carry a copy of the embedding
     extra = [k for k in reader.keys() if k not in used and not k.endswith(IGNORED_SUFFIXES)]
@@ -106,25 +119,32 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules=
 
     conversions: dict[tuple[str, str], int] = {}
     filled: dict[tuple, np.ndarray] = {}
-    stacked_buffers: dict[tuple, np.ndarray] = {}
+    stacked_buffers: dict[tuple, np.ndarray | list[Int4Weight]] = {}
     for ours, names, mapping, layer in mappings:
-        value = _read_param(cfg, reader, mapping, names, conversions)
+        if int4(ours):
+            value = read_int4(cfg, reader, mapping, names, group)
+        else:
+            value = _read_param(cfg, reader, mapping, names, conversions)
         if cfg.scan_layers and layer is not None:
             key = ("model", "layers", *mapping.ours)
             target = variables[key]
-            if key not in stacked_buffers:
-                stacked_buffers[key] = np.empty(target.shape, target.dtype)
-            stacked_buffers[key][layer] = value
+            if int4(ours):  # a few bits per parameter: the layers are stacked once all are read
+                stacked_buffers.setdefault(key, []).append(value)
+            else:
+                if key not in stacked_buffers:
+                    stacked_buffers[key] = np.empty(target.shape, target.dtype)
+                stacked_buffers[key][layer] = value
             if layer == cfg.num_hidden_layers - 1:
-                filled[key] = _place(stacked_buffers.pop(key), target, key, mesh, rules)
+                stack = stacked_buffers.pop(key)
+                if isinstance(stack, list):
+                    stack = jax.tree.map(lambda *layers: np.stack(layers), *stack)
+                filled[key] = _place(stack, target, key, mesh, rules)
         else:
             filled[ours] = _place(value, variables[ours], ours, mesh, rules)
     _report_conversions(path, conversions, np.dtype(cfg.param_dtype))
     state = nnx.from_flat_state([(p, v.replace(filled[p])) for p, v in variables.items()])
     model = nnx.merge(graphdef, state)
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize: only 'int8' (weight-only, for decoding) is supported, got {quantize!r}")
-    return cfg, quantize_int8(model) if quantize else model
+    return cfg, quantize_model(model, quantize, rules)
 
 
 def _read_param(cfg: ModelConfig, reader: CheckpointReader, mapping: Mapping, names, conversions) -> np.ndarray:
@@ -146,11 +166,13 @@ def _read_param(cfg: ModelConfig, reader: CheckpointReader, mapping: Mapping, na
     return np.asarray(mapping.to_ours(cfg, arrays), dtype=target)
 
 
-def _place(value: np.ndarray, target, path, mesh, rules) -> jax.Array:
+def _place(value: np.ndarray | Int4Weight, target, path, mesh, rules):
     if value.shape != target.shape:  # a layout-table bug, never a user error
         raise AssertionError(f"{path}: converted shape {value.shape} != model shape {target.shape}")
     if mesh is None:
         return jax.device_put(value)
+    if isinstance(value, Int4Weight):  # each of its arrays on the sharding of its own logical axes
+        return jax.device_put(value, state_shardings(target.replace(value), mesh, rules).get_value())
     axes = target.get_metadata().get("logical_axes") or (None,) * value.ndim
     return jax.device_put(value, param_sharding(axes, value.shape, mesh, rules))
 
@@ -170,8 +192,10 @@ def save_pretrained(model, path: str | os.PathLike, *, layout: str = "internlm2"
     """Writes a complete model directory: config.json, generation_config.json, safetensors, tokenizer files.
 
     `dtype` (e.g. "bfloat16") converts the weights on the way out; by default they keep the parameter dtype, which
-    makes save -> load bit-exact. `tokenizer` is our `Tokenizer`; its HF files give transformers exactly our ids,
-    and tokenizer_config.json names the `chat_template` (with its jinja form).
+    makes save -> load bit-exact. `Int4Weight` projections are written as AWQ int4 tensors (one group size for
+    all) with config.json's `quantization_config`, bit-exactly; other quantized weights (int8, NF4) have no model
+    directory format and are refused. `tokenizer` is our `Tokenizer`; its HF files give transformers exactly our
+    ids, and tokenizer_config.json names the `chat_template` (with its jinja form).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -182,16 +206,35 @@ def save_pretrained(model, path: str | os.PathLike, *, layout: str = "internlm2"
         raise ValueError("the model has LoRA adapters: export `model.lora.merge_lora(model)` for merged weights, or "
                          "`convert.peft.base_model(model)` plus `convert.peft.save_adapters(model, ...)` for PEFT")
     path = epath.Path(path)
-    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    flat = {where: v.get_value() for where, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     out_dtype = np.dtype(dtype or cfg.param_dtype)
+    other = [(where, v) for where, v in flat.items() if not isinstance(v, (jax.Array, Int4Weight))]
+    if other:
+        raise ValueError(f"{'/'.join(map(str, other[0][0]))} is a {type(other[0][1]).__name__}: a model directory "
+                         "holds floating-point or AWQ int4 weights; save the float model and quantize it when loading")
+    groups = sorted({v.group for v in flat.values() if isinstance(v, Int4Weight)})
+    if len(groups) > 1:
+        raise ValueError(f"int4 weights in groups of {groups} inputs: an AWQ checkpoint has one group_size")
+
+    def key(ours, layer):
+        return ("model", "layers", *ours[3:]) if cfg.scan_layers and layer is not None else ours
 
     def param(ours, layer):
-        if cfg.scan_layers and layer is not None:
-            return np.asarray(jax.device_get(flat[("model", "layers", *ours[3:])][...][layer]))
-        return np.asarray(jax.device_get(flat[ours][...]))
+        value = flat[key(ours, layer)]
+        return jax.device_get(value if key(ours, layer) == ours else jax.tree.map(lambda a: a[layer], value))
+
+    @functools.lru_cache(maxsize=1)  # a projection's AWQ tensors (Llama's q, k and v too) come from one conversion
+    def awq_tensors(ours, layer, mapping):
+        return int4_tensors(cfg, mapping, param(ours, layer))
 
     specs = []
     for ours, names, mapping, layer in iter_mappings(cfg, layout, reward=reward):
+        if isinstance(flat[key(ours, layer)], Int4Weight):
+            awq = zip(awq_names(names), awq_shapes(cfg, mapping, names, groups[0]), strict=True)
+            for j, (name, (shape, awq_dtype)) in enumerate(awq):
+                produce = lambda ours=ours, layer=layer, mapping=mapping, j=j: awq_tensors(ours, layer, mapping)[j]
+                specs.append((name, shape, awq_dtype, produce))
+            continue
         for j, (name, shape) in enumerate(zip(names, mapping.hf_shapes(cfg), strict=True)):
             # Each HF tensor is produced only when the writer reaches it (a layer's q/k/v re-read the fused kernel).
             produce = (lambda ours=ours, layer=layer, mapping=mapping, j=j:
@@ -200,6 +243,8 @@ def save_pretrained(model, path: str | os.PathLike, *, layout: str = "internlm2"
     write_checkpoint(path, specs, max_shard_bytes=max_shard_bytes)
     hf_config = cfg.to_hf_config(layout, reward=reward)
     hf_config["torch_dtype"] = out_dtype.name
+    if groups:
+        hf_config["quantization_config"] = quantization_config(groups[0])
     if reward and tokenizer is not None:  # where the score is read (XTuner's InternLM2ForRewardModel config field)
         hf_config["reward_token_id"] = tokenizer.reward_token_id
     (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

@@ -47,6 +47,7 @@ class Deployment:
     prefill_chunk: int = 2048
     page_size: int = 16
     top_n: int = 20  # the engine's max_top_n
+    kv_dtype: str | None = None  # "int8" / "int4": the quantized KV cache (model/kv_quant.py), as --kv-dtype serves
 
     def mesh_config(self, chips: int) -> MeshConfig:
         return parse_mesh(self.mesh) if self.mesh else MeshConfig(fsdp=1, tensor=chips)
@@ -104,7 +105,7 @@ def abstract_model(d: Deployment, mesh):
 def abstract_cache(cfg, d: Deployment, mesh) -> PagedKVCache:
     """The engine's paged cache for `d.sequences` full sequences (plus the null page), on its shardings."""
     num_pages = d.sequences * -(-d.max_model_len // d.page_size) + 1
-    cache = jax.eval_shape(lambda: init_paged_cache(cfg, num_pages, d.page_size))
+    cache = jax.eval_shape(lambda: init_paged_cache(cfg, num_pages, d.page_size, kv_dtype=d.kv_dtype))
     to_mesh = sharding_fn(mesh)
     return cache.map_buffers(lambda a, axes: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=to_mesh(a, axes)))
 

@@ -7,10 +7,12 @@ checks stop ids, stop strings and lengths (`streaming`), sends `Event`s and free
 are padded to a few sizes (`engine_shapes`), so the engine runs a bounded set of programs, all compiled by
 `warmup()`, never one per request. Page bookkeeping and prefix caching are `scheduler`'s.
 
-Memory is an absolute budget (`kv_budget_tokens` or `kv_budget_gb`), split into pages. A request is admitted when
-its whole prompt fits (its shared prefix pages from the prefix cache cost nothing) with a page of headroom per
-running sequence; decoding takes a page at a time, and when none is left the newest sequence is preempted: its pages
-are freed and it waits at the head of the queue to be recomputed (prompt and generated tokens) when pages allow.
+Memory is an absolute budget (`kv_budget_tokens` or `kv_budget_gb`), split into pages; `kv_dtype="int8"` (or
+"int4") stores K/V quantized (model/kv_quant.py), so the same GB hold about 1.9x (3.6x) the tokens. A request is
+admitted when its whole prompt fits (its shared prefix pages from the prefix cache cost nothing) with a page of
+headroom per running sequence; decoding takes a page at a time, and when none is left the newest sequence is
+preempted: its pages are freed and it waits at the head of the queue to be recomputed (prompt and generated tokens)
+when pages allow.
 Sampling keys depend on each request's seed and token index only, so a request's output does not depend on what it
 was batched with or on preemption (greedy: up to matmul rounding, the conventions' tolerance rule).
 
@@ -49,6 +51,7 @@ from internlm2_jax.decode.scheduler import PagePool, Sequence
 from internlm2_jax.decode.scoring import score_tokens
 from internlm2_jax.decode.streaming import append_token, completion_from_events
 from internlm2_jax.model.attention import decode_reads_pages_in_place
+from internlm2_jax.model.kv_quant import KV_DTYPES
 from internlm2_jax.model.paged_cache import init_paged_cache, pages_for_budget
 from internlm2_jax.parallel.mesh import data_parallel_size, mesh_of
 
@@ -66,6 +69,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens per prefill call at most, rows x chunk (a power of two)
     max_prefill_rows: int = 4  # sequences per prefill call at most (a power of two)
     cache_dtype: str | None = None  # default: the model's compute dtype
+    kv_dtype: str | None = None  # "int8" / "int4": K/V quantized per (token, kv head) instead (not with cache_dtype)
     prefix_caching: bool = True
     max_top_n: int = 20
 
@@ -78,6 +82,12 @@ class EngineConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"EngineConfig.{name}: invalid value {getattr(self, name)!r}")
+        if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"EngineConfig.kv_dtype: {self.kv_dtype!r} is not a quantized KV format; use None (float "
+                             f"K/V in cache_dtype) or one of {KV_DTYPES}")
+        if self.kv_dtype is not None and self.cache_dtype is not None:
+            raise ValueError(f"EngineConfig: cache_dtype={self.cache_dtype!r} is for a float cache; a kv_dtype="
+                             f"{self.kv_dtype!r} cache stores codes and fp32 scales, so set one of them")
 
 
 class Engine:
@@ -91,7 +101,8 @@ class Engine:
         self.max_model_len = config.max_model_len
         page_size = config.page_size
         num_pages = pages_for_budget(self.model_config, page_size, tokens=config.kv_budget_tokens,
-                                     gigabytes=config.kv_budget_gb, dtype=config.cache_dtype)
+                                     gigabytes=config.kv_budget_gb, dtype=config.cache_dtype,
+                                     kv_dtype=config.kv_dtype)
         if (num_pages - 1) * page_size < config.max_model_len:
             raise ValueError(f"the KV budget holds {(num_pages - 1) * page_size} tokens, less than one sequence of "
                              f"max_model_len={config.max_model_len}; raise the budget or lower max_model_len")
@@ -115,7 +126,8 @@ class Engine:
         self.shapes: set[tuple] = set()  # (rows, chunk, page-table width, row widths) of every program run
         # The CPU decode kernel reads each row's pages in place up to its length; the XLA gather reads whole widths.
         self.decode_reads_pages_in_place = decode_reads_pages_in_place(
-            self.model_config.attention_impl, self.model_config.dtype, config.cache_dtype or self.model_config.dtype)
+            self.model_config.attention_impl, self.model_config.dtype, config.cache_dtype or self.model_config.dtype,
+            config.kv_dtype)
         self.programs = ProgramShapes.plan(max_running=config.max_running, max_prefill_rows=config.max_prefill_rows,
                                            prefill_chunk=config.prefill_chunk, max_model_len=config.max_model_len,
                                            page_size=page_size, reads_pages_in_place=self.decode_reads_pages_in_place,
@@ -130,7 +142,7 @@ class Engine:
 
     def _new_cache(self, num_pages: int):
         return init_paged_cache(self.model_config, num_pages, self.config.page_size, self.config.cache_dtype,
-                                mesh=self.mesh)
+                                mesh=self.mesh, kv_dtype=self.config.kv_dtype)
 
     def _empty_penalty_state(self) -> tuple[jax.Array, jax.Array]:
         """Zero counts and seen flags [max_running + 1, vocab] (the last row is padding rows' scratch), replicated

@@ -122,12 +122,12 @@ def _split_model(model):
 def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampling: SamplingConfig | Sequence[SamplingConfig] = GREEDY, stop_ids: Sequence[int] = (),
                  stop_strings: Sequence[str] = (), tokenizer=None, top_n: int = 0, chunk: int = 32,
-                 cache_dtype=None) -> list[Completion]:
+                 cache_dtype=None, kv_dtype: str | None = None) -> list[Completion]:
     """Generates for token-id prompts with a static cache of `max(len(prompt)) + max_new_tokens` slots.
 
     `model` is an `InternLM2ForCausalLM` or its `(graphdef, params)`; `sampling` one config for every row or one per
     row (a row's `banned_ids` are never generated). Stop strings need the `tokenizer` and are checked every `chunk`
-    steps.
+    steps. `kv_dtype` "int8" / "int4" quantizes the cache's K/V (model/kv_quant.py) instead of `cache_dtype`.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -145,11 +145,11 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     with within_mesh_of(params):
         return _generate(graphdef, params, cfg, prompts, configs, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                          stop_strings=stop_strings, tokenizer=tokenizer, top_n=top_n, chunk=chunk,
-                         cache_dtype=cache_dtype)
+                         cache_dtype=cache_dtype, kv_dtype=kv_dtype)
 
 
 def _generate(graphdef, params, cfg, prompts, configs, *, max_new_tokens, stop_ids, stop_strings, tokenizer, top_n,
-              chunk, cache_dtype) -> list[Completion]:
+              chunk, cache_dtype, kv_dtype) -> list[Completion]:
     # On a mesh the rows split over the data-parallel axes: padding rows (one token each, ended at once) make them
     # divide, and their completions are dropped.
     mesh = mesh_of(params)
@@ -163,7 +163,7 @@ def _generate(graphdef, params, cfg, prompts, configs, *, max_new_tokens, stop_i
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    cache = init_cache(cfg, batch, longest + max_new_tokens, cache_dtype, mesh=mesh)
+    cache = init_cache(cfg, batch, longest + max_new_tokens, cache_dtype, mesh=mesh, kv_dtype=kv_dtype)
     cache, logits = prefill(graphdef, params, cache, jnp.asarray(tokens), lengths)
     seen = np.zeros((batch, cfg.vocab_size), bool)
     for i, p in enumerate(prompts):

@@ -43,16 +43,19 @@ def main(argv=None) -> int:
                              "each task reports the share of its questions seen there (train_overlap)")
     parser.add_argument("--output", help="where results.json goes (default: CHECKPOINT/eval)")
     parser.add_argument("--no-progress", action="store_true")
-    from internlm2_jax.artifacts import (CheckpointMismatch, add_placement_arguments, load_for_decoding,
-                                         placement_from_arguments, placement_summary, provenance)
+    from internlm2_jax.artifacts import (CheckpointMismatch, add_placement_arguments, add_weight_arguments,
+                                         load_for_decoding, placement_from_arguments, placement_summary, provenance,
+                                         quantize_from_arguments)
 
     add_placement_arguments(parser)
+    add_weight_arguments(parser)
     args = parser.parse_args(argv)
 
     from internlm2_jax.convert import CheckpointError
     from internlm2_jax.eval.contamination import TrainingIndex, train_overlap, training_questions
     from internlm2_jax.eval.suites import agents_offline_suite, demo_suite, load_suite
     from internlm2_jax.eval.tasks import suite_table
+    from internlm2_jax.model.quantize import weight_format
     from internlm2_jax.paths import absolute
 
     progress = not args.no_progress
@@ -70,7 +73,8 @@ def main(argv=None) -> int:
         else:
             tasks = None if args.suite == "demo" else load_suite(args.suite)
         mesh, dtype = placement_from_arguments(args)
-        model, tokenizer = load_for_decoding(args.checkpoint, mesh=mesh, dtype=dtype)
+        model, tokenizer = load_for_decoding(args.checkpoint, quantize=quantize_from_arguments(args), mesh=mesh,
+                                             dtype=dtype)
     except (CheckpointError, CheckpointMismatch, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -105,7 +109,7 @@ def main(argv=None) -> int:
     record = {"checkpoint": str(checkpoint), "suite": args.suite, "train_data": args.train_data,
               "seconds": round(time.perf_counter() - started, 1), "tokenizer_sha256": tokenizer.sha256,
               "model": dataclasses.asdict(model.cfg), "mesh": dict(mesh.shape) if mesh is not None else None,
-              "dtype": dtype,
+              "dtype": dtype, "weights": weight_format(model),
               **provenance(), "results": results, "failed": failed}
     (output / "results.json").write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
     print(suite_table(results))

@@ -7,7 +7,9 @@ reference first gathers every row's pages into a copy. `decode_attention_cpu.cc`
 and values once, in place, for all its query heads. The kernels are built at first use (`cpu_build.py`) and chosen
 only when compiling for the CPU (`platform.py`); where they can't be, on other platforms, for more than one query or
 for non-fp32 operands, these are the XLA references. The static-cache form has the reference's gradient; the paged
-one is for inference only.
+one is for inference only. The paged kernel also reads quantized pages (int8 / int4 codes with an fp32 scale and zero
+per (token, kv head): model/kv_quant.py's `QuantizedKV`, which this module knows only by its fields `codes`,
+`scale_zero` and `kv_dtype`), dequantizing a block of rows at a time as the XLA reference dequantizes them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from internlm2_jax.kernels.reference import dense_attention, paged_attention_ref
 
 TARGET = "internlm2_decode_attention"
 PAGED_TARGET = "internlm2_paged_decode_attention"
+QUANTIZED_PAGED_TARGET = "internlm2_paged_decode_attention_quantized"
+_BITS = {"int8": 8, "int4": 4}
 
 
 def cpu_kernel_available() -> bool:
@@ -34,10 +38,28 @@ def paged_cpu_kernel_available() -> bool:
     return register_cpu_kernel("decode_attention_cpu.cc", "PagedDecodeAttention", PAGED_TARGET)
 
 
-def paged_kernel_applies(q_dtype, cache_dtype) -> bool:
-    """Whether one-query decoding over the paged cache runs the CPU kernel here (fp32 queries and cache)."""
-    fp32 = jnp.dtype(q_dtype) == jnp.float32 and jnp.dtype(cache_dtype) == jnp.float32
-    return compiling_for_cpu() and fp32 and paged_cpu_kernel_available()
+def quantized_paged_cpu_kernel_available() -> bool:
+    return register_cpu_kernel("decode_attention_cpu.cc", "PagedDecodeAttentionQuantized", QUANTIZED_PAGED_TARGET)
+
+
+def paged_kernel_applies(q_dtype, cache_dtype, kv_dtype: str | None = None) -> bool:
+    """Whether one-query decoding over the paged cache runs the CPU kernel here: fp32 queries over an fp32 cache,
+    or over an int8 / int4 one (`kv_dtype`; `cache_dtype` then plays no part)."""
+    if jnp.dtype(q_dtype) != jnp.float32 or not compiling_for_cpu():
+        return False
+    if kv_dtype is not None:
+        return kv_dtype in _BITS and quantized_paged_cpu_kernel_available()
+    return jnp.dtype(cache_dtype) == jnp.float32 and paged_cpu_kernel_available()
+
+
+def pages_kv_dtype(pages) -> str | None:
+    """The kv_dtype of paged K or V: None for a float array, else the quantized pages' own."""
+    return None if isinstance(pages, jax.Array) else pages.kv_dtype
+
+
+def pages_dtype(pages):
+    """The dtype of float pages; for quantized pages the dtype they dequantize to (fp32)."""
+    return pages.dtype if isinstance(pages, jax.Array) else jnp.float32
 
 
 def _on_cpu_in_fp32(*arrays) -> bool:
@@ -77,10 +99,15 @@ def single_query_attention(q, k, v, mask, scale=None) -> jax.Array:
 
 def paged_single_query_attention(q, k_pages, v_pages, page_table, lengths, *, q_lengths=None, scale=None,
                                  row_widths=None) -> jax.Array:
-    """`paged_attention_reference`'s arguments and result (q [B, chunk, H, D], k_pages, v_pages [KV, P, page, D]);
-    the CPU kernel for one query per row (q_lengths 1, or 0 for a padding row), which needs no `row_widths`: it
-    stops at each row's length."""
-    if q.shape[1] != 1 or not paged_kernel_applies(q.dtype, jnp.result_type(k_pages, v_pages)):
+    """`paged_attention_reference`'s arguments and result (q [B, chunk, H, D], k_pages, v_pages [KV, P, page, D],
+    float or both quantized alike); the CPU kernel for one query per row (q_lengths 1, or 0 for a padding row),
+    which needs no `row_widths`: it stops at each row's length."""
+    kv_dtype = pages_kv_dtype(k_pages)
+    if kv_dtype != pages_kv_dtype(v_pages):
+        raise ValueError(f"K and V pages must be stored alike, got kv_dtype {kv_dtype!r} and "
+                         f"{pages_kv_dtype(v_pages)!r}")
+    cache_dtype = jnp.result_type(pages_dtype(k_pages), pages_dtype(v_pages))
+    if q.shape[1] != 1 or not paged_kernel_applies(q.dtype, cache_dtype, kv_dtype):
         return paged_attention_reference(q, k_pages, v_pages, page_table, lengths, q_lengths=q_lengths, scale=scale,
                                          row_widths=row_widths)
     batch, _, heads, head_dim = q.shape
@@ -90,8 +117,12 @@ def paged_single_query_attention(q, k_pages, v_pages, page_table, lengths, *, q_
 
     def kernel(q, k_pages, v_pages, page_table, lengths, q_lengths):
         out = jax.ShapeDtypeStruct((batch, heads, head_dim), jnp.float32)
-        call = jax.ffi.ffi_call(PAGED_TARGET, out, vmap_method="sequential")
-        return call(q[:, 0], k_pages, v_pages, page_table, lengths, q_lengths, scale=np.float32(scale))[:, None]
+        if kv_dtype is None:
+            call = jax.ffi.ffi_call(PAGED_TARGET, out, vmap_method="sequential")
+            return call(q[:, 0], k_pages, v_pages, page_table, lengths, q_lengths, scale=np.float32(scale))[:, None]
+        call = jax.ffi.ffi_call(QUANTIZED_PAGED_TARGET, out, vmap_method="sequential")
+        return call(q[:, 0], k_pages.codes, k_pages.scale_zero, v_pages.codes, v_pages.scale_zero, page_table,
+                    lengths, q_lengths, scale=np.float32(scale), bits=np.int32(_BITS[kv_dtype]))[:, None]
 
     def reference(q, k_pages, v_pages, page_table, lengths, q_lengths):
         return paged_attention_reference(q, k_pages, v_pages, page_table, lengths, q_lengths=q_lengths, scale=scale,

@@ -121,10 +121,11 @@ def paged_attention_reference(q, k_pages, v_pages, page_table, lengths, *, q_len
                               row_widths: tuple[int, ...] | None = None):
     """Attention of a chunk of queries over the paged KV cache, by gathering the pages: xla_attention's math.
 
-    q [batch, chunk, heads, head_dim]; k_pages, v_pages [kv_heads, num_pages, page_size, head_dim]; page_table
-    [batch, max_pages] int32; lengths [batch] int32 tokens in the cache (the chunk's own keys included); q_lengths
-    [batch] int32 valid queries per row (default: the whole chunk). Query i of row b sits at position
-    lengths[b] - q_lengths[b] + i and attends causally to cache positions up to its own.
+    q [batch, chunk, heads, head_dim]; k_pages, v_pages [kv_heads, num_pages, page_size, head_dim] (or quantized
+    pages, dequantized after the gather: `_gather_pages`); page_table [batch, max_pages] int32; lengths [batch] int32
+    tokens in the cache (the chunk's own keys included); q_lengths [batch] int32 valid queries per row (default: the
+    whole chunk). Query i of row b sits at position lengths[b] - q_lengths[b] + i and attends causally to cache
+    positions up to its own.
 
     `row_widths` (static) splits the rows into len(row_widths) equal groups of consecutive rows, group g gathering
     only the first row_widths[g] pages of its rows' page tables: a caller that sorts a ragged batch by length reads
@@ -146,16 +147,27 @@ def paged_attention_reference(q, k_pages, v_pages, page_table, lengths, *, q_len
 
 def _gathered_attention(scale, k_pages, v_pages, q, page_table, lengths, q_lengths, width=None):
     batch, chunk = q.shape[:2]
-    kv_heads, _, _, head_dim = k_pages.shape
+    kv_heads = k_pages.shape[0]
     page_table = page_table[:, :width]
     # Gathered head by head and stacked into head-major [batch, kv_heads, seq, head_dim]. A gather of all heads
     # then transposed (whether to xla_attention's [batch, seq, kv_heads, head_dim] or to head-major) left XLA:CPU
     # running the score matmul on a strided operand, much slower (benchmarks/RESULTS.md, serving).
-    gather = lambda pages: jnp.stack([pages[h][page_table].reshape(batch, -1, head_dim) for h in range(kv_heads)],
-                                     axis=1)
-    kt, vt = gather(k_pages), gather(v_pages)
+    kt, vt = (_gather_pages(pages, page_table, kv_heads, q.dtype) for pages in (k_pages, v_pages))
     kv_positions = jnp.broadcast_to(jnp.arange(kt.shape[2], dtype=jnp.int32), (batch, kt.shape[2]))
     q_positions = paged_query_positions(lengths, q_lengths, chunk)
     mask = attention_mask(q_positions, kv_positions, (q_positions >= 0).astype(jnp.int32),
                           (kv_positions < lengths[:, None]).astype(jnp.int32), causal=True)
     return dense_attention(scale, q, kt, vt, mask)
+
+
+def _gather_pages(pages, page_table, kv_heads: int, dtype):
+    """[batch, kv_heads, width * page_size, head_dim]: each row's pages, head by head. Quantized pages (a pytree of
+    [kv_heads, num_pages, page_size, ...] leaves whose `astype` dequantizes, model/kv_quant.QuantizedKV) are
+    gathered as codes and scales, then dequantized to `dtype`: only the rows' pages, never the whole cache."""
+    batch = page_table.shape[0]
+
+    def head(h):
+        rows = jax.tree.map(lambda leaf: leaf[h][page_table].reshape(batch, -1, leaf.shape[-1]), pages)
+        return rows if isinstance(rows, jax.Array) else rows.astype(dtype)
+
+    return jnp.stack([head(h) for h in range(kv_heads)], axis=1)

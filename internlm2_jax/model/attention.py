@@ -20,8 +20,8 @@ from jax.sharding import PartitionSpec as P
 
 from internlm2_jax.config import ATTENTION_IMPLS, GPU_FLASH_KERNELS
 from internlm2_jax.kernels import flash_gpu, flash_mgpu, flash_tpu, paged_gpu, paged_tpu
-from internlm2_jax.kernels.decode_attention import (paged_kernel_applies, paged_single_query_attention,
-                                                    single_query_attention)
+from internlm2_jax.kernels.decode_attention import (paged_kernel_applies, paged_single_query_attention, pages_dtype,
+                                                    pages_kv_dtype, single_query_attention)
 from internlm2_jax.kernels.platform import target_platform
 from internlm2_jax.kernels.reference import attention_mask, paged_attention_reference, xla_attention
 from internlm2_jax.kernels.tiling import BlockSizes
@@ -132,10 +132,12 @@ def _shard_rows_and_heads(kernel, args, *, in_specs, out_spec):
     return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
 
 
-def decode_reads_pages_in_place(impl: str, q_dtype, cache_dtype) -> bool:
-    """Whether one-query decoding over the paged cache runs the CPU kernel with this impl, compute and cache dtype.
-    That kernel stops at each row's length, so neither the page-table width nor `row_widths` changes its cost."""
-    return resolve_impl(impl) == "xla" and target_platform() == "cpu" and paged_kernel_applies(q_dtype, cache_dtype)
+def decode_reads_pages_in_place(impl: str, q_dtype, cache_dtype, kv_dtype: str | None = None) -> bool:
+    """Whether one-query decoding over the paged cache runs the CPU kernel with this impl, compute and cache dtype
+    (or int8 / int4 `kv_dtype`). That kernel stops at each row's length, so neither the page-table width nor
+    `row_widths` changes its cost."""
+    return (resolve_impl(impl) == "xla" and target_platform() == "cpu"
+            and paged_kernel_applies(q_dtype, cache_dtype, kv_dtype))
 
 
 def chunked_prefill_attention(q, k_pages, v_pages, page_table, lengths, *, q_lengths=None, impl="auto", scale=None,
@@ -147,6 +149,10 @@ def chunked_prefill_attention(q, k_pages, v_pages, page_table, lengths, *, q_len
     row b has position lengths[b] - q_lengths[b] + i and attends causally; padded queries return zeros.
     `row_widths`: a static bound on the pages of groups of rows, which the XLA back end uses to gather less (see
     `paged_attention_reference`); the kernels need none, as they stop at each row's length.
+
+    Quantized pages (model/kv_quant.QuantizedKV, int8 / int4) are read by the CPU decode kernel where it applies
+    and otherwise by the XLA reference, which dequantizes the gathered pages only: the Pallas kernels read float
+    pages, so `pallas_tpu` / `pallas_gpu` run the reference for a quantized cache.
     """
     impl = resolve_impl(impl)
     if q.shape[2] % k_pages.shape[0]:
@@ -154,9 +160,11 @@ def chunked_prefill_attention(q, k_pages, v_pages, page_table, lengths, *, q_len
     if page_table.shape[0] != q.shape[0] or lengths.shape != (q.shape[0],):
         raise ValueError(f"page_table {page_table.shape} and lengths {lengths.shape} must have q's batch "
                          f"({q.shape[0]}) as their first dimension")
-    if q.shape[1] == 1 and decode_reads_pages_in_place(impl, q.dtype, jnp.result_type(k_pages, v_pages)):
+    kv_dtype = pages_kv_dtype(k_pages)
+    cache_dtype = jnp.result_type(pages_dtype(k_pages), pages_dtype(v_pages))
+    if q.shape[1] == 1 and decode_reads_pages_in_place(impl, q.dtype, cache_dtype, kv_dtype):
         kernel = functools.partial(paged_single_query_attention, scale=scale, row_widths=row_widths)
-    elif impl == "xla":  # XLA partitions the gather itself
+    elif impl == "xla" or kv_dtype is not None:  # XLA partitions the gather itself
         return paged_attention_reference(q, k_pages, v_pages, page_table, lengths, q_lengths=q_lengths, scale=scale,
                                          row_widths=row_widths)
     else:

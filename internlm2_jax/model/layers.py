@@ -15,6 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from internlm2_jax.config import ModelConfig
 from internlm2_jax.kernels.platform import compiling_for_cpu
+from internlm2_jax.model.int4 import Int4Weight, int4_dense
 from internlm2_jax.model.nf4 import NF4Weight, nf4_dense
 from internlm2_jax.model.quantize import Int8Weight, int8_dense
 
@@ -94,18 +95,18 @@ def _int8_product(equation: str, x: jax.Array, w: Int8Weight) -> jax.Array:
     return contract(equation, x.astype(jnp.float32), w.dequantize())
 
 
-def _nf4_product(equation: str, x: jax.Array, w: NF4Weight) -> jax.Array:
-    """x's trailing dimensions against the NF4 weight's inputs, through `nf4_dense` (the packed weight is what the
-    backward keeps) on x and w reshaped to [..., in] and [in, out]; in x's dtype."""
+def _packed_product(equation: str, x: jax.Array, w: NF4Weight | Int4Weight, product) -> jax.Array:
+    """x's trailing dimensions against a packed 4-bit weight's inputs: `product(rows, w)` (`nf4_dense`, whose
+    backward keeps the packed weight; `int4_dense`) on x and w reshaped to [..., in] and [in, out]; in x's dtype."""
     operands, out = equation.split("->")
     lhs, rhs = operands.split(",")
     contracted = sum(c in lhs for c in rhs)
     kept = len(lhs) - contracted
     if contracted != w.contracted or lhs[kept:] != rhs[:contracted] or out != lhs[:kept] + rhs[contracted:]:
-        raise ValueError(f"an NF4 weight of shape {w.shape} ({w.contracted} input dimensions) contracts x's "
-                         f"trailing dimensions in order; equation {equation!r} does not")
+        raise ValueError(f"an {type(w).__name__} of shape {w.shape} ({w.contracted} input dimensions) contracts "
+                         f"x's trailing dimensions in order; equation {equation!r} does not")
     rows = x.reshape(*x.shape[:kept], w.matrix_shape[0])
-    return nf4_dense(rows, w).reshape(*x.shape[:kept], *w.shape[contracted:])
+    return product(rows, w).reshape(*x.shape[:kept], *w.shape[contracted:])
 
 
 def dense(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
@@ -120,7 +121,9 @@ def dense(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     if isinstance(w, Int8Weight):  # output channels are w's trailing dimensions, and so the output's
         out = _int8_product(equation, x, w).astype(dtype)
     elif isinstance(w, NF4Weight):  # QLoRA's frozen base: dequantized in `dtype` inside its own custom_vjp
-        out = _nf4_product(equation, x.astype(dtype), w)
+        out = _packed_product(equation, x.astype(dtype), w, nf4_dense)
+    elif isinstance(w, Int4Weight):  # W4A16 decoding: unpacked and dequantized in `dtype` in front of the dot
+        out = _packed_product(equation, x.astype(dtype), w, int4_dense)
     elif dtype == jnp.float32:
         out = contract(equation, x.astype(dtype), w.astype(dtype))
     else:
