@@ -1,5 +1,5 @@
 """notebooks/quickstart.ipynb, data_and_decoding.ipynb, reward_model.ipynb, serving.ipynb, long_context.ipynb,
-rlhf.ipynb and agents.ipynb execute top to bottom through a real Jupyter kernel (nbclient + ipykernel).
+rlhf.ipynb, agents.ipynb and quantization.ipynb execute top to bottom through a real Jupyter kernel (nbclient + ipykernel).
 
 The kernel is this interpreter: a kernelspec naming `sys.executable` is written to a temporary folder put first on
 JUPYTER_PATH, so neither a `python3` kernel installed elsewhere on the machine nor a missing one changes what runs.
@@ -146,3 +146,14 @@ def test_agents_notebook_shows_the_protocol_a_sandboxed_session_a_tiny_agent_and
     assert re.search(r"\| control-d1-agent \| [0-9a-f]{10} \| unnecessary_call_rate \| agent \|", text), text
     for mode in ("direct", "agent"):
         assert re.search(rf"\| \*\*products\*\* \(average of 2\) \| \w+\+\w+ \| accuracy \| {mode} \|", text), text
+
+
+@pytest.mark.slow  # ~75 s: a pretraining run, AWQ calibration and 15 cached perplexities
+def test_quantization_notebook_executes(kernel_name, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTIZATION_NOTEBOOK_STEPS", "30")  # pretrains its own small model, even beside a demo run
+    outputs, text = run_notebook("quantization.ipynb", kernel_name, tmp_path, 600)
+    nf4 = float(re.search(r"NF4 on the normal tensor: ([0-9.]+)", text).group(1))
+    assert 0.070 < nf4 < 0.078  # bitsandbytes' 0.0728 at block 64, plus double quantization's share
+    table = [line for line in text.splitlines() if re.match(r"\| (float|int8|int4|NF4)", line)]
+    assert len(table) == 15 and all(re.search(r"\| [0-9.]+ \| [+-][0-9.]+% \|", line) for line in table)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3

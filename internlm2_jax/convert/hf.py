@@ -102,21 +102,8 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules=
 
     mappings = list(iter_mappings(cfg, layout, reward=reward))
     stored = {ours: awq_names(names) if int4(ours) else names for ours, names, _, _ in mappings}
-    missing = [n for names in stored.values() for n in names if n not in reader]
-    if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise CheckpointError(f"{path}: missing tensors for a {layout} {'reward model' if reward else 'causal LM'} "
-                              f"with {cfg.num_hidden_layers} layers: {shown}")
-    used = {n for names in stored.values() for n in names}
-    if reward is False and cfg.tie_word_embeddings:
-        used |= {"lm_head.weight", "output.weight"}  # tied checkpoints may carry a copy of the embedding
-    extra = [k for k in reader.keys() if k not in used and not k.endswith(IGNORED_SUFFIXES)]
-    if extra:
-        message = f"{path}: {len(extra)} tensors that this model does not use: {', '.join(extra[:8])}"
-        if strict:
-            raise CheckpointError(message + " (pass strict=False to ignore them)")
-        warnings.warn(message, stacklevel=2)
-
+    check_tensors(path, reader, [n for names in stored.values() for n in names], cfg, layout, reward, strict=strict,
+                  way_out=" (pass strict=False to ignore them)")
     conversions: dict[tuple[str, str], int] = {}
     filled: dict[tuple, np.ndarray] = {}
     stacked_buffers: dict[tuple, np.ndarray | list[Int4Weight]] = {}
@@ -124,7 +111,7 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules=
         if int4(ours):
             value = read_int4(cfg, reader, mapping, names, group)
         else:
-            value = _read_param(cfg, reader, mapping, names, conversions)
+            value = read_param(cfg, reader, mapping, names, conversions)
         if cfg.scan_layers and layer is not None:
             key = ("model", "layers", *mapping.ours)
             target = variables[key]
@@ -141,13 +128,35 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules=
                 filled[key] = _place(stack, target, key, mesh, rules)
         else:
             filled[ours] = _place(value, variables[ours], ours, mesh, rules)
-    _report_conversions(path, conversions, np.dtype(cfg.param_dtype))
+    report_conversions(path, conversions, np.dtype(cfg.param_dtype))
     state = nnx.from_flat_state([(p, v.replace(filled[p])) for p, v in variables.items()])
     model = nnx.merge(graphdef, state)
     return cfg, quantize_model(model, quantize, rules)
 
 
-def _read_param(cfg: ModelConfig, reader: CheckpointReader, mapping: Mapping, names, conversions) -> np.ndarray:
+def check_tensors(path, reader: CheckpointReader, names: list[str], cfg: ModelConfig, layout: str, reward: bool, *,
+                  strict: bool = True, way_out: str = "") -> None:
+    """A CheckpointError when the checkpoint lacks any of `names` (the tensors the model reads), or holds tensors
+    it does not use (`strict`, the error ending with `way_out`; otherwise a warning)."""
+    missing = [n for n in names if n not in reader]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"{path}: missing tensors for a {layout} {'reward model' if reward else 'causal LM'} "
+                              f"with {cfg.num_hidden_layers} layers: {shown}")
+    used = set(names)
+    if reward is False and cfg.tie_word_embeddings:
+        used |= {"lm_head.weight", "output.weight"}  # tied checkpoints may carry a copy of the embedding
+    extra = [k for k in reader.keys() if k not in used and not k.endswith(IGNORED_SUFFIXES)]
+    if extra:
+        message = f"{path}: {len(extra)} tensors that this model does not use: {', '.join(extra[:8])}"
+        if strict:
+            raise CheckpointError(message + way_out)
+        warnings.warn(message, stacklevel=3)
+
+
+def read_param(cfg: ModelConfig, reader: CheckpointReader, mapping: Mapping, names, conversions) -> np.ndarray:
+    """One parameter in our layout and `cfg.param_dtype`, from its HF tensors `names` (shapes checked); dtype
+    conversions are counted in `conversions` for `report_conversions`."""
     expected = mapping.hf_shapes(cfg)
     arrays = []
     for name, shape in zip(names, expected, strict=True):
@@ -177,7 +186,8 @@ def _place(value: np.ndarray | Int4Weight, target, path, mesh, rules):
     return jax.device_put(value, param_sharding(axes, value.shape, mesh, rules))
 
 
-def _report_conversions(path, conversions, target) -> None:
+def report_conversions(path, conversions, target) -> None:
+    """Says once per (source, target) dtype pair how many tensors were converted: a warning when narrowing."""
     for (src, dst), count in sorted(conversions.items()):
         message = f"{path}: converted {count} tensors from {src} to {dst}"
         if np.dtype(dst).itemsize < np.dtype(src).itemsize:
@@ -208,7 +218,7 @@ def save_pretrained(model, path: str | os.PathLike, *, layout: str = "internlm2"
     path = epath.Path(path)
     flat = {where: v.get_value() for where, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     out_dtype = np.dtype(dtype or cfg.param_dtype)
-    other = [(where, v) for where, v in flat.items() if not isinstance(v, (jax.Array, Int4Weight))]
+    other = [(where, v) for where, v in flat.items() if not isinstance(v, (jax.Array, np.ndarray, Int4Weight))]
     if other:
         raise ValueError(f"{'/'.join(map(str, other[0][0]))} is a {type(other[0][1]).__name__}: a model directory "
                          "holds floating-point or AWQ int4 weights; save the float model and quantize it when loading")

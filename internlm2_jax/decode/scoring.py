@@ -1,5 +1,5 @@
 """Log-probabilities of given tokens (no generation): the server's `echo` with `logprobs`, its perplexity endpoint,
-and multiple-choice scoring.
+and multiple-choice scoring; `cached_logprobs` scores through the decoding cache (a quantized cache's perplexity).
 
 One jitted forward over right-padded rows; the vocabulary-sized logits exist one chunk of positions at a time, as in
 training's chunked loss, so a long prompt does not materialise [seq, vocab] fp32 logits. `score_shared_prefix`
@@ -110,6 +110,36 @@ def score_tokens(model, prompts, *, top_n: int = 0):
         chosen, top_ids, top_logprobs = jax.device_get(_score(graphdef, params, tokens, lengths, top_n=top_n))
     return [(chosen[i, :len(p) - 1], top_ids[i, :len(p) - 1], top_logprobs[i, :len(p) - 1])
             for i, p in enumerate(prompts)]
+
+
+@partial(jax.jit, static_argnums=0)
+def _cached_chunk(graphdef, params, cache, ids, targets, start):
+    model = nnx.merge(graphdef, params)
+    positions = start + jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+    hidden, cache = model.model(ids, positions, jnp.ones_like(ids), cache=cache)
+    return _chunked_logprobs(model, hidden, targets, 0)[0], cache
+
+
+def cached_logprobs(model, rows, *, kv_dtype: str | None = None, chunk: int = 16) -> np.ndarray:
+    """Log-probs [batch, T - 1] of tokens 1.. of `rows` [batch, T] given their prefix, the model fed `chunk` tokens
+    per call through a static KV cache in the compute dtype or quantized to `kv_dtype` ("int8", "int4"): every query
+    attends over K/V as decoding stores them (`score_tokens` attends over fresh ones), so this is how a cache
+    format's error shows in perplexity."""
+    rows = np.asarray(rows, np.int32)
+    if rows.ndim != 2 or rows.shape[1] < 2 or chunk < 1:
+        raise ValueError(f"cached_logprobs needs token rows [batch, T >= 2] and chunk >= 1, got shape {rows.shape} "
+                         f"and chunk {chunk}")
+    batch, length = rows.shape
+    graphdef, params = nnx.split(model)
+    targets = np.concatenate([rows[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)  # the last has no next token
+    chosen = []
+    with within_mesh_of(params):
+        cache = init_cache(model.cfg, batch, length, kv_dtype=kv_dtype, mesh=mesh_of(params))
+        for start in range(0, length, chunk):
+            part, cache = _cached_chunk(graphdef, params, cache, rows[:, start:start + chunk],
+                                        targets[:, start:start + chunk], jnp.int32(start))
+            chosen.append(np.asarray(part))
+    return np.concatenate(chosen, axis=1)[:, :-1]
 
 
 def shares_prefix_exactly(cfg, longest: int) -> bool:

@@ -5,6 +5,8 @@ training state selects them by path: the optimizer trains `lora_` paths only and
 A's input dimensions are the weight's contracted dimensions and B's output dimensions are the weight's output
 dimensions, so one equation rewrite (`lora_equations`) serves every projection and both layouts of the fused wqkv.
 Initialisation follows PEFT: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B = 0, so a fresh adapter changes nothing.
+The adapters are stored in `LoraConfig.adapter_dtype` (default: the weight's param_dtype), e.g. fp32 beside a bf16
+base, and multiplied in the compute dtype like every projection.
 
 QLoRA (`LoraConfig(quantize_base="nf4")`): every projection's frozen base weight is an `NF4Weight` inside its
 parameter (model/nf4.py), built by `quantize_base` when the model is; adapters train against its dequantized
@@ -49,12 +51,13 @@ def lora_equations(equation: str) -> tuple[str, str, str]:
 class LoraAdapter(nnx.Module):
     def __init__(self, weight: nnx.Param, contracted: int, cfg: LoraConfig, *, rngs: nnx.Rngs):
         shape, axes = weight.shape, weight.get_metadata()["logical_axes"]
+        dtype = jnp.dtype(cfg.adapter_dtype) if cfg.adapter_dtype is not None else weight.dtype
         fan_in = math.prod(shape[:contracted])
         bound = 1.0 / math.sqrt(fan_in)
-        self.lora_a = nnx.Param(jax.random.uniform(rngs.params(), (*shape[:contracted], cfg.rank), weight.dtype,
+        self.lora_a = nnx.Param(jax.random.uniform(rngs.params(), (*shape[:contracted], cfg.rank), dtype,
                                                    -bound, bound),
                                 logical_axes=(*axes[:contracted], "lora_rank"))
-        self.lora_b = nnx.Param(jnp.zeros((cfg.rank, *shape[contracted:]), weight.dtype),
+        self.lora_b = nnx.Param(jnp.zeros((cfg.rank, *shape[contracted:]), dtype),
                                 logical_axes=("lora_rank", *axes[contracted:]))
 
 
