@@ -66,7 +66,7 @@ def test_convert_refuses_calibration_flags_without_awq_and_bad_calibration_text(
     bad.write_text('{"text": "def f(): pass"}\n{"text": 3}\n')
     assert convert_main([str(src), str(tmp_path / "out"), "--layout", "llama", "--quantize", "awq-int4",
                          "--calib", str(bad), "--group", str(GROUP)]) == 1
-    assert f"{bad}:2: expected an object with a string \"text\" field" in capsys.readouterr().err
+    assert f"calibration text {bad}:2: non_string_text: 'text' is a int, not a string" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -5,19 +5,20 @@ standard library corpus, never its held-out split, so held-out perplexity stays 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from internlm2_jax.data.corpus import stdlib_corpus
+from internlm2_jax.data.readers import BadRecord, JsonlReader
 
 
 def calibration_texts(path: str | os.PathLike | None = None) -> list[str]:
     """Documents from `path` (.jsonl rows with a "text" field, or a plain .txt file as one document); None: the
-    stdlib corpus' training split. A malformed row is a ValueError naming its line."""
+    stdlib corpus' training split. A bad row (blank lines included) is a ValueError naming its line and why."""
     if path is None:
         return [doc.text for doc in stdlib_corpus("train")]
     path = Path(path)
@@ -25,17 +26,16 @@ def calibration_texts(path: str | os.PathLike | None = None) -> list[str]:
         raise FileNotFoundError(f"calibration text {path}: no such file")
     if path.suffix != ".jsonl":
         return [path.read_text(encoding="utf-8")]
-    texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise ValueError(f"{path}:{number}: expected an object with a string \"text\" field")
-        texts.append(row["text"])
+    reader = JsonlReader(epath.Path(path))
+    try:
+        texts = []
+        for i in range(len(reader)):
+            text = reader.read(i)
+            if isinstance(text, BadRecord):  # calibration text is small and chosen: nothing is skipped silently
+                raise ValueError(f"calibration text {text.message()}")
+            texts.append(text)
+    finally:
+        reader.close()
     if not texts:
         raise ValueError(f"{path}: no rows")
     return texts

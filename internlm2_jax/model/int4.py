@@ -26,12 +26,14 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from internlm2_jax.model.packed_weight import PackedMatrix, pack_nibbles, unpack_nibbles
+
 MAX_CODE = 15
 MIN_RANGE = 1e-5  # AutoAWQ's clamp of max - min: a constant group gets a tiny positive scale, never 0
 
 
 @struct.dataclass
-class Int4Weight:
+class Int4Weight(PackedMatrix):
     """Packed int4 codes, scales and zeros of an [in, out] matrix, or of a stack of them (a scanned layer axis leads
     every leaf). `dims` is the projection's own shape when it was reshaped to [in, out], its first `contracted`
     dimensions the inputs; `shape` is that shape, stack axes first."""
@@ -43,20 +45,6 @@ class Int4Weight:
     dims: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)  # None: (in, out)
     contracted: int = struct.field(pytree_node=False, default=1)
 
-    def __getitem__(self, index):
-        if index is not Ellipsis:
-            raise TypeError("an int4 weight is read whole (`param[...]`)")
-        return self
-
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        """(in, out) of one layer's matrix."""
-        return (2 * self.codes.shape[-2], self.codes.shape[-1])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (*self.codes.shape[:-2], *(self.dims or self.matrix_shape))
-
     def dequantize_matrix(self, dtype=jnp.float32) -> jax.Array:
         """[..., in, out] in `dtype`: (q - zero) * scale in fp32, then cast."""
         lead = self.codes.shape[:-2]
@@ -64,10 +52,6 @@ class Int4Weight:
         q = unpack_nibbles(self.codes).reshape(*lead, n_in // self.group, self.group, n_out)
         values = (q.astype(jnp.float32) - self.zeros[..., None, :]) * self.scales.astype(jnp.float32)[..., None, :]
         return values.reshape(*lead, n_in, n_out).astype(dtype)
-
-    def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        """The weight in its own `shape` (the projection's, stack axes first) in `dtype`."""
-        return self.dequantize_matrix(dtype).reshape(self.shape)
 
     def leaf_axes(self, logical_axes) -> list[tuple]:
         """Logical axes of each leaf (`jax.tree.leaves` order: codes, scales, zeros) of a weight whose own axes are
@@ -82,18 +66,6 @@ class Int4Weight:
     def bits_per_param(self) -> float:
         leaves = jax.tree.leaves(self)
         return sum(leaf.size * leaf.dtype.itemsize * 8 for leaf in leaves) / math.prod(self.shape)
-
-
-def pack_nibbles(q: jax.Array) -> jax.Array:
-    """uint8 [..., in/2, out] of 4-bit values [..., in, out]: element 2j in the high nibble, 2j+1 in the low."""
-    q = q.astype(jnp.uint8)
-    return (q[..., 0::2, :] << 4) | q[..., 1::2, :]
-
-
-def unpack_nibbles(codes: jax.Array) -> jax.Array:
-    """uint8 [..., in, out] from `pack_nibbles`' [..., in/2, out]."""
-    *lead, half, n_out = codes.shape
-    return jnp.stack([codes >> 4, codes & 0xF], axis=-2).reshape(*lead, 2 * half, n_out)
 
 
 def group_scales(w: jax.Array, group: int) -> tuple[jax.Array, jax.Array]:

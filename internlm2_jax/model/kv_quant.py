@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from internlm2_jax.model.int4 import pack_nibbles, unpack_nibbles
+from internlm2_jax.model.packed_weight import pack_nibbles, unpack_nibbles
 
 KV_DTYPES = ("int8", "int4")
 LEVELS = {"int8": 255, "int4": 15}

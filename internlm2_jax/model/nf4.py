@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from internlm2_jax.model.packed_weight import PackedMatrix, pack_nibbles, unpack_nibbles
+
 # bitsandbytes `get_4bit_type("nf4")` (= QLoRA appendix E = qwix `get_nf4_buckets`): the 16 float32 values, sorted.
 NF4_CODE = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -70,7 +72,7 @@ _TINY = np.finfo(np.float32).tiny
 
 
 @struct.dataclass
-class NF4Weight:
+class NF4Weight(PackedMatrix):
     """NF4 codes and block scales of an [in, out] matrix, or of a stack of them (a scanned layer axis leads every
     leaf, so `lax.scan` slices out one layer's weight). `dims` is the projection's own shape when it was reshaped
     to [in, out] (wqkv [embed, kv_heads, groups, head_dim] -> [embed, kv_heads*groups*head_dim]), its first
@@ -84,20 +86,6 @@ class NF4Weight:
     absmax_block: int = struct.field(pytree_node=False, default=256)
     dims: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)  # None: (in, out)
     contracted: int = struct.field(pytree_node=False, default=1)
-
-    def __getitem__(self, index):
-        if index is not Ellipsis:
-            raise TypeError("an NF4 weight is read whole (`param[...]`)")
-        return self
-
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        """(in, out) of one layer's matrix."""
-        return (2 * self.codes.shape[-2], self.codes.shape[-1])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (*self.codes.shape[:-2], *(self.dims or self.matrix_shape))
 
     @property
     def double_quant(self) -> bool:
@@ -117,14 +105,9 @@ class NF4Weight:
         """[..., in, out] in `dtype`: code value times block absmax, in fp32 as bitsandbytes does, then cast."""
         lead = self.codes.shape[:-2]
         n_in, n_out = self.matrix_shape
-        codes = jnp.stack([self.codes >> 4, self.codes & 0xF], axis=-2).reshape(*lead, n_in // self.block,
-                                                                               self.block, n_out)
+        codes = unpack_nibbles(self.codes).reshape(*lead, n_in // self.block, self.block, n_out)
         values = jnp.asarray(NF4_CODE)[codes] * self.block_absmax()[..., None, :]
         return values.reshape(*lead, n_in, n_out).astype(dtype)
-
-    def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        """The weight in its own `shape` (the projection's, stack axes first) in `dtype`."""
-        return self.dequantize_matrix(dtype).reshape(self.shape)
 
     def leaf_axes(self, logical_axes) -> list[tuple]:
         """The logical axes of each leaf (in `jax.tree.leaves` order) of a weight whose own axes are
@@ -189,7 +172,7 @@ def _quantize(w: jax.Array, block: int, double_quant: bool, absmax_block: int) -
     n_in, n_out = w.shape
     absmax, scaled = _scale_by_absmax(w.astype(jnp.float32).reshape(n_in // block, block, n_out), axis=1)
     index = nf4_encode(scaled).reshape(n_in, n_out)
-    codes = (index[0::2] << 4) | index[1::2]
+    codes = pack_nibbles(index)
     if not double_quant:
         return NF4Weight(codes, absmax, block=block, absmax_block=absmax_block)
     # bitsandbytes' `quantize_4bit(compress_statistics=True)`: offset = absmax.mean(), then 8-bit dynamic-map
